@@ -1,0 +1,191 @@
+//! Per-slot dirty bitmaps held by the shim: atomic words, one bit per page,
+//! in the layout of `KVM_GET_DIRTY_LOG` (bit `i % 64` of word `i / 64`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A fixed-size bitmap of `npages` bits that many threads set and drain.
+pub struct AtomicBitmap {
+    words: Box<[AtomicU64]>,
+    npages: u64,
+}
+
+/// Words needed for `nbits` bits.
+pub fn words_for(nbits: u64) -> usize {
+    nbits.div_ceil(64) as usize
+}
+
+/// The mask of the valid bits of word `w` of an `nbits`-bit bitmap.
+fn word_mask(nbits: u64, w: usize) -> u64 {
+    let first = w as u64 * 64;
+    if nbits >= first + 64 {
+        u64::MAX
+    } else if nbits <= first {
+        0
+    } else {
+        (1u64 << (nbits - first)) - 1
+    }
+}
+
+impl AtomicBitmap {
+    /// An all-clear bitmap of `npages` bits.
+    pub fn new(npages: u64) -> Self {
+        let words = (0..words_for(npages)).map(|_| AtomicU64::new(0)).collect();
+        AtomicBitmap { words, npages }
+    }
+
+    /// Number of bits (pages).
+    pub fn len(&self) -> u64 {
+        self.npages
+    }
+
+    /// True for a zero-page bitmap.
+    pub fn is_empty(&self) -> bool {
+        self.npages == 0
+    }
+
+    /// Sets bit `page`; false (and nothing written) when it is out of range.
+    #[inline]
+    pub fn set(&self, page: u64) -> bool {
+        if page >= self.npages {
+            return false;
+        }
+        let w = &self.words[(page / 64) as usize];
+        // Relaxed suffices: publication to readers is ordered by the lock
+        // or the syscall that follows (see the reap path), and a reader
+        // that drains with `swap` sees every bit set before it.
+        w.fetch_or(1 << (page % 64), Ordering::Relaxed);
+        true
+    }
+
+    /// Is bit `page` set?
+    pub fn get(&self, page: u64) -> bool {
+        page < self.npages && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+    }
+
+    /// Sets every bit.
+    pub fn set_all(&self) {
+        for (i, w) in self.words.iter().enumerate() {
+            w.fetch_or(word_mask(self.npages, i), Ordering::Relaxed);
+        }
+    }
+
+    /// Copies bits `0 .. min(len, other.len)` of `other` into this bitmap.
+    pub fn or_from(&self, other: &AtomicBitmap) {
+        let n = self.npages.min(other.npages);
+        for (i, (d, s)) in self.words.iter().zip(other.words.iter()).enumerate() {
+            let v = s.load(Ordering::Relaxed) & word_mask(n, i);
+            if v != 0 {
+                d.fetch_or(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Moves every set bit into `out` (OR) and clears it here, merging in
+    /// `extra` (a kernel bitmap, masked to this bitmap's length) on the way.
+    /// Returns the number of distinct pages reported. `out` must hold at
+    /// least `words_for(len)` words.
+    pub fn drain_into(&self, out: &mut [u64], extra: Option<&[u64]>) -> u64 {
+        let mut count = 0u64;
+        for (i, w) in self.words.iter().enumerate() {
+            let mut v = if w.load(Ordering::Relaxed) != 0 {
+                w.swap(0, Ordering::AcqRel)
+            } else {
+                0
+            };
+            if let Some(x) = extra.and_then(|e| e.get(i)) {
+                v |= *x;
+            }
+            v &= word_mask(self.npages, i);
+            if v != 0 {
+                out[i] |= v;
+                count += u64::from(v.count_ones());
+            }
+        }
+        count
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+}
+
+/// ORs the first `npages` bits of `src` into `out`; returns how many were set.
+pub fn or_masked(out: &mut [u64], src: &[u64], npages: u64) -> u64 {
+    let mut count = 0;
+    for (i, (o, s)) in out.iter_mut().zip(src.iter()).enumerate() {
+        let v = *s & word_mask(npages, i);
+        *o |= v;
+        count += u64::from(v.count_ones());
+    }
+    count
+}
+
+/// Number of bits set among the first `npages` bits of `src`.
+pub fn count_masked(src: &[u64], npages: u64) -> u64 {
+    src.iter()
+        .enumerate()
+        .map(|(i, w)| u64::from((w & word_mask(npages, i)).count_ones()))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_and_bounds() {
+        let b = AtomicBitmap::new(130);
+        assert!(b.set(0));
+        assert!(b.set(129));
+        assert!(!b.set(130), "out of range must be refused");
+        assert!(b.get(0) && b.get(129) && !b.get(1));
+        assert_eq!(b.count(), 2);
+    }
+
+    #[test]
+    fn drain_moves_and_clears() {
+        let b = AtomicBitmap::new(100);
+        for p in [1, 63, 64, 99] {
+            b.set(p);
+        }
+        let mut out = vec![0u64; 2];
+        out[0] = 1 << 5;
+        assert_eq!(b.drain_into(&mut out, None), 4);
+        assert_eq!(out[0], (1 << 1) | (1 << 63) | (1 << 5));
+        assert_eq!(out[1], 1 | (1 << 35));
+        assert_eq!(b.count(), 0);
+        assert_eq!(b.drain_into(&mut out, None), 0);
+    }
+
+    #[test]
+    fn drain_merges_extra_once_and_masks() {
+        let b = AtomicBitmap::new(70);
+        b.set(3);
+        let extra = [1u64 << 3 | 1 << 4, u64::MAX];
+        let mut out = vec![0u64; 2];
+        // page 3 in both counts once; word 1 only has 6 valid bits.
+        assert_eq!(b.drain_into(&mut out, Some(&extra)), 2 + 6);
+        assert_eq!(out[1], 0x3f);
+    }
+
+    #[test]
+    fn set_all_respects_length() {
+        let b = AtomicBitmap::new(65);
+        b.set_all();
+        assert_eq!(b.count(), 65);
+        let c = AtomicBitmap::new(200);
+        c.or_from(&b);
+        assert_eq!(c.count(), 65);
+    }
+
+    #[test]
+    fn or_masked_counts_valid_bits_only() {
+        let mut out = [0u64; 2];
+        assert_eq!(or_masked(&mut out, &[u64::MAX, u64::MAX], 66), 66);
+        assert_eq!(out[1], 3);
+    }
+}

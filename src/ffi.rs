@@ -1,0 +1,456 @@
+//! The C ABI (`../shared/abi.md`, version 1): argument checks, the panic
+//! boundary, errno mapping, then one call into the safe layer (`vm`).
+//!
+//! Every export runs inside [`ffi_boundary!`]: a Rust panic never unwinds
+//! into C; it becomes `-ENOTRECOVERABLE` (or the return type's
+//! [`Fallback`]) with a message in `kds_last_error()`.
+
+use std::ffi::c_int;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use crate::bitmap::words_for;
+use crate::error::{Error, Result, errno_name, last_error_ptr, set_last_error};
+use crate::logger;
+use crate::types::{KDS_ABI_VERSION, KdsMemslot, KdsStats, KdsVcpuStats};
+use crate::vm::{Kick, Vm};
+
+/// An opaque handle on one VM's dirty tracking.
+pub struct KdsVm {
+    vm: Vm,
+}
+
+/// What an export returns when a panic was caught.
+pub trait Fallback {
+    /// The value returned to C after a panic.
+    fn panicked() -> Self;
+}
+
+impl Fallback for i32 {
+    fn panicked() -> Self {
+        -libc::ENOTRECOVERABLE
+    }
+}
+
+impl Fallback for i64 {
+    fn panicked() -> Self {
+        -i64::from(libc::ENOTRECOVERABLE)
+    }
+}
+
+impl Fallback for u32 {
+    fn panicked() -> Self {
+        0
+    }
+}
+
+impl Fallback for () {
+    fn panicked() -> Self {}
+}
+
+/// Runs `body`, turning a panic into the return type's [`Fallback`].
+macro_rules! ffi_boundary {
+    ($name:literal, $body:block) => {{
+        let _guard = crate::ffi::quiet_panics();
+        match catch_unwind(AssertUnwindSafe(|| $body)) {
+            Ok(v) => v,
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let msg = format!(
+                    "{}: internal error (Rust panic: {what}); the VM's tracking state may be \
+                     inconsistent: report this bug",
+                    $name
+                );
+                log::error!("{msg}");
+                set_last_error(&msg);
+                Fallback::panicked()
+            }
+        }
+    }};
+}
+
+/// Marks the calling thread as inside an export until dropped.
+pub(crate) struct ExportGuard(bool);
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        IN_EXPORT.with(|c| c.set(self.0));
+    }
+}
+
+thread_local!(static IN_EXPORT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+/// The default panic hook prints to stderr; a library must not. A panic
+/// inside an export is logged through `log` by the boundary instead; a
+/// panic anywhere else in the process still goes to the previous hook.
+pub(crate) fn quiet_panics() -> ExportGuard {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_EXPORT.with(|c| c.get()) {
+                prev(info);
+            }
+        }));
+    });
+    ExportGuard(IN_EXPORT.with(|c| c.replace(true)))
+}
+
+fn fail(e: &Error) -> i32 {
+    log::debug!("{e}");
+    set_last_error(&format!("{} (-{})", e.message(), errno_name(e.errno())));
+    -e.errno()
+}
+
+fn status(r: Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
+}
+
+fn count(r: Result<u64>) -> i64 {
+    match r {
+        Ok(n) => n.min(i64::MAX as u64) as i64,
+        Err(e) => i64::from(fail(&e)),
+    }
+}
+
+fn vm_ref<'a>(vm: *const KdsVm, func: &str) -> Result<&'a Vm> {
+    // SAFETY: a non-NULL handle comes from kds_vm_create/kds_vm_adopt and
+    // is valid until kds_vm_free (the ABI's contract with the caller).
+    unsafe { vm.as_ref() }
+        .map(|h| &h.vm)
+        .ok_or_else(|| Error::inval(format!("{func}: the KdsVm handle is NULL")))
+}
+
+fn null(func: &str, what: &str) -> Error {
+    Error::inval(format!("{func}: {what} is NULL"))
+}
+
+/// The `KDS_ABI_VERSION` of the library linked in.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_abi_version() -> u32 {
+    KDS_ABI_VERSION
+}
+
+/// A message describing the last failure on the calling thread: what
+/// happened (the ioctl and errno where one failed) and what to do. Never
+/// NULL; valid until the next `kds_` call on this thread that fails.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_last_error() -> *const libc::c_char {
+    last_error_ptr()
+}
+
+fn store_vm(out: *mut *mut KdsVm, func: &str, make: impl FnOnce() -> Result<Vm>) -> i32 {
+    if out.is_null() {
+        return fail(&null(func, "out"));
+    }
+    match make() {
+        Ok(vm) => {
+            let h = Box::into_raw(Box::new(KdsVm { vm }));
+            // SAFETY: `out` is non-NULL and, per the ABI, points to a
+            // writable `KdsVm *`.
+            unsafe { out.write(h) };
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Opens `/dev/kvm` and creates a VM (`KVM_CREATE_VM` with
+/// `machine_type`, 0 on x86). The shim owns the VM fd and closes it in
+/// `kds_vm_free`. On success `*out` is the new handle.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_int {
+    ffi_boundary!("kds_vm_create", {
+        store_vm(out, "kds_vm_create", || Vm::create(machine_type))
+    })
+}
+
+/// Wraps a VM fd the VMM created (QEMU's flow). The shim works on a
+/// duplicate (`F_DUPFD_CLOEXEC`): the caller keeps ownership of `vm_fd`,
+/// which stays usable after `kds_vm_free`. The VMM must not enable dirty
+/// ring or manual-protect capabilities on the fd itself: the shim does.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
+    ffi_boundary!("kds_vm_adopt", {
+        store_vm(out, "kds_vm_adopt", || Vm::adopt(vm_fd))
+    })
+}
+
+/// Unmaps every ring and frees everything (and closes the VM fd the shim
+/// holds). NULL is a no-op. No other call on `vm` may be running or follow.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vm_free(vm: *mut KdsVm) {
+    ffi_boundary!("kds_vm_free", {
+        if !vm.is_null() {
+            // SAFETY: a non-NULL handle came from Box::into_raw in
+            // store_vm and is freed exactly once (the caller's contract).
+            drop(unsafe { Box::from_raw(vm) });
+        }
+    })
+}
+
+/// The VM fd the shim uses (for an adopted VM: its duplicate of the
+/// caller's fd, which refers to the same VM). `-EINVAL` for NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vm_fd(vm: *const KdsVm) -> c_int {
+    ffi_boundary!("kds_vm_fd", {
+        match vm_ref(vm, "kds_vm_fd") {
+            Ok(v) => v.fd(),
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// The VM's `KdsMode` (`KDS_MODE_BITMAP`, `KDS_MODE_RING` or
+/// `KDS_MODE_RING_WITH_BITMAP`); `-EINVAL` for NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vm_mode(vm: *const KdsVm) -> c_int {
+    ffi_boundary!("kds_vm_mode", {
+        match vm_ref(vm, "kds_vm_mode") {
+            Ok(v) => v.mode() as i32,
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Enables the per-vCPU dirty ring with `entries` entries (a power of
+/// two): `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` where offered, else
+/// `KVM_CAP_DIRTY_LOG_RING`. Before any vCPU and any memslot (`-EBUSY`
+/// otherwise, also when the ring is already on). `-ENOTSUP` where the
+/// kernel has no ring (stay in bitmap mode); `-EINVAL` when the size is
+/// outside what the kernel allows (the message gives the limits). If
+/// `kds_board_init(vm, KDS_BOARD_VGIC_ITS)` came first, this also enables
+/// the backup bitmap, and is `-ENOTSUP` (ring left off) where the kernel
+/// lacks it.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
+    ffi_boundary!("kds_dirty_ring_enable", {
+        status(vm_ref(vm, "kds_dirty_ring_enable").and_then(|v| v.dirty_ring_enable(entries)))
+    })
+}
+
+/// The board-init ordering hook: call it as soon as the board has chosen
+/// its interrupt controller, before the first memslot. With
+/// `KDS_BOARD_VGIC_ITS` and a ring enabled, enables
+/// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (mode becomes
+/// `KDS_MODE_RING_WITH_BITMAP`); `-ENOTSUP` when the kernel lacks it (the
+/// mode stays `KDS_MODE_RING`; the VMM must not use the ring with an
+/// ITS). With the ITS flag after a memslot exists: `-EBUSY`, without
+/// asking the kernel. Without a ring or without the flag: records the
+/// choice, returns 0. The same flags twice: 0; different flags: `-EBUSY`.
+/// Unknown flags: `-EINVAL`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
+    ffi_boundary!("kds_board_init", {
+        status(vm_ref(vm, "kds_board_init").and_then(|v| v.board_init(board_flags)))
+    })
+}
+
+/// (Added to abi.md v1.) Chooses whether bitmap tracking
+/// (`KDS_MODE_BITMAP`, and the backup bitmap of
+/// `KDS_MODE_RING_WITH_BITMAP`) uses `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+/// Default: on where the kernel offers it. With it, `KVM_GET_DIRTY_LOG`
+/// no longer write-protects the whole slot; `kds_sync_slot` then clears
+/// (`KVM_CLEAR_DIRTY_LOG`) exactly the pages it reported, before it
+/// returns. What changes for the caller: nothing in what is reported; as
+/// always, copy a reported page only after `kds_sync_slot` returned (a
+/// write that lands after that is logged again). Call before the first
+/// memslot (`-EBUSY` after); `-ENOTSUP` to enable it where the kernel
+/// lacks it.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_set_manual_protect(vm: *mut KdsVm, enable: bool) -> c_int {
+    ffi_boundary!("kds_set_manual_protect", {
+        status(vm_ref(vm, "kds_set_manual_protect").and_then(|v| v.set_manual_protect(enable)))
+    })
+}
+
+/// `KVM_SET_USER_MEMORY_REGION`: create, move, resize, change flags of, or
+/// delete (`memory_size` 0) a memslot. Addresses and size must be
+/// multiples of the host page size (`-EINVAL`). A resize, a new host
+/// address or a READONLY change is done as delete + create, as the kernel
+/// requires. Turning `KDS_MEM_LOG_DIRTY_PAGES` on starts tracking the
+/// slot; off stops it and drops its pending bits. Deleting an unknown
+/// slot: `-ENOENT`. The first memslot seals the board (see
+/// `kds_board_init`). The host memory must stay mapped while the slot
+/// exists.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_memslot_set(vm: *mut KdsVm, m: *const KdsMemslot) -> c_int {
+    ffi_boundary!("kds_memslot_set", {
+        let r = vm_ref(vm, "kds_memslot_set").and_then(|v| {
+            // SAFETY: a non-NULL `m` points to a KdsMemslot (ABI contract).
+            let m = unsafe { m.as_ref() }.ok_or_else(|| null("kds_memslot_set", "m"))?;
+            // SAFETY: the caller promises the host range stays mapped while
+            // the slot exists (ABI contract, documented above).
+            unsafe { v.memslot_set(m) }
+        });
+        status(r)
+    })
+}
+
+/// Registers a vCPU fd under `vcpu_index` (the caller keeps ownership of
+/// the fd and keeps it open until `kds_vcpu_remove` or `kds_vm_free`). In
+/// ring modes maps its ring; add vCPUs after `kds_dirty_ring_enable`.
+/// An index already registered: `-EEXIST`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) -> c_int {
+    ffi_boundary!("kds_vcpu_add", {
+        status(vm_ref(vm, "kds_vcpu_add").and_then(|v| v.vcpu_add(vcpu_fd, vcpu_index)))
+    })
+}
+
+/// Harvests what is left in the vCPU's ring (published as by `kds_reap`),
+/// unmaps it and forgets the vCPU. Unknown index: `-EINVAL`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vcpu_remove(vm: *mut KdsVm, vcpu_index: u32) -> c_int {
+    ffi_boundary!("kds_vcpu_remove", {
+        status(vm_ref(vm, "kds_vcpu_remove").and_then(|v| v.vcpu_remove(vcpu_index)))
+    })
+}
+
+/// Harvests every vCPU ring into the shim's per-slot bitmaps, then calls
+/// `KVM_RESET_DIRTY_RINGS` once if anything was harvested, then publishes
+/// the pages (only after the reset re-protected them). Returns the number
+/// of entries harvested (0 in bitmap mode). A ring found completely full
+/// counts a `ring_overflows` and reports every dirty-logged page dirty.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
+    ffi_boundary!("kds_reap", { count(vm_ref(vm, "kds_reap").and_then(|v| v.reap())) })
+}
+
+/// The same as `kds_reap` for one vCPU: call it on
+/// `KVM_EXIT_DIRTY_RING_FULL` before re-entering the guest. Safe while
+/// another thread runs `kds_reap`. `-EOVERFLOW` when the ring is wedged
+/// (this call and the previous one found nothing and no thread harvested
+/// this ring in between): every dirty-logged page was reported dirty and
+/// the ring can no longer be trusted; do not re-enter the guest expecting
+/// progress. Unknown index: `-EINVAL`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_reap_vcpu(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
+    ffi_boundary!("kds_reap_vcpu", {
+        count(vm_ref(vm, "kds_reap_vcpu").and_then(|v| v.reap_vcpu(vcpu_index)))
+    })
+}
+
+/// ORs into `bitmap` (`nbits` bits, at least one per page of the slot,
+/// else `-EINVAL`) every page of `slot` dirtied since the previous sync of
+/// that slot, and forgets them. Ring modes reap first (and wait for a reap
+/// in flight on another thread); bitmap mode uses `KVM_GET_DIRTY_LOG`;
+/// `KDS_MODE_RING_WITH_BITMAP` with `KDS_SYNC_FINAL` also drains the
+/// kernel's backup bitmap. Returns the number of pages reported (bits set
+/// to 1, whether or not they were 1 already). Unknown slot or slot without
+/// `KDS_MEM_LOG_DIRTY_PAGES`: `-ENOENT`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_sync_slot(
+    vm: *mut KdsVm,
+    slot: u32,
+    bitmap: *mut u64,
+    nbits: u64,
+    flags: u32,
+) -> i64 {
+    ffi_boundary!("kds_sync_slot", {
+        let r = vm_ref(vm, "kds_sync_slot").and_then(|v| {
+            if bitmap.is_null() {
+                return Err(null("kds_sync_slot", "bitmap"));
+            }
+            let words = words_for(nbits);
+            if words > (isize::MAX as usize) / 8 {
+                return Err(Error::inval("kds_sync_slot: nbits is impossibly large"));
+            }
+            // SAFETY: a non-NULL `bitmap` holds `nbits` bits, rounded up to
+            // whole uint64_t words (ABI contract); no other reference to it
+            // exists during the call.
+            let out = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
+            v.sync_slot(slot, out, flags)
+        });
+        count(r)
+    })
+}
+
+/// Sets how the shim forces every vCPU out of guest mode: `kick_all`
+/// must return only once every vCPU has left guest mode at least once
+/// (a synchronous kick, as QEMU's `run_on_cpu` on all vCPUs). It is called
+/// by `kds_flush` on the calling thread with no shim lock held. NULL
+/// clears it.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_set_kick(
+    vm: *mut KdsVm,
+    kick_all: Option<extern "C" fn(opaque: *mut libc::c_void)>,
+    opaque: *mut libc::c_void,
+) -> c_int {
+    ffi_boundary!("kds_set_kick", {
+        status(vm_ref(vm, "kds_set_kick").map(|v| {
+            v.set_kick(kick_all.map(|func| Kick {
+                func,
+                opaque: opaque as usize,
+            }))
+        }))
+    })
+}
+
+/// Calls the kick callback (so hardware dirty buffers such as Intel PML
+/// reach the rings), then `kds_reap`. Returns entries harvested.
+/// `-EBUSY` without a kick callback (see `kds_set_kick`).
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
+    ffi_boundary!("kds_flush", { count(vm_ref(vm, "kds_flush").and_then(|v| v.flush())) })
+}
+
+/// Copies the VM's counters since creation into `*out`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_stats(vm: *const KdsVm, out: *mut KdsStats) -> c_int {
+    ffi_boundary!("kds_stats", {
+        status(vm_ref(vm, "kds_stats").and_then(|v| {
+            if out.is_null() {
+                return Err(null("kds_stats", "out"));
+            }
+            // SAFETY: non-NULL `out` points to a writable KdsStats.
+            unsafe { out.write(v.stats()) };
+            Ok(())
+        }))
+    })
+}
+
+/// Copies one vCPU's counters into `*out` (what dirty-rate and dirty-limit
+/// features read). Unknown index: `-EINVAL`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_vcpu_stats(vm: *const KdsVm, vcpu_index: u32, out: *mut KdsVcpuStats) -> c_int {
+    ffi_boundary!("kds_vcpu_stats", {
+        status(vm_ref(vm, "kds_vcpu_stats").and_then(|v| {
+            if out.is_null() {
+                return Err(null("kds_vcpu_stats", "out"));
+            }
+            let s = v.vcpu_stats(vcpu_index)?;
+            // SAFETY: non-NULL `out` points to a writable KdsVcpuStats.
+            unsafe { out.write(s) };
+            Ok(())
+        }))
+    })
+}
+
+/// Routes the library's log records to `log` (level 1 error, 2 warning,
+/// 3 info, 4 debug, 5 trace; records above `max_level` are dropped; `msg`
+/// is valid only during the call). Process-wide; NULL turns logging off.
+/// The callback may be called from any thread that calls into the shim.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_set_logger(
+    log: Option<extern "C" fn(level: c_int, msg: *const libc::c_char, opaque: *mut libc::c_void)>,
+    opaque: *mut libc::c_void,
+    max_level: c_int,
+) -> c_int {
+    ffi_boundary!("kds_set_logger", {
+        if logger::set(log, opaque as usize, max_level) {
+            0
+        } else {
+            fail(&Error::busy(
+                "kds_set_logger: another logger of the Rust `log` crate is installed in this \
+                 process; the library's records go there",
+            ))
+        }
+    })
+}

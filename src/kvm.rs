@@ -1,0 +1,211 @@
+//! The kernel interface: the VM fd and the few KVM ioctls this library makes.
+//!
+//! Everything kvm-ioctls offers is used from it; what it lacks
+//! (`KVM_RESET_DIRTY_RINGS`, `KVM_CLEAR_DIRTY_LOG`) is written here once, as
+//! one small wrapper per ioctl, on the kernel's structs from kvm-bindings.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::error::{Error, Result};
+
+/// `KVM_DIRTY_GFN_F_DIRTY`: the kernel published this ring entry.
+pub(crate) const DIRTY_GFN_F_DIRTY: u32 = 1 << 0;
+/// `KVM_DIRTY_GFN_F_RESET`: userspace harvested this ring entry.
+pub(crate) const DIRTY_GFN_F_RESET: u32 = 1 << 1;
+
+/// Capabilities this library asks the kernel about (numbers from kvm-bindings).
+pub mod cap {
+    /// `KVM_CAP_DIRTY_LOG_RING` (192).
+    pub(crate) const DIRTY_LOG_RING: u32 = kvm_bindings::KVM_CAP_DIRTY_LOG_RING;
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (223).
+    pub(crate) const DIRTY_LOG_RING_ACQ_REL: u32 = kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
+    /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (225).
+    pub(crate) const DIRTY_LOG_RING_WITH_BITMAP: u32 = kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP;
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (168).
+    pub(crate) const MANUAL_DIRTY_LOG_PROTECT2: u32 = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+}
+
+const KVMIO: u64 = 0xAE;
+
+const fn io(nr: u64) -> u64 {
+    (KVMIO << 8) | nr
+}
+
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+/// `KVM_RESET_DIRTY_RINGS`: `_IO(KVMIO, 0xc7)`.
+const KVM_RESET_DIRTY_RINGS: u64 = io(0xc7);
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: u64 = iowr(0xc0, std::mem::size_of::<kvm_clear_dirty_log>());
+
+/// The host page size (`sysconf(_SC_PAGESIZE)`): the unit of memslot
+/// offsets, dirty bitmaps and ring entries. Never assumed to be 4096.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if ps > 0 { ps as u64 } else { 4096 }
+}
+
+/// A KVM VM fd. Owned: for an adopted fd this is a duplicate, so the
+/// caller's own fd stays open and usable after the shim lets go of it.
+pub struct KvmVm {
+    fd: VmFd,
+}
+
+impl KvmVm {
+    /// Opens `/dev/kvm` and creates a VM of `machine_type` (`KVM_CREATE_VM`).
+    pub fn create(machine_type: u64) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| {
+            Error::sys("open(/dev/kvm)", &e, "is KVM available and accessible?")
+        })?;
+        let fd = kvm
+            .create_vm_with_type(machine_type)
+            .map_err(|e| Error::sys("KVM_CREATE_VM", &e, "check the machine type"))?;
+        Ok(KvmVm { fd })
+    }
+
+    /// Wraps a duplicate of the caller's VM fd.
+    pub fn adopt(vm_fd: RawFd) -> Result<Self> {
+        if vm_fd < 0 {
+            return Err(Error::inval(format!("kds_vm_adopt: bad VM fd {vm_fd}")));
+        }
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads its integer arguments; a
+        // bad fd is reported as EBADF.
+        let dup = unsafe { libc::fcntl(vm_fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(Error::from_errno(
+                "fcntl(F_DUPFD_CLOEXEC) of the VM fd",
+                errno,
+                "pass an open KVM VM fd",
+            ));
+        }
+        let kvm = match Kvm::new() {
+            Ok(k) => k,
+            Err(e) => {
+                // SAFETY: `dup` is ours and not used after this.
+                unsafe { libc::close(dup) };
+                return Err(Error::sys("open(/dev/kvm)", &e, "is KVM available?"));
+            }
+        };
+        // SAFETY: `dup` is an open fd that we own and hand over to the VmFd.
+        let fd = unsafe { kvm.create_vmfd_from_rawfd(dup) }.map_err(|e| {
+            Error::sys("KVM_GET_VCPU_MMAP_SIZE", &e, "is KVM available?")
+        })?;
+        let vm = KvmVm { fd };
+        // Any KVM VM fd answers KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) with
+        // 1; a socket or a plain file does not (dropping `vm` closes the dup).
+        if vm.check_cap(kvm_bindings::KVM_CAP_USER_MEMORY) <= 0 {
+            return Err(Error::inval(format!(
+                "kds_vm_adopt: fd {vm_fd} is not a KVM VM fd (KVM_CHECK_EXTENSION failed)"
+            )));
+        }
+        Ok(vm)
+    }
+
+    /// The VM fd (ours: the duplicate for an adopted VM).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM fd: the capability's value (0: absent).
+    pub fn check_cap(&self, cap: u32) -> i32 {
+        self.fd.check_extension_raw(cap as libc::c_ulong)
+    }
+
+    /// `KVM_ENABLE_CAP` on the VM fd with `args[0] = arg0`.
+    pub fn enable_cap(&self, cap: u32, arg0: u64) -> std::result::Result<(), kvm_ioctls::Error> {
+        let c = kvm_enable_cap {
+            cap,
+            args: [arg0, 0, 0, 0],
+            ..Default::default()
+        };
+        self.fd.enable_cap(&c)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    ///
+    /// # Safety
+    /// `region.userspace_addr .. + memory_size` must stay mapped for as long
+    /// as the slot exists (the caller's promise, passed on from the C ABI).
+    pub unsafe fn set_memslot(
+        &self,
+        region: &kvm_userspace_memory_region,
+    ) -> std::result::Result<(), kvm_ioctls::Error> {
+        // SAFETY: forwarded to our caller (see the function's contract).
+        unsafe { self.fd.set_user_memory_region(*region) }
+    }
+
+    /// `KVM_GET_DIRTY_LOG` for a slot of `memory_size` bytes.
+    pub fn get_dirty_log(
+        &self,
+        slot: u32,
+        memory_size: u64,
+    ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+        self.fd.get_dirty_log(slot, memory_size as usize)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual protect): re-protects and clears exactly
+    /// the pages set in `bitmap`, pages `0 .. npages` of `slot`.
+    pub fn clear_dirty_log(&self, slot: u32, npages: u64, bitmap: &mut [u64]) -> Result<()> {
+        if (bitmap.len() as u64) * 64 < npages || npages > u32::MAX as u64 {
+            return Err(Error::inval("KVM_CLEAR_DIRTY_LOG: bitmap shorter than the slot"));
+        }
+        let arg = kvm_clear_dirty_log {
+            slot,
+            num_pages: npages as u32,
+            first_page: 0,
+            __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_mut_ptr() as *mut libc::c_void,
+            },
+        };
+        // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap holds at
+        // least `num_pages` bits (checked above); the kernel only reads it.
+        let r = unsafe { libc::ioctl(self.raw_fd(), KVM_CLEAR_DIRTY_LOG as libc::c_ulong, &arg) };
+        if r < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(Error::from_errno(
+                "KVM_CLEAR_DIRTY_LOG",
+                errno,
+                "the slot's pages stay write-enabled; sync again",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: re-protects every ring entry marked RESET;
+    /// returns the number of entries the kernel reset.
+    pub fn reset_dirty_rings(&self) -> Result<u64> {
+        // SAFETY: an argument-less ioctl on our VM fd.
+        let r = unsafe { libc::ioctl(self.raw_fd(), KVM_RESET_DIRTY_RINGS as libc::c_ulong) };
+        if r < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(Error::from_errno(
+                "KVM_RESET_DIRTY_RINGS",
+                errno,
+                "harvested pages stay pending and are retried on the next reap",
+            ));
+        }
+        Ok(r as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // linux/kvm.h: _IO(KVMIO, 0xc7) and _IOWR(KVMIO, 0xc0, 24-byte struct).
+        assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
+        assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+    }
+}

@@ -1,0 +1,198 @@
+//! One vCPU's dirty ring: the `struct kvm_dirty_gfn` array the kernel shares
+//! with us through the vCPU fd, and the harvest that walks it.
+//!
+//! The ring memory is written by the kernel concurrently with our reads, so
+//! it is only ever touched through raw pointers and atomics: no `&` or
+//! `&mut` to a `kvm_dirty_gfn` is ever formed.
+//!
+//! Protocol (Documentation/virt/kvm/api.rst, "dirty ring"):
+//! - the kernel fills `slot`/`offset`, then sets `flags = DIRTY` (with
+//!   release semantics under `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`);
+//! - we read `flags` with acquire, so `slot`/`offset` are the ones the
+//!   kernel wrote before publishing the entry;
+//! - we store `flags = RESET` with release, so the kernel (which reads flags
+//!   with acquire in `KVM_RESET_DIRTY_RINGS`) sees our reads as done before it
+//!   recycles the entry;
+//! - `KVM_RESET_DIRTY_RINGS` (done by the caller, once per reap) re-protects
+//!   the pages and hands the entries back to the kernel.
+
+use std::os::fd::RawFd;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use kvm_bindings::kvm_dirty_gfn;
+
+use crate::error::{Error, Result};
+use crate::kvm::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET};
+
+/// Bytes of one ring entry.
+pub(crate) const ENTRY_SIZE: u64 = std::mem::size_of::<kvm_dirty_gfn>() as u64;
+
+/// A mapped dirty ring. Unmapped on drop.
+pub struct Ring {
+    base: NonNull<kvm_dirty_gfn>,
+    entries: u32,
+    /// Our fetch index: the next entry to look at (free running, masked on
+    /// use). Only the thread holding the VM's reap lock touches it; it is an
+    /// atomic so that `Ring` stays `Sync` without `UnsafeCell`.
+    fetch: AtomicU32,
+    /// Entries harvested from this ring, ever (any thread).
+    harvested: AtomicU64,
+}
+
+// SAFETY: the mapping is process-wide memory; every access goes through
+// atomics or volatile reads on raw pointers, and the fetch index is only
+// advanced under the VM's reap lock (see `Vm`).
+unsafe impl Send for Ring {}
+// SAFETY: as above.
+unsafe impl Sync for Ring {}
+
+/// What one harvest of one ring found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Harvest {
+    /// Entries harvested (flags DIRTY, now RESET).
+    pub entries: u64,
+    /// The ring was completely full: the kernel may have dropped entries.
+    pub full: bool,
+}
+
+impl Ring {
+    /// Maps the ring of `entries` entries of the vCPU `vcpu_fd`, at
+    /// `KVM_DIRTY_LOG_PAGE_OFFSET` pages into the fd.
+    pub fn map(vcpu_fd: RawFd, entries: u32, page_size: u64) -> Result<Self> {
+        let len = entries as usize * ENTRY_SIZE as usize;
+        let offset = kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET as u64 * page_size;
+        // SAFETY: a fresh shared mapping of the vCPU fd; the kernel checks
+        // the offset and length against the enabled ring and fails otherwise.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu_fd,
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(Error::from_errno(
+                "mmap of the vCPU dirty ring (KVM_DIRTY_LOG_PAGE_OFFSET)",
+                errno,
+                "pass a vCPU fd of this VM, created after kds_dirty_ring_enable",
+            ));
+        }
+        Ok(Ring {
+            base: NonNull::new(p as *mut kvm_dirty_gfn).expect("mmap returned NULL"),
+            entries,
+            fetch: AtomicU32::new(0),
+            harvested: AtomicU64::new(0),
+        })
+    }
+
+    /// Number of entries.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Entries harvested from this ring since it was mapped.
+    pub fn harvested(&self) -> u64 {
+        self.harvested.load(Ordering::Relaxed)
+    }
+
+    /// A raw pointer to entry `i` (masked).
+    #[inline]
+    fn entry(&self, i: u32) -> *mut kvm_dirty_gfn {
+        // SAFETY: the index is masked to the ring size (a power of two) and
+        // the mapping holds `entries` entries.
+        unsafe { self.base.as_ptr().add((i & (self.entries - 1)) as usize) }
+    }
+
+    /// The flags word of entry `i`, as an atomic.
+    #[inline]
+    fn flags(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: the pointer is in bounds and 4-byte aligned (the ring is
+        // page aligned, entries are 16 bytes, flags is at offset 0); the
+        // memory lives as long as `self`; all accesses to it, ours and the
+        // kernel's, are atomic.
+        unsafe { AtomicU32::from_ptr(ptr::addr_of_mut!((*self.entry(i)).flags)) }
+    }
+
+    /// Does the next entry to harvest hold data? One acquire load, no syscall.
+    pub fn next_is_dirty(&self) -> bool {
+        let i = self.fetch.load(Ordering::Relaxed);
+        self.flags(i).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
+    }
+
+    /// Harvests every published entry from our fetch index on, calling
+    /// `sink(slot, offset)` for each, and marks them RESET. The caller must
+    /// hold the VM's reap lock and must issue `KVM_RESET_DIRTY_RINGS`
+    /// afterwards.
+    #[inline]
+    pub fn harvest(&self, mut sink: impl FnMut(u32, u64)) -> Harvest {
+        let start = self.fetch.load(Ordering::Relaxed);
+        let mut fetch = start;
+        // At most one lap: the kernel cannot publish past a full ring (and
+        // where it overruns one, a lap is all there is to read).
+        while fetch.wrapping_sub(start) < self.entries {
+            let flags = self.flags(fetch);
+            // Acquire: pairs with the kernel's release of DIRTY, so slot and
+            // offset below are the values written before it.
+            if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
+                break;
+            }
+            let e = self.entry(fetch);
+            // SAFETY: in-bounds entry (see `entry`); plain volatile reads of
+            // fields the kernel wrote before publishing DIRTY and will not
+            // touch again until we mark the entry RESET and call
+            // KVM_RESET_DIRTY_RINGS.
+            let (slot, offset) = unsafe {
+                (
+                    ptr::read_volatile(ptr::addr_of!((*e).slot)),
+                    ptr::read_volatile(ptr::addr_of!((*e).offset)),
+                )
+            };
+            sink(slot, offset);
+            // Release: our reads of slot/offset happen before the kernel can
+            // see RESET and recycle the entry.
+            flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
+            fetch = fetch.wrapping_add(1);
+        }
+        self.fetch.store(fetch, Ordering::Relaxed);
+        let n = u64::from(fetch.wrapping_sub(start));
+        self.harvested.fetch_add(n, Ordering::Relaxed);
+        Harvest {
+            entries: n,
+            full: n == u64::from(self.entries),
+        }
+    }
+
+    /// Writes an arbitrary entry at ring position `i` (masked) and publishes
+    /// it with DIRTY, as the kernel would. For tests that corrupt a ring.
+    #[doc(hidden)]
+    pub fn inject(&self, i: u32, slot: u32, offset: u64) {
+        let e = self.entry(i);
+        // SAFETY: in-bounds entry; volatile writes to plain fields, then a
+        // release store of the flags that publishes them.
+        unsafe {
+            ptr::write_volatile(ptr::addr_of_mut!((*e).slot), slot);
+            ptr::write_volatile(ptr::addr_of_mut!((*e).offset), offset);
+        }
+        self.flags(i).store(DIRTY_GFN_F_DIRTY, Ordering::Release);
+    }
+
+    /// Our fetch index (free running).
+    #[doc(hidden)]
+    pub fn fetch_index(&self) -> u32 {
+        self.fetch.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let len = self.entries as usize * ENTRY_SIZE as usize;
+        // SAFETY: unmaps exactly the mapping made in `map`; nothing refers
+        // to it once the last `Arc` of the ring is gone.
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, len) };
+    }
+}

@@ -1,0 +1,111 @@
+//! The plain-data types of the C ABI, shared by the safe Rust layer.
+//! cbindgen copies these (and their doc comments) into the header.
+
+/// The ABI version this header describes; compare with `kds_abi_version()`.
+pub const KDS_ABI_VERSION: u32 = 1;
+/// Board flag for `kds_board_init`: the board dirties guest memory without
+/// a running vCPU (the arm64 vGIC ITS saving its tables).
+pub const KDS_BOARD_VGIC_ITS: u32 = 1 << 0;
+/// Memslot flag: log dirty pages of this slot (`KVM_MEM_LOG_DIRTY_PAGES`).
+pub const KDS_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
+/// Memslot flag: read-only for the guest (`KVM_MEM_READONLY`).
+pub const KDS_MEM_READONLY: u32 = 1 << 1;
+/// `kds_sync_slot` flag: the last stage of migration, vCPUs stopped; in
+/// `KDS_MODE_RING_WITH_BITMAP` also drains the kernel's backup bitmap.
+pub const KDS_SYNC_FINAL: u32 = 1 << 0;
+
+const _: () = assert!(KDS_MEM_LOG_DIRTY_PAGES == kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES);
+const _: () = assert!(KDS_MEM_READONLY == kvm_bindings::KVM_MEM_READONLY);
+
+/// What `kds_vm_mode` returns: how the VM's dirty pages are tracked.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdsMode {
+    /// `KVM_GET_DIRTY_LOG` only (no dirty ring).
+    KDS_MODE_BITMAP = 0,
+    /// Per-vCPU dirty rings.
+    KDS_MODE_RING = 1,
+    /// Per-vCPU dirty rings plus the kernel's backup bitmap for memory
+    /// dirtied without a vCPU (`KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`).
+    KDS_MODE_RING_WITH_BITMAP = 2,
+}
+
+impl KdsMode {
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            1 => KdsMode::KDS_MODE_RING,
+            2 => KdsMode::KDS_MODE_RING_WITH_BITMAP,
+            _ => KdsMode::KDS_MODE_BITMAP,
+        }
+    }
+
+    /// Does this mode use per-vCPU rings?
+    pub fn has_ring(self) -> bool {
+        self != KdsMode::KDS_MODE_BITMAP
+    }
+}
+
+/// A memslot, as `KVM_SET_USER_MEMORY_REGION` takes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KdsMemslot {
+    /// `(address_space_id << 16) | slot_id`, as KVM numbers slots.
+    pub slot: u32,
+    /// `KDS_MEM_*` flags (the values of `KVM_MEM_*`).
+    pub flags: u32,
+    /// Guest physical address; page aligned.
+    pub guest_phys_addr: u64,
+    /// Size in bytes; a multiple of the host page size; 0 deletes the slot.
+    pub memory_size: u64,
+    /// Host virtual address of the memory; page aligned. Must stay mapped
+    /// while the slot exists.
+    pub userspace_addr: u64,
+}
+
+/// Counters of one VM since its creation (`kds_stats`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KdsStats {
+    /// Ring entries harvested.
+    pub entries_reaped: u64,
+    /// `KVM_RESET_DIRTY_RINGS` calls.
+    pub ring_resets: u64,
+    /// `kds_reap_vcpu` calls that found entries.
+    pub ring_full_reaps: u64,
+    /// `KVM_GET_DIRTY_LOG` calls.
+    pub bitmap_syncs: u64,
+    /// Dirty pages found in kernel bitmaps (`KVM_GET_DIRTY_LOG`).
+    pub pages_from_bitmap: u64,
+    /// Ring entries naming an unknown or not dirty-logged slot, an address
+    /// space or slot id out of range, or an offset past the slot's end:
+    /// skipped and counted, never written anywhere.
+    pub invalid_entries: u64,
+    /// Nanoseconds spent reading rings (harvest, not counting the reset).
+    pub harvest_ns: u64,
+    /// Nanoseconds spent inside `KVM_RESET_DIRTY_RINGS`.
+    pub reset_ns: u64,
+    /// Harvests that found a ring completely full (the kernel may have
+    /// dropped entries): every page of every dirty-logged slot was then
+    /// reported dirty.
+    pub ring_overflows: u64,
+    /// (Added to abi.md v1) `kds_reap_vcpu` calls that found the ring
+    /// wedged (ring-full exits with nothing to harvest twice in a row) and
+    /// returned `-EOVERFLOW`; every dirty-logged page was reported dirty.
+    pub ring_wedges: u64,
+    /// (Added to abi.md v1) Entries the kernel reset, as returned by
+    /// `KVM_RESET_DIRTY_RINGS`. Lower than `entries_reaped` only when the
+    /// kernel ignored entries.
+    pub entries_reset: u64,
+}
+
+/// Counters of one vCPU (`kds_vcpu_stats`): what a VMM's dirty-rate and
+/// dirty-limit features read.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KdsVcpuStats {
+    /// Entries harvested from this vCPU's ring.
+    pub entries_reaped: u64,
+    /// `kds_reap_vcpu` calls for this vCPU that found entries.
+    pub ring_full_reaps: u64,
+}

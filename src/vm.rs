@@ -1,0 +1,765 @@
+//! The safe Rust core: one VM's dirty tracking (ordering, memslots, vCPU
+//! rings, reaping, syncing). The C ABI layer (`ffi`) is a thin wrapper.
+//!
+//! Locks, always taken in this order, never the other way round:
+//! `life` -> `reap` -> (`vcpus` | `slots`), `kick` alone.
+//! - `life` serialises the lifecycle calls (ring enable, board hook,
+//!   memslots, vCPU add/remove) and holds the ordering state machine.
+//! - `reap` serialises harvesting: it owns every ring's fetch index and the
+//!   private list of harvested-but-unpublished entries. It is held from the
+//!   first ring read until the entries are published, across
+//!   `KVM_RESET_DIRTY_RINGS`: that is what lets `sync_slot` wait for a
+//!   concurrent reap instead of missing its entries (see `reap_locked`).
+//! - `vcpus` and `slots` are held only briefly, never across a syscall.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use parking_lot::{Mutex, RwLock};
+
+use crate::bitmap::{AtomicBitmap, count_masked, or_masked, words_for};
+use crate::error::{Error, Result};
+use crate::kvm::{KvmVm, cap, page_size};
+use crate::order::{BoardAction, Lifecycle};
+use crate::ring::{ENTRY_SIZE, Harvest, Ring};
+use crate::types::{
+    KDS_BOARD_VGIC_ITS, KDS_MEM_LOG_DIRTY_PAGES as MEM_LOG_DIRTY_PAGES,
+    KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode, KdsStats,
+    KdsVcpuStats,
+};
+
+/// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
+pub(crate) const RING_MAX_ENTRIES_DEFAULT: u64 = 65536;
+
+/// A memslot the shim knows about.
+struct Slot {
+    region: KdsMemslot,
+    npages: u64,
+    /// The shim's bitmap of harvested, published pages; `Some` while the
+    /// slot has `KDS_MEM_LOG_DIRTY_PAGES`.
+    dirty: Option<Arc<AtomicBitmap>>,
+}
+
+/// A registered vCPU.
+struct Vcpu {
+    ring: Option<Ring>,
+    ring_full_reaps: AtomicU64,
+    /// Ring-wedge detection (see `reap_vcpu`): the ring's harvested total
+    /// at the previous `reap_vcpu`, and whether that call found nothing.
+    last_full_total: AtomicU64,
+    last_full_empty: AtomicBool,
+}
+
+/// Harvested entries not yet published (guarded by `Vm::reap`).
+#[derive(Default)]
+struct ReapState {
+    /// (slot, offset) pairs read from rings whose `KVM_RESET_DIRTY_RINGS`
+    /// has not returned yet. Capacity reserved at `vcpu_add`: no allocation
+    /// on the reap path.
+    pending: Vec<(u32, u64)>,
+    /// A ring was found full (or wedged): mark every logged page at publish.
+    overflow: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    entries_reaped: AtomicU64,
+    ring_resets: AtomicU64,
+    ring_full_reaps: AtomicU64,
+    bitmap_syncs: AtomicU64,
+    pages_from_bitmap: AtomicU64,
+    invalid_entries: AtomicU64,
+    harvest_ns: AtomicU64,
+    reset_ns: AtomicU64,
+    ring_overflows: AtomicU64,
+    ring_wedges: AtomicU64,
+    entries_reset: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The VMM's "kick every vCPU out of guest mode" callback.
+#[derive(Clone, Copy)]
+pub struct Kick {
+    /// The function.
+    pub func: extern "C" fn(*mut libc::c_void),
+    /// Its argument, passed back untouched.
+    pub opaque: usize,
+}
+
+/// One VM's dirty tracking.
+pub struct Vm {
+    kvm: KvmVm,
+    page_size: u64,
+    mode: AtomicU8,
+    ring_entries: AtomicU32,
+    want_manual_protect: AtomicBool,
+    manual_protect: AtomicBool,
+    life: Mutex<Lifecycle>,
+    reap: Mutex<ReapState>,
+    vcpus: RwLock<HashMap<u32, Arc<Vcpu>>>,
+    slots: RwLock<HashMap<u32, Arc<Slot>>>,
+    stats: Stats,
+    kick: Mutex<Option<Kick>>,
+}
+
+impl Vm {
+    fn with_kvm(kvm: KvmVm) -> Self {
+        Vm {
+            kvm,
+            page_size: page_size(),
+            mode: AtomicU8::new(KdsMode::KDS_MODE_BITMAP as u8),
+            ring_entries: AtomicU32::new(0),
+            want_manual_protect: AtomicBool::new(true),
+            manual_protect: AtomicBool::new(false),
+            life: Mutex::new(Lifecycle::new()),
+            reap: Mutex::new(ReapState::default()),
+            vcpus: RwLock::new(HashMap::new()),
+            slots: RwLock::new(HashMap::new()),
+            stats: Stats::default(),
+            kick: Mutex::new(None),
+        }
+    }
+
+    /// Creates a VM (`KVM_CREATE_VM`); the shim owns its fd.
+    pub fn create(machine_type: u64) -> Result<Self> {
+        Ok(Self::with_kvm(KvmVm::create(machine_type)?))
+    }
+
+    /// Wraps the caller's VM fd (duplicated: the caller keeps its own).
+    pub fn adopt(vm_fd: i32) -> Result<Self> {
+        Ok(Self::with_kvm(KvmVm::adopt(vm_fd)?))
+    }
+
+    /// The VM fd the shim uses.
+    pub fn fd(&self) -> i32 {
+        self.kvm.raw_fd()
+    }
+
+    /// The tracking mode.
+    pub fn mode(&self) -> KdsMode {
+        KdsMode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    fn set_mode(&self, m: KdsMode) {
+        self.mode.store(m as u8, Ordering::Release);
+    }
+
+    /// Host page size used for slots and bitmaps.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Ring entries per vCPU (0: no ring).
+    pub fn ring_entries(&self) -> u32 {
+        self.ring_entries.load(Ordering::Relaxed)
+    }
+
+    /// Enables the per-vCPU dirty ring with `entries` entries.
+    pub fn dirty_ring_enable(&self, entries: u32) -> Result<()> {
+        let mut life = self.life.lock();
+        life.check_ring_enable()?;
+        let (capnr, name) = if self.kvm.check_cap(cap::DIRTY_LOG_RING_ACQ_REL) > 0 {
+            (cap::DIRTY_LOG_RING_ACQ_REL, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL")
+        } else if self.kvm.check_cap(cap::DIRTY_LOG_RING) > 0 {
+            (cap::DIRTY_LOG_RING, "KVM_CAP_DIRTY_LOG_RING")
+        } else {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                "kds_dirty_ring_enable: the kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL \
+                 nor KVM_CAP_DIRTY_LOG_RING: stay in bitmap mode",
+            ));
+        };
+        let max_bytes = match self.kvm.check_cap(capnr) {
+            v if v > 1 => v as u64,
+            _ => RING_MAX_ENTRIES_DEFAULT * ENTRY_SIZE,
+        };
+        let min_bytes = self.page_size;
+        let bytes = u64::from(entries) * ENTRY_SIZE;
+        if !entries.is_power_of_two() || bytes < min_bytes || bytes > max_bytes {
+            return Err(Error::inval(format!(
+                "kds_dirty_ring_enable: {entries} entries is not allowed: the size must be a \
+                 power of two from {} to {} entries on this kernel",
+                min_bytes / ENTRY_SIZE,
+                max_bytes / ENTRY_SIZE
+            )));
+        }
+        let backup = life.ring_needs_backup_bitmap();
+        if backup && self.kvm.check_cap(cap::DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                "kds_dirty_ring_enable: the board has a vGIC ITS (kds_board_init) but the \
+                 kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: the ring would miss the ITS's \
+                 writes; stay in bitmap mode",
+            ));
+        }
+        self.kvm.enable_cap(capnr, bytes).map_err(|e| {
+            Error::sys(
+                &format!("KVM_ENABLE_CAP({name}, {bytes} bytes)"),
+                &e,
+                "the kernel refused this ring size; try another power of two, or stay in bitmap mode",
+            )
+        })?;
+        life.ring = true;
+        self.ring_entries.store(entries, Ordering::Relaxed);
+        self.set_mode(KdsMode::KDS_MODE_RING);
+        log::info!("dirty ring enabled: {entries} entries per vCPU via {name}");
+        if backup {
+            self.enable_backup_bitmap()?;
+        }
+        Ok(())
+    }
+
+    fn enable_backup_bitmap(&self) -> Result<()> {
+        if self.kvm.check_cap(cap::DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                "kds_board_init(KDS_BOARD_VGIC_ITS): the kernel reports \
+                 KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 0, so the ITS's writes could not be \
+                 tracked with the dirty ring: do not use the ring with an ITS on this kernel \
+                 (create the VM without kds_dirty_ring_enable)",
+            ));
+        }
+        self.kvm
+            .enable_cap(cap::DIRTY_LOG_RING_WITH_BITMAP, 0)
+            .map_err(|e| {
+                Error::sys(
+                    "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)",
+                    &e,
+                    "the kernel refused the backup bitmap; do not use the ring with an ITS",
+                )
+            })?;
+        self.set_mode(KdsMode::KDS_MODE_RING_WITH_BITMAP);
+        log::info!("backup bitmap enabled (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)");
+        Ok(())
+    }
+
+    /// The board-init ordering hook.
+    pub fn board_init(&self, flags: u32) -> Result<()> {
+        let mut life = self.life.lock();
+        match life.check_board_init(flags)? {
+            BoardAction::Record => {}
+            BoardAction::EnableBackupBitmap => self.enable_backup_bitmap()?,
+        }
+        life.board_initialised(flags);
+        log::debug!(
+            "board initialised (flags {flags:#x}, ITS: {})",
+            flags & KDS_BOARD_VGIC_ITS != 0
+        );
+        Ok(())
+    }
+
+    /// Chooses whether bitmap modes use `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`
+    /// (default: yes where offered). Before the first memslot.
+    pub fn set_manual_protect(&self, enable: bool) -> Result<()> {
+        let life = self.life.lock();
+        if life.memslot_created {
+            return Err(Error::busy(
+                "kds_set_manual_protect after kds_memslot_set: choose before the first memslot",
+            ));
+        }
+        if enable && self.kvm.check_cap(cap::MANUAL_DIRTY_LOG_PROTECT2) <= 0 {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                "kds_set_manual_protect: the kernel lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+            ));
+        }
+        self.want_manual_protect.store(enable, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Is manual protect in use?
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect.load(Ordering::Relaxed)
+    }
+
+    fn maybe_enable_manual_protect(&self) {
+        if self.mode() == KdsMode::KDS_MODE_RING
+            || self.manual_protect()
+            || !self.want_manual_protect.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let caps = self.kvm.check_cap(cap::MANUAL_DIRTY_LOG_PROTECT2);
+        if caps <= 0 {
+            return;
+        }
+        // Only MANUAL_PROTECT_ENABLE: not INITIALLY_SET, so the first
+        // KVM_GET_DIRTY_LOG reports what was written, not every page.
+        let arg = u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+        match self.kvm.enable_cap(cap::MANUAL_DIRTY_LOG_PROTECT2, arg) {
+            Ok(()) => {
+                self.manual_protect.store(true, Ordering::Relaxed);
+                log::debug!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled");
+            }
+            Err(e) => log::warn!(
+                "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) failed ({e}); \
+                 KVM_GET_DIRTY_LOG will re-protect by itself"
+            ),
+        }
+    }
+
+    fn slot(&self, slot: u32) -> Option<Arc<Slot>> {
+        self.slots.read().get(&slot).cloned()
+    }
+
+    fn region(m: &KdsMemslot) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: m.slot,
+            flags: m.flags,
+            guest_phys_addr: m.guest_phys_addr,
+            memory_size: m.memory_size,
+            userspace_addr: m.userspace_addr,
+        }
+    }
+
+    fn kernel_set(&self, m: &KdsMemslot, what: &str) -> Result<()> {
+        // SAFETY: the C caller promises (ABI) that the host range of the
+        // slot stays mapped while the slot exists; a deletion passes size 0.
+        unsafe { self.kvm.set_memslot(&Self::region(m)) }.map_err(|e| {
+            Error::sys(
+                &format!("KVM_SET_USER_MEMORY_REGION ({what} slot {:#x})", m.slot),
+                &e,
+                "check the slot id, the address ranges (no overlap) and the slot limit",
+            )
+        })
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: create, move, resize, change flags or
+    /// delete (size 0) a memslot, keeping the shim's bitmaps in step.
+    ///
+    /// # Safety
+    /// `m.userspace_addr .. + m.memory_size` must be memory of this process
+    /// that stays mapped while the slot exists.
+    pub unsafe fn memslot_set(&self, m: &KdsMemslot) -> Result<()> {
+        let known = MEM_LOG_DIRTY_PAGES | MEM_READONLY;
+        if m.flags & !known != 0 {
+            return Err(Error::inval(format!(
+                "kds_memslot_set: unknown flags {:#x} (known: KDS_MEM_LOG_DIRTY_PAGES, \
+                 KDS_MEM_READONLY)",
+                m.flags & !known
+            )));
+        }
+        let ps = self.page_size;
+        if m.memory_size % ps != 0 || m.guest_phys_addr % ps != 0 || m.userspace_addr % ps != 0
+        {
+            return Err(Error::inval(format!(
+                "kds_memslot_set: slot {:#x}: guest_phys_addr {:#x}, userspace_addr {:#x} and \
+                 memory_size {:#x} must be multiples of the page size {ps}",
+                m.slot, m.guest_phys_addr, m.userspace_addr, m.memory_size
+            )));
+        }
+        let mut life = self.life.lock();
+        let old = self.slot(m.slot);
+        if m.memory_size == 0 {
+            let Some(old) = old else {
+                return Err(Error::new(
+                    libc::ENOENT,
+                    format!("kds_memslot_set: delete of unknown slot {:#x}", m.slot),
+                ));
+            };
+            self.kernel_set(m, "delete")?;
+            self.slots.write().remove(&m.slot);
+            log::debug!("slot {:#x} deleted ({} pages)", m.slot, old.npages);
+            return Ok(());
+        }
+        if old.is_none() && !life.memslot_created {
+            self.maybe_enable_manual_protect();
+        }
+        // The kernel moves a slot or changes its LOG flag in place; any
+        // other change (size, host address, READONLY) is delete + create.
+        let recreate = old.as_ref().is_some_and(|o| {
+            o.region.memory_size != m.memory_size
+                || o.region.userspace_addr != m.userspace_addr
+                || (o.region.flags ^ m.flags) & MEM_READONLY != 0
+        });
+        if let Some(o) = old.as_ref().filter(|_| recreate) {
+            let del = KdsMemslot {
+                memory_size: 0,
+                ..o.region
+            };
+            self.kernel_set(&del, "delete for resize of")?;
+            self.slots.write().remove(&m.slot);
+        }
+        self.kernel_set(m, if old.is_some() { "update" } else { "create" })?;
+        let npages = m.memory_size / ps;
+        let old_dirty = old.as_ref().and_then(|o| o.dirty.clone());
+        let dirty = if m.flags & MEM_LOG_DIRTY_PAGES == 0 {
+            None
+        } else {
+            match old_dirty {
+                // Same pages (a move or an unrelated flag change): keep the bits.
+                Some(b) if !recreate => Some(b),
+                // Resized: carry the bits of the pages that remain.
+                Some(b) => {
+                    let n = Arc::new(AtomicBitmap::new(npages));
+                    n.or_from(&b);
+                    Some(n)
+                }
+                None => Some(Arc::new(AtomicBitmap::new(npages))),
+            }
+        };
+        self.slots.write().insert(
+            m.slot,
+            Arc::new(Slot {
+                region: *m,
+                npages,
+                dirty,
+            }),
+        );
+        life.memslot_created();
+        log::debug!(
+            "slot {:#x}: gpa {:#x}, {} pages, flags {:#x}",
+            m.slot,
+            m.guest_phys_addr,
+            npages,
+            m.flags
+        );
+        Ok(())
+    }
+
+    /// Registers a vCPU fd; in ring modes maps its ring.
+    pub fn vcpu_add(&self, vcpu_fd: i32, index: u32) -> Result<()> {
+        if vcpu_fd < 0 {
+            return Err(Error::inval(format!("kds_vcpu_add: bad vCPU fd {vcpu_fd}")));
+        }
+        let mut life = self.life.lock();
+        if self.vcpus.read().contains_key(&index) {
+            return Err(Error::new(
+                libc::EEXIST,
+                format!("kds_vcpu_add: vCPU index {index} is already registered"),
+            ));
+        }
+        let entries = self.ring_entries();
+        let ring = if self.mode().has_ring() {
+            Some(Ring::map(vcpu_fd, entries, self.page_size)?)
+        } else {
+            None
+        };
+        if ring.is_some() {
+            // Room for every ring's entries: the reap path never allocates.
+            let mut st = self.reap.lock();
+            let need = (self.vcpus.read().len() + 1) * entries as usize;
+            let len = st.pending.len();
+            st.pending.reserve(need.saturating_sub(len));
+        }
+        let v = Arc::new(Vcpu {
+            ring,
+            ring_full_reaps: AtomicU64::new(0),
+            last_full_total: AtomicU64::new(0),
+            last_full_empty: AtomicBool::new(false),
+        });
+        self.vcpus.write().insert(index, v);
+        life.vcpu_added = true;
+        log::debug!("vCPU {index} added (fd {vcpu_fd})");
+        Ok(())
+    }
+
+    /// Unregisters a vCPU: harvests what is left in its ring, unmaps it.
+    pub fn vcpu_remove(&self, index: u32) -> Result<()> {
+        let _life = self.life.lock();
+        let mut st = self.reap.lock();
+        let Some(v) = self.vcpus.write().remove(&index) else {
+            return Err(unknown_vcpu(index));
+        };
+        if let Some(r) = &v.ring {
+            let h = self.harvest_one(&mut st, r);
+            self.reap_locked(&mut st, h.entries)?;
+        }
+        log::debug!("vCPU {index} removed");
+        Ok(())
+    }
+
+    fn vcpu(&self, index: u32) -> Result<Arc<Vcpu>> {
+        self.vcpus
+            .read()
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| unknown_vcpu(index))
+    }
+
+    /// Harvests one ring into the private list (reap lock held).
+    fn harvest_one(&self, st: &mut ReapState, ring: &Ring) -> Harvest {
+        let pending = &mut st.pending;
+        let h = ring.harvest(|slot, offset| pending.push((slot, offset)));
+        if h.full {
+            st.overflow = true;
+            bump(&self.stats.ring_overflows, 1);
+            log::error!(
+                "dirty ring found completely full ({} entries): the kernel may have dropped \
+                 entries; reporting every dirty-logged page dirty. Reap more often.",
+                ring.entries()
+            );
+        }
+        h
+    }
+
+    /// Second half of every reap (reap lock held): re-protect, then publish.
+    ///
+    /// Why publish only after `KVM_RESET_DIRTY_RINGS` returns: until then
+    /// the harvested pages are still writable in the guest without a new
+    /// ring entry. If their bits were visible, a concurrent `sync_slot`
+    /// could hand them to the VMM, which copies the page; a guest write
+    /// landing after the copy but before the reset would then never be
+    /// logged, and the destination would keep the stale copy: a silently
+    /// corrupt migration. After the reset, any later write faults and makes
+    /// a new entry, so publishing then is safe. `sync_slot` takes the same
+    /// lock to reap, so it waits for a reap in flight rather than miss it.
+    fn reap_locked(&self, st: &mut ReapState, harvested: u64) -> Result<u64> {
+        bump(&self.stats.entries_reaped, harvested);
+        if st.pending.is_empty() && !st.overflow {
+            return Ok(harvested);
+        }
+        if !st.pending.is_empty() {
+            let t = Instant::now();
+            let r = self.kvm.reset_dirty_rings();
+            bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
+            bump(&self.stats.ring_resets, 1);
+            // On failure the entries stay pending (marked RESET in the
+            // rings); the next reap retries the reset and publishes them.
+            let reset = r?;
+            bump(&self.stats.entries_reset, reset);
+        }
+        self.publish(st);
+        Ok(harvested)
+    }
+
+    /// Moves the private list into the per-slot bitmaps (reap lock held,
+    /// after the reset). Bounds-checks every entry.
+    fn publish(&self, st: &mut ReapState) {
+        let slots = self.slots.read();
+        let mut invalid = 0u64;
+        let mut cache: Option<(u32, &AtomicBitmap)> = None;
+        for &(slot, offset) in st.pending.iter() {
+            let bm = match cache {
+                Some((s, b)) if s == slot => Some(b),
+                _ => {
+                    let b = slots.get(&slot).and_then(|s| s.dirty.as_deref());
+                    if let Some(b) = b {
+                        cache = Some((slot, b));
+                    }
+                    b
+                }
+            };
+            if !bm.is_some_and(|b| b.set(offset)) {
+                invalid += 1;
+            }
+        }
+        st.pending.clear();
+        if invalid > 0 {
+            bump(&self.stats.invalid_entries, invalid);
+            log::warn!("{invalid} ring entries named an unknown slot or an offset past its end: skipped");
+        }
+        if st.overflow {
+            st.overflow = false;
+            for s in slots.values() {
+                if let Some(b) = &s.dirty {
+                    b.set_all();
+                }
+            }
+        }
+    }
+
+    /// Harvests every vCPU ring, resets once, publishes. Entries harvested.
+    pub fn reap(&self) -> Result<u64> {
+        if !self.mode().has_ring() {
+            return Ok(0);
+        }
+        let mut st = self.reap.lock();
+        let t = Instant::now();
+        let mut n = 0;
+        for v in self.vcpus.read().values() {
+            if let Some(r) = &v.ring {
+                n += self.harvest_one(&mut st, r).entries;
+            }
+        }
+        bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
+        self.reap_locked(&mut st, n)
+    }
+
+    /// Harvests one vCPU's ring (for `KVM_EXIT_DIRTY_RING_FULL`).
+    /// `EOVERFLOW` when the ring is wedged: two calls in a row found nothing
+    /// and nothing was harvested from it in between by any thread.
+    pub fn reap_vcpu(&self, index: u32) -> Result<u64> {
+        let v = self.vcpu(index)?;
+        let Some(ring) = &v.ring else {
+            return Ok(0);
+        };
+        let mut st = self.reap.lock();
+        let t = Instant::now();
+        let h = self.harvest_one(&mut st, ring);
+        bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
+        let total = ring.harvested();
+        let prev_total = v.last_full_total.swap(total, Ordering::Relaxed);
+        let prev_empty = v.last_full_empty.swap(h.entries == 0, Ordering::Relaxed);
+        let wedged = h.entries == 0 && prev_empty && prev_total == total;
+        if h.entries > 0 {
+            bump(&v.ring_full_reaps, 1);
+            bump(&self.stats.ring_full_reaps, 1);
+        }
+        if wedged {
+            st.overflow = true;
+            bump(&self.stats.ring_wedges, 1);
+        }
+        let n = self.reap_locked(&mut st, h.entries)?;
+        if wedged {
+            let msg = format!(
+                "kds_reap_vcpu: vCPU {index}'s dirty ring is wedged: it keeps exiting with \
+                 KVM_EXIT_DIRTY_RING_FULL but holds nothing to harvest (the kernel overran the \
+                 ring and dropped entries). Every dirty-logged page was reported dirty; this \
+                 VM's ring can no longer be trusted: stop the vCPU and fall back to a full resend"
+            );
+            log::error!("{msg}");
+            return Err(Error::new(libc::EOVERFLOW, msg));
+        }
+        Ok(n)
+    }
+
+    /// ORs into `out` every page of `slot` dirtied since its previous sync.
+    /// Returns the number of pages reported.
+    pub fn sync_slot(&self, slot: u32, out: &mut [u64], flags: u32) -> Result<u64> {
+        if flags & !SYNC_FINAL != 0 {
+            return Err(Error::inval(format!(
+                "kds_sync_slot: unknown flags {:#x} (known: KDS_SYNC_FINAL)",
+                flags & !SYNC_FINAL
+            )));
+        }
+        let s = self.logged_slot(slot, out)?;
+        let mode = self.mode();
+        if !mode.has_ring() {
+            let n = self.kernel_bitmap(&s)?;
+            return Ok(or_masked(out, &n, s.npages));
+        }
+        self.reap()?;
+        // Look the slot up again: the reap published into the current one.
+        let s = self.logged_slot(slot, out)?;
+        let backup = if mode == KdsMode::KDS_MODE_RING_WITH_BITMAP && flags & SYNC_FINAL != 0 {
+            Some(self.kernel_bitmap(&s)?)
+        } else {
+            None
+        };
+        let dirty = s.dirty.as_ref().expect("logged slot has a bitmap");
+        Ok(dirty.drain_into(out, backup.as_deref()))
+    }
+
+    fn logged_slot(&self, slot: u32, out: &[u64]) -> Result<Arc<Slot>> {
+        let s = self.slot(slot).ok_or_else(|| {
+            Error::new(
+                libc::ENOENT,
+                format!("kds_sync_slot: unknown slot {slot:#x} (not created by kds_memslot_set)"),
+            )
+        })?;
+        if s.dirty.is_none() {
+            return Err(Error::new(
+                libc::ENOENT,
+                format!(
+                    "kds_sync_slot: slot {slot:#x} does not have KDS_MEM_LOG_DIRTY_PAGES: turn \
+                     dirty logging on with kds_memslot_set first"
+                ),
+            ));
+        }
+        if out.len() < words_for(s.npages) {
+            return Err(Error::inval(format!(
+                "kds_sync_slot: bitmap too small for slot {slot:#x}: it has {} pages, the \
+                 bitmap {} bits",
+                s.npages,
+                out.len() * 64
+            )));
+        }
+        Ok(s)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` (then `KVM_CLEAR_DIRTY_LOG` of exactly what it
+    /// reported, under manual protect) for one slot.
+    fn kernel_bitmap(&self, s: &Slot) -> Result<Vec<u64>> {
+        let slot = s.region.slot;
+        let mut bm = self
+            .kvm
+            .get_dirty_log(slot, s.region.memory_size)
+            .map_err(|e| {
+                Error::sys(
+                    &format!("KVM_GET_DIRTY_LOG (slot {slot:#x})"),
+                    &e,
+                    "is dirty logging on for this slot?",
+                )
+            })?;
+        bump(&self.stats.bitmap_syncs, 1);
+        if self.manual_protect() && bm.iter().any(|&w| w != 0) {
+            self.kvm.clear_dirty_log(slot, s.npages, &mut bm)?;
+        }
+        bump(&self.stats.pages_from_bitmap, count_masked(&bm, s.npages));
+        Ok(bm)
+    }
+
+    /// Sets (or with `None` clears) the kick callback.
+    pub fn set_kick(&self, kick: Option<Kick>) {
+        *self.kick.lock() = kick;
+    }
+
+    /// Kicks every vCPU out of guest mode, then reaps.
+    pub fn flush(&self) -> Result<u64> {
+        let kick = *self.kick.lock();
+        let Some(k) = kick else {
+            return Err(Error::busy(
+                "kds_flush without a kick callback: call kds_set_kick first (hardware dirty \
+                 buffers such as Intel PML reach the rings only when vCPUs leave guest mode)",
+            ));
+        };
+        // Called without any shim lock held: the VMM's kick may block.
+        (k.func)(k.opaque as *mut libc::c_void);
+        self.reap()
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> KdsStats {
+        let s = &self.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        KdsStats {
+            entries_reaped: g(&s.entries_reaped),
+            ring_resets: g(&s.ring_resets),
+            ring_full_reaps: g(&s.ring_full_reaps),
+            bitmap_syncs: g(&s.bitmap_syncs),
+            pages_from_bitmap: g(&s.pages_from_bitmap),
+            invalid_entries: g(&s.invalid_entries),
+            harvest_ns: g(&s.harvest_ns),
+            reset_ns: g(&s.reset_ns),
+            ring_overflows: g(&s.ring_overflows),
+            ring_wedges: g(&s.ring_wedges),
+            entries_reset: g(&s.entries_reset),
+        }
+    }
+
+    /// Counters of one vCPU.
+    pub fn vcpu_stats(&self, index: u32) -> Result<KdsVcpuStats> {
+        let v = self.vcpu(index)?;
+        Ok(KdsVcpuStats {
+            entries_reaped: v.ring.as_ref().map_or(0, |r| r.harvested()),
+            ring_full_reaps: v.ring_full_reaps.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Test hook: writes a raw entry into vCPU `index`'s mapped ring at its
+    /// next fetch position + `ahead`, published DIRTY, as the kernel would.
+    #[doc(hidden)]
+    pub fn inject_ring_entry(&self, index: u32, ahead: u32, slot: u32, offset: u64) -> Result<()> {
+        let v = self.vcpu(index)?;
+        let r = v
+            .ring
+            .as_ref()
+            .ok_or_else(|| Error::inval("inject_ring_entry: no ring"))?;
+        let _st = self.reap.lock();
+        r.inject(r.fetch_index().wrapping_add(ahead), slot, offset);
+        Ok(())
+    }
+}
+
+fn unknown_vcpu(index: u32) -> Error {
+    Error::inval(format!(
+        "unknown vCPU index {index}: register it with kds_vcpu_add first"
+    ))
+}
