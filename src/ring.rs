@@ -18,7 +18,7 @@
 
 use std::os::fd::RawFd;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kvm_bindings::kvm_dirty_gfn;
 
@@ -38,6 +38,9 @@ pub struct Ring {
     fetch: AtomicU32,
     /// Entries harvested from this ring, ever (any thread).
     harvested: AtomicU64,
+    /// A harvest found the ring completely full: the kernel may have
+    /// overrun it and left a hole at our fetch index (see `skip_hole`).
+    suspect: AtomicBool,
 }
 
 // SAFETY: the mapping is process-wide memory; every access goes through
@@ -54,6 +57,8 @@ pub struct Harvest {
     pub entries: u64,
     /// The ring was completely full: the kernel may have dropped entries.
     pub full: bool,
+    /// Entries of an overrun hole handed back to the kernel (see `skip_hole`).
+    pub skipped: u64,
 }
 
 impl Ring {
@@ -87,6 +92,7 @@ impl Ring {
             entries,
             fetch: AtomicU32::new(0),
             harvested: AtomicU64::new(0),
+            suspect: AtomicBool::new(false),
         })
     }
 
@@ -132,6 +138,7 @@ impl Ring {
     pub fn harvest(&self, mut sink: impl FnMut(u32, u64)) -> Harvest {
         let start = self.fetch.load(Ordering::Relaxed);
         let mut fetch = start;
+        let mut skipped = 0;
         // At most one lap: the kernel cannot publish past a full ring (and
         // where it overruns one, a lap is all there is to read).
         while fetch.wrapping_sub(start) < self.entries {
@@ -139,7 +146,19 @@ impl Ring {
             // Acquire: pairs with the kernel's release of DIRTY, so slot and
             // offset below are the values written before it.
             if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
-                break;
+                let room = self.entries - fetch.wrapping_sub(start);
+                match self.skip_hole(fetch, room) {
+                    0 => break,
+                    d => {
+                        fetch = fetch.wrapping_add(d);
+                        skipped += u64::from(d);
+                        continue;
+                    }
+                }
+            }
+            if self.suspect.load(Ordering::Relaxed) {
+                // New entries right at our fetch index: no hole after all.
+                self.suspect.store(false, Ordering::Relaxed);
             }
             let e = self.entry(fetch);
             // SAFETY: in-bounds entry (see `entry`); plain volatile reads of
@@ -159,12 +178,50 @@ impl Ring {
             fetch = fetch.wrapping_add(1);
         }
         self.fetch.store(fetch, Ordering::Relaxed);
-        let n = u64::from(fetch.wrapping_sub(start));
+        let n = u64::from(fetch.wrapping_sub(start)) - skipped;
         self.harvested.fetch_add(n, Ordering::Relaxed);
+        let full = n == u64::from(self.entries);
+        if full {
+            self.suspect.store(true, Ordering::Relaxed);
+        }
         Harvest {
             entries: n,
-            full: n == u64::from(self.entries),
+            full,
+            skipped,
         }
+    }
+
+    /// After an overrun, re-synchronises with the kernel; returns how many
+    /// entries it handed back (0: nothing to do).
+    ///
+    /// Measured on the 6.18 test kernel: a vCPU can push past a completely
+    /// full ring, overwriting the oldest entries. We then harvest one full
+    /// lap and the reset hands back exactly one lap, but the kernel still
+    /// counts the `k` extra pushes as in use: `k` entries at our fetch index
+    /// stay invalid (flags 0) forever, the kernel's reset stops at them, and
+    /// its count only grows until the vCPU exits ring-full for ever. The
+    /// kernel publishes entries in order (each DIRTY with release), so once
+    /// this ring is suspect, an invalid entry at our fetch index followed by
+    /// a DIRTY one is that hole: marking the hole RESET lets the next
+    /// `KVM_RESET_DIRTY_RINGS` walk over it (re-protecting a few stale pages,
+    /// which is harmless) and the ring works again. Only entries before the
+    /// first DIRTY one are touched, never any beyond the kernel's index
+    /// (resetting those would corrupt its count).
+    fn skip_hole(&self, fetch: u32, room: u32) -> u32 {
+        if !self.suspect.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let Some(d) = (1..room).find(|&d| {
+            self.flags(fetch.wrapping_add(d)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
+        }) else {
+            return 0;
+        };
+        for j in 0..d {
+            // Release, as for harvested entries (the kernel reads acquire).
+            self.flags(fetch.wrapping_add(j)).store(DIRTY_GFN_F_RESET, Ordering::Release);
+        }
+        self.suspect.store(false, Ordering::Relaxed);
+        d
     }
 
     /// Writes an arbitrary entry at ring position `i` (masked) and publishes

@@ -62,6 +62,9 @@ struct ReapState {
     pending: Vec<(u32, u64)>,
     /// A ring was found full (or wedged): mark every logged page at publish.
     overflow: bool,
+    /// Entries of an overrun hole were marked RESET: reset even if nothing
+    /// was harvested.
+    hole_skipped: bool,
 }
 
 #[derive(Default)]
@@ -487,6 +490,15 @@ impl Vm {
     fn harvest_one(&self, st: &mut ReapState, ring: &Ring) -> Harvest {
         let pending = &mut st.pending;
         let h = ring.harvest(|slot, offset| pending.push((slot, offset)));
+        if h.skipped > 0 {
+            // The reset that follows must run even if nothing was harvested.
+            st.hole_skipped = true;
+            log::warn!(
+                "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
+                 the ring; the ring works again",
+                h.skipped
+            );
+        }
         if h.full {
             st.overflow = true;
             bump(&self.stats.ring_overflows, 1);
@@ -512,10 +524,10 @@ impl Vm {
     /// lock to reap, so it waits for a reap in flight rather than miss it.
     fn reap_locked(&self, st: &mut ReapState, harvested: u64) -> Result<u64> {
         bump(&self.stats.entries_reaped, harvested);
-        if st.pending.is_empty() && !st.overflow {
+        if st.pending.is_empty() && !st.overflow && !st.hole_skipped {
             return Ok(harvested);
         }
-        if !st.pending.is_empty() {
+        if !st.pending.is_empty() || st.hole_skipped {
             let t = Instant::now();
             let r = self.kvm.reset_dirty_rings();
             bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
@@ -523,6 +535,7 @@ impl Vm {
             // On failure the entries stay pending (marked RESET in the
             // rings); the next reap retries the reset and publishes them.
             let reset = r?;
+            st.hole_skipped = false;
             bump(&self.stats.entries_reset, reset);
         }
         self.publish(st);

@@ -1,0 +1,397 @@
+//! Test harness shared by the integration tests and the demo: a real VM on
+//! /dev/kvm, the tiny x86 guest of `guest/guest.S`, and the no-loss check.
+//!
+//! Everything here drives the shim through its C ABI (`kds_*`), as a VMM
+//! would; the vCPUs are created and run with kvm-ioctls.
+#![allow(dead_code)]
+
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_dirty_shim::*;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+/// The guest code (see guest/guest.S).
+pub const GUEST: &[u8] = include_bytes!("../../guest/guest.bin");
+
+/// `KVM_EXIT_DIRTY_RING_FULL`.
+pub const EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+
+/// Guest layout: slot 0 holds code, mailboxes and stacks; test slots follow.
+pub const CODE_SLOT: u32 = 0;
+pub const CODE_PAGES: u64 = 8;
+pub const TEST_GPA: u64 = 0x10_0000;
+pub const PAGE: u64 = 4096;
+
+/// Anonymous host memory, unmapped on drop.
+pub struct Mem {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: plain process memory; the tests synchronise access themselves
+// (the guest writes it, the host reads it only while the vCPU is stopped).
+unsafe impl Send for Mem {}
+// SAFETY: as above.
+unsafe impl Sync for Mem {}
+
+impl Mem {
+    pub fn new(len: usize) -> Mem {
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap {len} bytes");
+        Mem {
+            ptr: p as *mut u8,
+            len,
+        }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    pub fn read_u32(&self, off: u64) -> u32 {
+        assert!(off as usize + 4 <= self.len);
+        // SAFETY: in bounds (checked); the guest may write it concurrently
+        // only in tests that read while the vCPU is stopped.
+        unsafe { ptr::read_volatile(self.ptr.add(off as usize) as *const u32) }
+    }
+
+    pub fn write_u32(&self, off: u64, v: u32) {
+        assert!(off as usize + 4 <= self.len);
+        // SAFETY: in bounds (checked).
+        unsafe { ptr::write_volatile(self.ptr.add(off as usize) as *mut u32, v) }
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The calling thread's `kds_last_error()`.
+pub fn last_error() -> String {
+    // SAFETY: never NULL, NUL-terminated, valid until the next kds_ call.
+    unsafe { std::ffi::CStr::from_ptr(kds_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A `*mut KdsVm` that may cross threads (the ABI allows it).
+#[derive(Clone, Copy)]
+pub struct Handle(pub *mut KdsVm);
+impl Handle {
+    /// The raw handle (a method, so closures capture the whole `Handle`).
+    pub fn get(self) -> *mut KdsVm {
+        self.0
+    }
+}
+
+// SAFETY: every kds_ call except kds_vm_free is thread-safe (ABI).
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+/// A VM created with kvm-ioctls and adopted by the shim (QEMU's flow),
+/// with the code slot registered.
+pub struct TestVm {
+    pub kvm_vm: VmFd,
+    pub h: Handle,
+    pub code: Mem,
+}
+
+impl TestVm {
+    /// VM + optional ring (entries) + board hook(flags) + code slot.
+    pub fn new(ring_entries: Option<u32>) -> TestVm {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let kvm_vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let mut h = ptr::null_mut();
+        assert_eq!(kds_vm_adopt(kvm_vm.as_raw_fd_(), &mut h), 0, "{}", last_error());
+        if let Some(n) = ring_entries {
+            assert_eq!(kds_dirty_ring_enable(h, n), 0, "{}", last_error());
+        }
+        assert_eq!(kds_board_init(h, 0), 0, "{}", last_error());
+        let code = Mem::new((CODE_PAGES * PAGE) as usize);
+        // SAFETY: in bounds of the fresh mapping.
+        unsafe { ptr::copy_nonoverlapping(GUEST.as_ptr(), code.ptr, GUEST.len()) };
+        let t = TestVm {
+            kvm_vm,
+            h: Handle(h),
+            code,
+        };
+        t.set_slot(CODE_SLOT, 0, &t.code, 0);
+        t
+    }
+
+    pub fn vm(&self) -> *mut KdsVm {
+        self.h.0
+    }
+
+    pub fn set_slot(&self, slot: u32, gpa: u64, mem: &Mem, flags: u32) {
+        let m = KdsMemslot {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: mem.len as u64,
+            userspace_addr: mem.addr(),
+        };
+        assert_eq!(kds_memslot_set(self.vm(), &m), 0, "{}", last_error());
+    }
+
+    /// Creates vCPU `id`, registers it, points it at mailbox `id`.
+    pub fn vcpu(&self, id: u32) -> Vcpu {
+        let fd = self.kvm_vm.create_vcpu(id as u64).expect("KVM_CREATE_VCPU");
+        assert_eq!(
+            kds_vcpu_add(self.vm(), std::os::fd::AsRawFd::as_raw_fd(&fd), id),
+            0,
+            "{}",
+            last_error()
+        );
+        setup_regs(&fd, self.mailbox_gpa(id), self.stack_gpa(id));
+        Vcpu { fd, index: id }
+    }
+
+    pub fn mailbox_gpa(&self, id: u32) -> u64 {
+        PAGE * (1 + u64::from(id))
+    }
+
+    fn stack_gpa(&self, id: u32) -> u64 {
+        PAGE * (CODE_PAGES - u64::from(id))
+    }
+
+    /// Writes vCPU `id`'s mailbox for a test region.
+    pub fn mailbox(&self, id: u32, base_gpa: u64, pages: u64, stores: u32, seed: u32) {
+        assert!(pages.is_power_of_two());
+        let mb = self.mailbox_gpa(id);
+        self.code.write_u32(mb + 4, stores);
+        self.code.write_u32(mb + 8, seed);
+        self.code.write_u32(mb + 12, (pages - 1) as u32);
+        self.code.write_u32(mb + 16, base_gpa as u32);
+        self.code.write_u32(mb + 20, 12);
+    }
+
+    pub fn set_iteration(&self, id: u32, it: u32) {
+        self.code.write_u32(self.mailbox_gpa(id), it);
+    }
+
+    pub fn stats(&self) -> KdsStats {
+        let mut s = KdsStats::default();
+        assert_eq!(kds_stats(self.vm(), &mut s), 0);
+        s
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        kds_vm_free(self.h.0);
+    }
+}
+
+trait RawFdExt {
+    fn as_raw_fd_(&self) -> i32;
+}
+impl RawFdExt for VmFd {
+    fn as_raw_fd_(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+/// 32-bit protected mode, flat segments, no paging; ESI = mailbox.
+pub fn setup_regs(fd: &VcpuFd, mailbox: u64, stack: u64) {
+    let mut sregs = fd.get_sregs().expect("KVM_GET_SREGS");
+    let mut seg = sregs.cs;
+    seg.base = 0;
+    seg.limit = 0xffff_ffff;
+    seg.g = 1;
+    seg.db = 1;
+    seg.present = 1;
+    seg.s = 1;
+    seg.l = 0;
+    seg.dpl = 0;
+    seg.type_ = 0xb; // code: execute/read, accessed
+    seg.selector = 0x8;
+    sregs.cs = seg;
+    seg.type_ = 0x3; // data: read/write, accessed
+    seg.selector = 0x10;
+    sregs.ds = seg;
+    sregs.es = seg;
+    sregs.ss = seg;
+    sregs.fs = seg;
+    sregs.gs = seg;
+    sregs.cr0 |= 1; // PE
+    fd.set_sregs(&sregs).expect("KVM_SET_SREGS");
+    let mut regs = fd.get_regs().expect("KVM_GET_REGS");
+    regs.rip = 0;
+    regs.rflags = 2;
+    regs.rsi = mailbox;
+    regs.rsp = stack;
+    fd.set_regs(&regs).expect("KVM_SET_REGS");
+}
+
+/// A vCPU of a `TestVm`.
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    pub index: u32,
+}
+
+/// How a round ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Round {
+    pub ring_full_exits: u64,
+    /// `kds_reap_vcpu` returned -EOVERFLOW: the ring wedged (reported).
+    pub wedged: bool,
+}
+
+impl Vcpu {
+    /// Runs the guest until its `out` at the end of a round, handling
+    /// ring-full exits with `kds_reap_vcpu`. Bounded in exits and time.
+    pub fn run_round(&mut self, vm: Handle) -> Round {
+        let mut r = Round::default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for _ in 0..1_000_000 {
+            assert!(Instant::now() < deadline, "guest round took over 60 s");
+            match self.fd.run().expect("KVM_RUN") {
+                VcpuExit::IoOut(0x10, _) => return r,
+                VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => {
+                    r.ring_full_exits += 1;
+                    let n = kds_reap_vcpu(vm.0, self.index);
+                    if n == -i64::from(libc::EOVERFLOW) {
+                        r.wedged = true;
+                        return r;
+                    }
+                    assert!(n >= 0, "kds_reap_vcpu: {n}: {}", last_error());
+                }
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+        panic!("guest round did not end after 1e6 exits");
+    }
+}
+
+/// The no-loss check: a shadow of the first word of every page of a test
+/// slot; after each round, every page whose word changed must have been
+/// reported by `kds_sync_slot`.
+pub struct Checker {
+    pub slot: u32,
+    pub mem: Mem,
+    pub shadow: Vec<u32>,
+    pub bitmap: Vec<u64>,
+    pub changed: u64,
+    pub reported: u64,
+    pub lost: u64,
+}
+
+impl Checker {
+    pub fn new(slot: u32, pages: u64) -> Checker {
+        Checker {
+            slot,
+            mem: Mem::new((pages * PAGE) as usize),
+            shadow: vec![0; pages as usize],
+            bitmap: vec![0; pages.div_ceil(64) as usize],
+            changed: 0,
+            reported: 0,
+            lost: 0,
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.shadow.len() as u64
+    }
+
+    /// Syncs the slot (vCPUs that write it must be out of guest mode) and
+    /// compares with the shadow. Returns (changed, reported, lost) of this
+    /// check.
+    pub fn check(&mut self, vm: Handle, flags: u32) -> (u64, u64, u64) {
+        self.bitmap.fill(0);
+        let n = kds_sync_slot(
+            vm.0,
+            self.slot,
+            self.bitmap.as_mut_ptr(),
+            self.pages(),
+            flags,
+        );
+        assert!(n >= 0, "kds_sync_slot: {n}: {}", last_error());
+        self.compare(n as u64)
+    }
+
+    /// The comparison alone, against whatever is in `self.bitmap`.
+    pub fn compare(&mut self, reported: u64) -> (u64, u64, u64) {
+        let (mut changed, mut lost) = (0, 0);
+        for p in 0..self.pages() {
+            let v = self.mem.read_u32(p * PAGE);
+            if v != self.shadow[p as usize] {
+                changed += 1;
+                if self.bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+                    lost += 1;
+                }
+                self.shadow[p as usize] = v;
+            }
+        }
+        self.changed += changed;
+        self.reported += reported;
+        self.lost += lost;
+        (changed, reported, lost)
+    }
+}
+
+/// `kds_vcpu_stats` of one vCPU.
+pub fn vcpu_stats(vm: Handle, index: u32) -> KdsVcpuStats {
+    let mut s = KdsVcpuStats::default();
+    assert_eq!(kds_vcpu_stats(vm.0, index, &mut s), 0, "{}", last_error());
+    s
+}
+
+/// Maps vCPU `fd`'s dirty ring a second time (as a test playing the
+/// kernel): the shim's own mapping sees the same memory.
+pub fn map_ring(fd: &VcpuFd, entries: u32) -> Mem {
+    let len = entries as usize * 16;
+    let off = u64::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE;
+    // SAFETY: a shared mapping of the vCPU's ring.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            off as libc::off_t,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap ring");
+    Mem {
+        ptr: p as *mut u8,
+        len,
+    }
+}
+
+/// Writes a ring entry (slot, offset) at `index` and publishes it DIRTY.
+pub fn write_ring_entry(ring: &Mem, entries: u32, index: u32, slot: u32, offset: u64) {
+    let e = ((index & (entries - 1)) as usize) * 16;
+    // SAFETY: in bounds of the ring mapping; flags is published last with a
+    // release store, as the kernel does.
+    unsafe {
+        ptr::write_volatile(ring.ptr.add(e + 4) as *mut u32, slot);
+        ptr::write_volatile(ring.ptr.add(e + 8) as *mut u64, offset);
+        std::sync::atomic::AtomicU32::from_ptr(ring.ptr.add(e) as *mut u32)
+            .store(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Raw KVM_SET_USER_MEMORY_REGION, bypassing the shim (for tests that set
+/// up what the shim must then refuse or survive).
+pub fn raw_memslot(vm: &VmFd, r: kvm_userspace_memory_region) {
+    // SAFETY: the tests keep the memory mapped while the slot exists.
+    unsafe { vm.set_user_memory_region(r) }.expect("KVM_SET_USER_MEMORY_REGION");
+}

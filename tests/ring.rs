@@ -1,0 +1,308 @@
+//! Dirty ring mode on the real kernel: a real guest dirties pages, the shim
+//! must report every page whose content changed (loss 0).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+use kvm_dirty_shim::*;
+
+const RING: u32 = 4096;
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `rounds` rounds of `stores` stores on vCPU 0 over a `pages`-page
+/// dirty-logged slot; checks after every round. Returns the checker and
+/// the ring-full exits seen.
+fn ring_rounds(vm: &TestVm, pages: u64, stores: u32, rounds: u32) -> (Checker, u64, bool) {
+    let mut c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, stores, 7);
+    let mut full = 0;
+    for it in 1..=rounds {
+        vm.set_iteration(0, it);
+        let r = v.run_round(vm.h);
+        full += r.ring_full_exits;
+        let (changed, reported, lost) = c.check(vm.h, 0);
+        assert_eq!(lost, 0, "round {it}: {lost} of {changed} changed pages lost ({reported} reported)");
+        if r.wedged {
+            return (c, full, true);
+        }
+    }
+    (c, full, false)
+}
+
+#[test]
+fn ring_mode_loses_nothing() {
+    let vm = TestVm::new(Some(RING));
+    assert_eq!(kds_vm_mode(vm.vm()), KdsMode::KDS_MODE_RING as i32);
+    let (c, _, wedged) = ring_rounds(&vm, 1024, 500, 20);
+    assert!(!wedged);
+    assert_eq!(c.lost, 0);
+    assert!(c.changed > 5000, "the guest really dirtied pages: {}", c.changed);
+    let s = vm.stats();
+    assert!(s.entries_reaped >= c.changed, "{s:?}");
+    assert!(s.ring_resets > 0 && s.reset_ns > 0 && s.harvest_ns > 0, "{s:?}");
+    assert_eq!(s.invalid_entries, 0);
+    let vs = vcpu_stats(vm.h, 0);
+    assert_eq!(vs.entries_reaped, s.entries_reaped);
+}
+
+#[test]
+fn ring_full_exits_are_reaped_without_loss() {
+    let vm = TestVm::new(Some(RING));
+    let (c, full, wedged) = ring_rounds(&vm, 16384, 8000, 10);
+    assert_eq!(c.lost, 0);
+    assert!(full > 0, "the vCPU never exited with KVM_EXIT_DIRTY_RING_FULL");
+    let s = vm.stats();
+    let vs = vcpu_stats(vm.h, 0);
+    assert!(s.ring_full_reaps > 0 && vs.ring_full_reaps == s.ring_full_reaps, "{s:?} {vs:?}");
+    // This kernel may overrun the ring: then the shim reported it (and
+    // every page), and a wedge ended the run instead of a hang.
+    eprintln!(
+        "ring-full: {full} exits, {} overflows, {} wedges, wedged={wedged}, {} changed pages checked",
+        s.ring_overflows, s.ring_wedges, c.changed
+    );
+    if wedged {
+        assert!(s.ring_wedges > 0 && s.ring_overflows + s.ring_wedges > 0);
+    }
+}
+
+#[test]
+fn reaper_thread_beside_the_running_vcpu() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 4096;
+    let mut c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, 3000, 11);
+    let stop = AtomicBool::new(false);
+    let h = vm.h;
+    let by_reaper = std::thread::scope(|sc| {
+        let reaper = sc.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = kds_reap(h.get());
+                assert!(r >= 0, "kds_reap: {r}");
+                n += r as u64;
+            }
+            n
+        });
+        // Stops the reaper however this closure ends (a failed assertion
+        // included), before the VM is freed.
+        let _stop = StopOnDrop(&stop);
+        for it in 1..=30 {
+            vm.set_iteration(0, it);
+            let r = v.run_round(vm.h);
+            assert!(!r.wedged);
+            let (changed, _, lost) = c.check(vm.h, 0);
+            assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
+        }
+        drop(_stop);
+        reaper.join().unwrap()
+    });
+    assert!(c.changed > 30_000);
+    eprintln!("reaper thread harvested {by_reaper} entries");
+}
+
+#[test]
+fn two_vcpus_on_two_threads() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 2048;
+    let mut threads = Vec::new();
+    for id in 0..2u32 {
+        let c = Checker::new(1 + id, pages);
+        let gpa = TEST_GPA + u64::from(id) * pages * PAGE;
+        vm.set_slot(1 + id, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+        let v = vm.vcpu(id);
+        vm.mailbox(id, gpa, pages, 1500, 100 + id);
+        threads.push((c, v, gpa));
+    }
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = threads
+            .into_iter()
+            .map(|(mut c, mut v, _)| {
+                let vm = &vm;
+                sc.spawn(move || {
+                    for it in 1..=25 {
+                        vm.set_iteration(v.index, it);
+                        assert!(!v.run_round(vm.h).wedged);
+                        let (_, _, lost) = c.check(vm.h, 0);
+                        assert_eq!(lost, 0, "vCPU {} round {it}", v.index);
+                    }
+                    c.changed
+                })
+            })
+            .collect();
+        for h in handles {
+            assert!(h.join().unwrap() > 10_000);
+        }
+    });
+}
+
+#[test]
+fn corrupted_ring_entries_are_skipped_and_counted() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 64;
+    let mut c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let v = vm.vcpu(0);
+    let ring = map_ring(&v.fd, RING);
+    let at = vcpu_stats(vm.h, 0).entries_reaped as u32;
+    let bogus = [
+        (7, 0),                 // unknown slot
+        (1, pages),             // one past the slot's end
+        (1, u64::MAX),          // huge offset
+        ((5 << 16) | 1, 3),     // address space 5
+        (0xffff_ffff, 1),       // everything out of range
+        (CODE_SLOT, 1),         // a slot without dirty logging
+    ];
+    for (i, (slot, off)) in bogus.iter().enumerate() {
+        write_ring_entry(&ring, RING, at + i as u32, *slot, *off);
+    }
+    write_ring_entry(&ring, RING, at + bogus.len() as u32, 1, 5); // one valid entry
+    let n = kds_reap(vm.vm());
+    assert_eq!(n, bogus.len() as i64 + 1, "{}", last_error());
+    assert_eq!(vm.stats().invalid_entries, bogus.len() as u64);
+    let r = kds_sync_slot(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0);
+    assert_eq!(r, 1, "only the valid entry is reported");
+    assert_eq!(c.bitmap[0], 1 << 5);
+    // Nothing else was touched: the guest memory is still all zero.
+    assert_eq!(c.compare(0).0, 0);
+}
+
+#[test]
+fn slot_deleted_with_entries_pending() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 1024;
+    let c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, 500, 3);
+    vm.set_iteration(0, 1);
+    v.run_round(vm.h);
+    // Delete the slot while its entries sit in the ring, unharvested.
+    let del = KdsMemslot {
+        slot: 1,
+        ..Default::default()
+    };
+    assert_eq!(kds_memslot_set(vm.vm(), &del), 0, "{}", last_error());
+    let n = kds_reap(vm.vm());
+    assert!(n > 0, "the entries were still in the ring: {n}");
+    assert_eq!(vm.stats().invalid_entries, n as u64);
+    // The slot can be created again and tracks from a clean state.
+    let mut c2 = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c2.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    vm.set_iteration(0, 2);
+    v.run_round(vm.h);
+    let (changed, _, lost) = c2.check(vm.h, 0);
+    assert!(changed > 300);
+    assert_eq!(lost, 0);
+}
+
+#[test]
+fn vcpu_remove_harvests_what_is_left() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 1024;
+    let mut c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, 400, 5);
+    vm.set_iteration(0, 1);
+    v.run_round(vm.h);
+    assert_eq!(kds_vcpu_remove(vm.vm(), 0), 0, "{}", last_error());
+    assert!(vm.stats().entries_reaped > 0);
+    let (changed, _, lost) = c.check(vm.h, 0);
+    assert!(changed > 300);
+    assert_eq!(lost, 0);
+    assert_eq!(kds_vcpu_remove(vm.vm(), 0), -libc::EINVAL);
+    assert_eq!(kds_reap_vcpu(vm.vm(), 0), -i64::from(libc::EINVAL));
+}
+
+#[test]
+fn logging_toggled_and_slot_moved() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 512;
+    let mut c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, 0);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, 300, 9);
+    vm.set_iteration(0, 1);
+    v.run_round(vm.h);
+    // Not logged: sync refuses.
+    assert_eq!(
+        kds_sync_slot(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0),
+        -i64::from(libc::ENOENT)
+    );
+    assert!(last_error().contains("KDS_MEM_LOG_DIRTY_PAGES"));
+    c.compare(0); // the shadow catches up with what was written unlogged
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    for it in 2..=4 {
+        vm.set_iteration(0, it);
+        v.run_round(vm.h);
+        assert_eq!(c.check(vm.h, 0).2, 0);
+    }
+    // Move the slot (same memory, new guest address): bits are kept, the
+    // guest then writes at the new address.
+    let new_gpa = TEST_GPA + 0x100_0000;
+    vm.set_slot(1, new_gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    vm.mailbox(0, new_gpa, pages, 300, 9);
+    vm.set_iteration(0, 5);
+    v.run_round(vm.h);
+    let (changed, _, lost) = c.check(vm.h, 0);
+    assert!(changed > 100);
+    assert_eq!(lost, 0);
+    // Resize (delete + create in the kernel): still tracked.
+    let mut c2 = Checker::new(1, pages * 2);
+    vm.set_slot(1, new_gpa, &c2.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    vm.mailbox(0, new_gpa, pages * 2, 600, 9);
+    vm.set_iteration(0, 6);
+    v.run_round(vm.h);
+    let (changed, _, lost) = c2.check(vm.h, 0);
+    assert!(changed > 300);
+    assert_eq!(lost, 0);
+}
+
+#[test]
+fn flush_calls_the_kick_then_reaps() {
+    use std::sync::atomic::AtomicU32;
+    static KICKS: AtomicU32 = AtomicU32::new(0);
+    extern "C" fn kick(opaque: *mut libc::c_void) {
+        assert_eq!(opaque as usize, 0x1234);
+        KICKS.fetch_add(1, Ordering::Relaxed);
+    }
+    let vm = TestVm::new(Some(RING));
+    assert_eq!(kds_flush(vm.vm()), -i64::from(libc::EBUSY));
+    assert!(last_error().contains("kds_set_kick"));
+    let pages = 256;
+    let c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, 100, 1);
+    vm.set_iteration(0, 1);
+    v.run_round(vm.h);
+    assert_eq!(kds_set_kick(vm.vm(), Some(kick), 0x1234 as *mut libc::c_void), 0);
+    let n = kds_flush(vm.vm());
+    assert!(n > 0, "{n}");
+    assert_eq!(KICKS.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn create_owns_its_fd() {
+    let mut h = std::ptr::null_mut();
+    assert_eq!(kds_vm_create(0, &mut h), 0, "{}", last_error());
+    let fd = kds_vm_fd(h);
+    assert!(fd >= 0);
+    assert_eq!(kds_dirty_ring_enable(h, RING), 0, "{}", last_error());
+    kds_vm_free(h);
+    // SAFETY: fcntl on an integer fd; it must now be closed.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFD) }, -1);
+}
