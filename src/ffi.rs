@@ -366,7 +366,7 @@ pub extern "C" fn kds_sync_slot(
             // whole uint64_t words (ABI contract); no other reference to it
             // exists during the call.
             let out = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
-            v.sync_slot(slot, out, flags)
+            v.sync_slot(slot, out, nbits, flags)
         });
         count(r)
     })

@@ -20,7 +20,7 @@ use std::time::Instant;
 use kvm_bindings::kvm_userspace_memory_region;
 use parking_lot::{Mutex, RwLock};
 
-use crate::bitmap::{AtomicBitmap, count_masked, or_masked, words_for};
+use crate::bitmap::{AtomicBitmap, count_masked, or_masked};
 use crate::error::{Error, Result};
 use crate::kvm::{KvmVm, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
@@ -633,16 +633,17 @@ impl Vm {
         Ok(n)
     }
 
-    /// ORs into `out` every page of `slot` dirtied since its previous sync.
-    /// Returns the number of pages reported.
-    pub fn sync_slot(&self, slot: u32, out: &mut [u64], flags: u32) -> Result<u64> {
+    /// ORs into `out` (`nbits` valid bits) every page of `slot` dirtied
+    /// since its previous sync. Returns the number of pages reported.
+    pub fn sync_slot(&self, slot: u32, out: &mut [u64], nbits: u64, flags: u32) -> Result<u64> {
+        let nbits = nbits.min(out.len() as u64 * 64);
         if flags & !SYNC_FINAL != 0 {
             return Err(Error::inval(format!(
                 "kds_sync_slot: unknown flags {:#x} (known: KDS_SYNC_FINAL)",
                 flags & !SYNC_FINAL
             )));
         }
-        let s = self.logged_slot(slot, out)?;
+        let s = self.logged_slot(slot, nbits)?;
         let mode = self.mode();
         if !mode.has_ring() {
             let n = self.kernel_bitmap(&s)?;
@@ -650,7 +651,7 @@ impl Vm {
         }
         self.reap()?;
         // Look the slot up again: the reap published into the current one.
-        let s = self.logged_slot(slot, out)?;
+        let s = self.logged_slot(slot, nbits)?;
         let backup = if mode == KdsMode::KDS_MODE_RING_WITH_BITMAP && flags & SYNC_FINAL != 0 {
             Some(self.kernel_bitmap(&s)?)
         } else {
@@ -660,7 +661,7 @@ impl Vm {
         Ok(dirty.drain_into(out, backup.as_deref()))
     }
 
-    fn logged_slot(&self, slot: u32, out: &[u64]) -> Result<Arc<Slot>> {
+    fn logged_slot(&self, slot: u32, nbits: u64) -> Result<Arc<Slot>> {
         let s = self.slot(slot).ok_or_else(|| {
             Error::new(
                 libc::ENOENT,
@@ -676,12 +677,11 @@ impl Vm {
                 ),
             ));
         }
-        if out.len() < words_for(s.npages) {
+        if nbits < s.npages {
             return Err(Error::inval(format!(
                 "kds_sync_slot: bitmap too small for slot {slot:#x}: it has {} pages, the \
-                 bitmap {} bits",
+                 bitmap {nbits} bits",
                 s.npages,
-                out.len() * 64
             )));
         }
         Ok(s)

@@ -115,6 +115,12 @@ pub struct TestVm {
 impl TestVm {
     /// VM + optional ring (entries) + board hook(flags) + code slot.
     pub fn new(ring_entries: Option<u32>) -> TestVm {
+        Self::new_with(ring_entries, |_| {})
+    }
+
+    /// As `new`, running `before_memslots` on the handle after the ring
+    /// and the board hook, before the first memslot.
+    pub fn new_with(ring_entries: Option<u32>, before_memslots: impl FnOnce(*mut KdsVm)) -> TestVm {
         let kvm = Kvm::new().expect("/dev/kvm");
         let kvm_vm = kvm.create_vm().expect("KVM_CREATE_VM");
         let mut h = ptr::null_mut();
@@ -123,6 +129,7 @@ impl TestVm {
             assert_eq!(kds_dirty_ring_enable(h, n), 0, "{}", last_error());
         }
         assert_eq!(kds_board_init(h, 0), 0, "{}", last_error());
+        before_memslots(h);
         let code = Mem::new((CODE_PAGES * PAGE) as usize);
         // SAFETY: in bounds of the fresh mapping.
         unsafe { ptr::copy_nonoverlapping(GUEST.as_ptr(), code.ptr, GUEST.len()) };
