@@ -59,7 +59,8 @@ impl AtomicBitmap {
 
     /// Is bit `page` set?
     pub fn get(&self, page: u64) -> bool {
-        page < self.npages && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+        page < self.npages
+            && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
     }
 
     /// Sets every bit.

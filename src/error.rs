@@ -115,4 +115,3 @@ pub fn last_error_ptr() -> *const libc::c_char {
 pub fn last_error() -> String {
     LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
 }
-

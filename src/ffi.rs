@@ -4,6 +4,11 @@
 //! Every export runs inside [`ffi_boundary!`]: a Rust panic never unwinds
 //! into C; it becomes `-ENOTRECOVERABLE` (or the return type's
 //! [`Fallback`]) with a message in `kds_last_error()`.
+//!
+//! The exports take raw pointers from C and are safe `extern "C"` fns, as
+//! in rustls-ffi: the pointer contract is the C ABI's (abi.md), NULL is
+//! checked here, and each dereference says why it is sound.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use std::ffi::c_int;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -320,7 +325,9 @@ pub extern "C" fn kds_vcpu_remove(vm: *mut KdsVm, vcpu_index: u32) -> c_int {
 /// counts a `ring_overflows` and reports every dirty-logged page dirty.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
-    ffi_boundary!("kds_reap", { count(vm_ref(vm, "kds_reap").and_then(|v| v.reap())) })
+    ffi_boundary!("kds_reap", {
+        count(vm_ref(vm, "kds_reap").and_then(|v| v.reap()))
+    })
 }
 
 /// The same as `kds_reap` for one vCPU: call it on
@@ -398,7 +405,9 @@ pub extern "C" fn kds_set_kick(
 /// `-EBUSY` without a kick callback (see `kds_set_kick`).
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
-    ffi_boundary!("kds_flush", { count(vm_ref(vm, "kds_flush").and_then(|v| v.flush())) })
+    ffi_boundary!("kds_flush", {
+        count(vm_ref(vm, "kds_flush").and_then(|v| v.flush()))
+    })
 }
 
 /// Copies the VM's counters since creation into `*out`.
@@ -419,7 +428,11 @@ pub extern "C" fn kds_stats(vm: *const KdsVm, out: *mut KdsStats) -> c_int {
 /// Copies one vCPU's counters into `*out` (what dirty-rate and dirty-limit
 /// features read). Unknown index: `-EINVAL`.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vcpu_stats(vm: *const KdsVm, vcpu_index: u32, out: *mut KdsVcpuStats) -> c_int {
+pub extern "C" fn kds_vcpu_stats(
+    vm: *const KdsVm,
+    vcpu_index: u32,
+    out: *mut KdsVcpuStats,
+) -> c_int {
     ffi_boundary!("kds_vcpu_stats", {
         status(vm_ref(vm, "kds_vcpu_stats").and_then(|v| {
             if out.is_null() {
@@ -453,4 +466,42 @@ pub extern "C" fn kds_set_logger(
             ))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boom(n: i32) -> i64 {
+        ffi_boundary!("kds_test_boom", {
+            if n > 0 {
+                panic!("deliberate panic {n}");
+            }
+            7
+        })
+    }
+
+    #[test]
+    fn a_panic_becomes_enotrecoverable_with_a_message() {
+        assert_eq!(boom(0), 7);
+        assert_eq!(boom(1), -i64::from(libc::ENOTRECOVERABLE));
+        let msg = crate::error::last_error();
+        assert!(
+            msg.contains("kds_test_boom") && msg.contains("deliberate panic 1"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn last_error_is_per_thread_and_never_null() {
+        set_last_error("here");
+        let other = std::thread::spawn(|| {
+            assert!(!kds_last_error().is_null());
+            crate::error::last_error()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(other, "");
+        assert_eq!(crate::error::last_error(), "here");
+    }
 }

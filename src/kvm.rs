@@ -26,9 +26,11 @@ pub mod cap {
     /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (223).
     pub(crate) const DIRTY_LOG_RING_ACQ_REL: u32 = kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
     /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (225).
-    pub(crate) const DIRTY_LOG_RING_WITH_BITMAP: u32 = kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP;
+    pub(crate) const DIRTY_LOG_RING_WITH_BITMAP: u32 =
+        kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP;
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (168).
-    pub(crate) const MANUAL_DIRTY_LOG_PROTECT2: u32 = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+    pub(crate) const MANUAL_DIRTY_LOG_PROTECT2: u32 =
+        kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
 }
 
 const KVMIO: u64 = 0xAE;
@@ -63,9 +65,8 @@ pub struct KvmVm {
 impl KvmVm {
     /// Opens `/dev/kvm` and creates a VM of `machine_type` (`KVM_CREATE_VM`).
     pub fn create(machine_type: u64) -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| {
-            Error::sys("open(/dev/kvm)", &e, "is KVM available and accessible?")
-        })?;
+        let kvm = Kvm::new()
+            .map_err(|e| Error::sys("open(/dev/kvm)", &e, "is KVM available and accessible?"))?;
         let fd = kvm
             .create_vm_with_type(machine_type)
             .map_err(|e| Error::sys("KVM_CREATE_VM", &e, "check the machine type"))?;
@@ -97,9 +98,8 @@ impl KvmVm {
             }
         };
         // SAFETY: `dup` is an open fd that we own and hand over to the VmFd.
-        let fd = unsafe { kvm.create_vmfd_from_rawfd(dup) }.map_err(|e| {
-            Error::sys("KVM_GET_VCPU_MMAP_SIZE", &e, "is KVM available?")
-        })?;
+        let fd = unsafe { kvm.create_vmfd_from_rawfd(dup) }
+            .map_err(|e| Error::sys("KVM_GET_VCPU_MMAP_SIZE", &e, "is KVM available?"))?;
         let vm = KvmVm { fd };
         // Any KVM VM fd answers KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) with
         // 1; a socket or a plain file does not (dropping `vm` closes the dup).
@@ -157,7 +157,9 @@ impl KvmVm {
     /// the pages set in `bitmap`, pages `0 .. npages` of `slot`.
     pub fn clear_dirty_log(&self, slot: u32, npages: u64, bitmap: &mut [u64]) -> Result<()> {
         if (bitmap.len() as u64) * 64 < npages || npages > u32::MAX as u64 {
-            return Err(Error::inval("KVM_CLEAR_DIRTY_LOG: bitmap shorter than the slot"));
+            return Err(Error::inval(
+                "KVM_CLEAR_DIRTY_LOG: bitmap shorter than the slot",
+            ));
         }
         let arg = kvm_clear_dirty_log {
             slot,

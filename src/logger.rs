@@ -32,7 +32,11 @@ impl Log for CLogger {
         let text = format!("kvm-dirty-shim: {}", record.args()).replace('\0', " ");
         let Ok(msg) = CString::new(text) else { return };
         if let Some(s) = SINK.read().as_ref() {
-            (s.func)(level_number(record.level()), msg.as_ptr(), s.opaque as *mut libc::c_void);
+            (s.func)(
+                level_number(record.level()),
+                msg.as_ptr(),
+                s.opaque as *mut libc::c_void,
+            );
         }
     }
 

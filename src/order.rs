@@ -151,7 +151,10 @@ mod tests {
             BoardAction::EnableBackupBitmap
         );
         l.board_initialised(BOARD_VGIC_ITS);
-        assert_eq!(l.check_board_init(BOARD_VGIC_ITS).unwrap(), BoardAction::Record);
+        assert_eq!(
+            l.check_board_init(BOARD_VGIC_ITS).unwrap(),
+            BoardAction::Record
+        );
         assert_eq!(l.check_board_init(0).unwrap_err().errno(), libc::EBUSY);
         l.memslot_created();
         assert_eq!(l.board, Board::Chosen(BOARD_VGIC_ITS));
@@ -172,7 +175,10 @@ mod tests {
     #[test]
     fn its_chosen_before_ring_asks_for_backup_bitmap() {
         let mut l = Lifecycle::new();
-        assert_eq!(l.check_board_init(BOARD_VGIC_ITS).unwrap(), BoardAction::Record);
+        assert_eq!(
+            l.check_board_init(BOARD_VGIC_ITS).unwrap(),
+            BoardAction::Record
+        );
         l.board_initialised(BOARD_VGIC_ITS);
         assert!(l.ring_needs_backup_bitmap());
         l.check_ring_enable().unwrap();
@@ -181,7 +187,10 @@ mod tests {
     #[test]
     fn unknown_flags_are_einval() {
         let l = Lifecycle::new();
-        assert_eq!(l.check_board_init(1 << 7).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            l.check_board_init(1 << 7).unwrap_err().errno(),
+            libc::EINVAL
+        );
     }
 
     #[test]
@@ -190,6 +199,11 @@ mod tests {
             vcpu_added: true,
             ..Lifecycle::new()
         };
-        assert!(l.check_ring_enable().unwrap_err().message().contains("kds_vcpu_add"));
+        assert!(
+            l.check_ring_enable()
+                .unwrap_err()
+                .message()
+                .contains("kds_vcpu_add")
+        );
     }
 }

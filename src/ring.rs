@@ -218,7 +218,8 @@ impl Ring {
         };
         for j in 0..d {
             // Release, as for harvested entries (the kernel reads acquire).
-            self.flags(fetch.wrapping_add(j)).store(DIRTY_GFN_F_RESET, Ordering::Release);
+            self.flags(fetch.wrapping_add(j))
+                .store(DIRTY_GFN_F_RESET, Ordering::Release);
         }
         self.suspect.store(false, Ordering::Relaxed);
         d

@@ -168,7 +168,10 @@ impl Vm {
         let mut life = self.life.lock();
         life.check_ring_enable()?;
         let (capnr, name) = if self.kvm.check_cap(cap::DIRTY_LOG_RING_ACQ_REL) > 0 {
-            (cap::DIRTY_LOG_RING_ACQ_REL, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL")
+            (
+                cap::DIRTY_LOG_RING_ACQ_REL,
+                "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+            )
         } else if self.kvm.check_cap(cap::DIRTY_LOG_RING) > 0 {
             (cap::DIRTY_LOG_RING, "KVM_CAP_DIRTY_LOG_RING")
         } else {
@@ -349,7 +352,9 @@ impl Vm {
             )));
         }
         let ps = self.page_size;
-        if m.memory_size % ps != 0 || m.guest_phys_addr % ps != 0 || m.userspace_addr % ps != 0
+        if !(m.memory_size.is_multiple_of(ps)
+            && m.guest_phys_addr.is_multiple_of(ps)
+            && m.userspace_addr.is_multiple_of(ps))
         {
             return Err(Error::inval(format!(
                 "kds_memslot_set: slot {:#x}: guest_phys_addr {:#x}, userspace_addr {:#x} and \
@@ -566,7 +571,9 @@ impl Vm {
         st.pending.clear();
         if invalid > 0 {
             bump(&self.stats.invalid_entries, invalid);
-            log::warn!("{invalid} ring entries named an unknown slot or an offset past its end: skipped");
+            log::warn!(
+                "{invalid} ring entries named an unknown slot or an offset past its end: skipped"
+            );
         }
         if st.overflow {
             st.overflow = false;

@@ -29,7 +29,12 @@ fn refused(ret: i64, want: i32, says: &[&str]) {
 fn new_vm() -> (kvm_ioctls::VmFd, Handle) {
     let kvm_vm = Kvm::new().unwrap().create_vm().unwrap();
     let mut h = ptr::null_mut();
-    assert_eq!(kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h), 0, "{}", last_error());
+    assert_eq!(
+        kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h),
+        0,
+        "{}",
+        last_error()
+    );
     (kvm_vm, Handle(h))
 }
 
@@ -52,20 +57,35 @@ fn abi_version() {
 fn ring_after_memslot_or_vcpu_or_twice_is_ebusy() {
     let mem = Mem::new(1 << 16);
     let (_k, h) = new_vm();
-    assert_eq!(kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)), 0);
-    refused(kds_dirty_ring_enable(h.0, 4096).into(), EBUSY, &["kds_memslot_set", "before the first memslot"]);
+    assert_eq!(
+        kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)),
+        0
+    );
+    refused(
+        kds_dirty_ring_enable(h.0, 4096).into(),
+        EBUSY,
+        &["kds_memslot_set", "before the first memslot"],
+    );
     assert_eq!(kds_vm_mode(h.0), KdsMode::KDS_MODE_BITMAP as i32);
     kds_vm_free(h.0);
 
     let (k, h) = new_vm();
     let vcpu = k.create_vcpu(0).unwrap();
     assert_eq!(kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0), 0);
-    refused(kds_dirty_ring_enable(h.0, 4096).into(), EBUSY, &["kds_vcpu_add"]);
+    refused(
+        kds_dirty_ring_enable(h.0, 4096).into(),
+        EBUSY,
+        &["kds_vcpu_add"],
+    );
     kds_vm_free(h.0);
 
     let (_k, h) = new_vm();
     assert_eq!(kds_dirty_ring_enable(h.0, 4096), 0, "{}", last_error());
-    refused(kds_dirty_ring_enable(h.0, 4096).into(), EBUSY, &["already enabled"]);
+    refused(
+        kds_dirty_ring_enable(h.0, 4096).into(),
+        EBUSY,
+        &["already enabled"],
+    );
     kds_vm_free(h.0);
 }
 
@@ -73,7 +93,11 @@ fn ring_after_memslot_or_vcpu_or_twice_is_ebusy() {
 fn ring_sizes_outside_the_kernel_limits_are_einval() {
     let (_k, h) = new_vm();
     for bad in [0u32, 1000, 4095, 16, 1 << 20, u32::MAX] {
-        refused(kds_dirty_ring_enable(h.0, bad).into(), EINVAL, &["power of two", "entries"]);
+        refused(
+            kds_dirty_ring_enable(h.0, bad).into(),
+            EINVAL,
+            &["power of two", "entries"],
+        );
     }
     assert_eq!(kds_vm_mode(h.0), KdsMode::KDS_MODE_BITMAP as i32);
     assert_eq!(kds_dirty_ring_enable(h.0, 65536), 0, "{}", last_error());
@@ -84,7 +108,11 @@ fn ring_sizes_outside_the_kernel_limits_are_einval() {
 fn its_without_backup_bitmap_kernel_is_enotsup() {
     // x86 reports KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 0.
     let (k, h) = new_vm();
-    assert_eq!(k.check_extension_raw(225), 0, "this test expects an x86 kernel");
+    assert_eq!(
+        k.check_extension_raw(225),
+        0,
+        "this test expects an x86 kernel"
+    );
     assert_eq!(kds_dirty_ring_enable(h.0, 4096), 0);
     refused(
         kds_board_init(h.0, KDS_BOARD_VGIC_ITS).into(),
@@ -100,7 +128,12 @@ fn its_without_backup_bitmap_kernel_is_enotsup() {
 #[test]
 fn its_chosen_before_the_ring_makes_the_ring_check_the_backup_bitmap() {
     let (_k, h) = new_vm();
-    assert_eq!(kds_board_init(h.0, KDS_BOARD_VGIC_ITS), 0, "{}", last_error());
+    assert_eq!(
+        kds_board_init(h.0, KDS_BOARD_VGIC_ITS),
+        0,
+        "{}",
+        last_error()
+    );
     refused(
         kds_dirty_ring_enable(h.0, 4096).into(),
         ENOTSUP,
@@ -118,7 +151,10 @@ fn memslot_before_board_hook_seals_the_board() {
         if ring {
             assert_eq!(kds_dirty_ring_enable(h.0, 4096), 0);
         }
-        assert_eq!(kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)), 0);
+        assert_eq!(
+            kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)),
+            0
+        );
         refused(
             kds_board_init(h.0, KDS_BOARD_VGIC_ITS).into(),
             EBUSY,
@@ -135,8 +171,16 @@ fn board_hook_twice() {
     let (_k, h) = new_vm();
     assert_eq!(kds_board_init(h.0, 0), 0);
     assert_eq!(kds_board_init(h.0, 0), 0);
-    refused(kds_board_init(h.0, KDS_BOARD_VGIC_ITS).into(), EBUSY, &["already"]);
-    refused(kds_board_init(h.0, 1 << 9).into(), EINVAL, &["unknown board flags"]);
+    refused(
+        kds_board_init(h.0, KDS_BOARD_VGIC_ITS).into(),
+        EBUSY,
+        &["already"],
+    );
+    refused(
+        kds_board_init(h.0, 1 << 9).into(),
+        EINVAL,
+        &["unknown board flags"],
+    );
     kds_vm_free(h.0);
 }
 
@@ -150,15 +194,24 @@ fn null_handles_and_pointers_are_einval() {
     let calls: Vec<(&str, i64)> = vec![
         ("kds_vm_fd", kds_vm_fd(n).into()),
         ("kds_vm_mode", kds_vm_mode(n).into()),
-        ("kds_dirty_ring_enable", kds_dirty_ring_enable(n, 4096).into()),
+        (
+            "kds_dirty_ring_enable",
+            kds_dirty_ring_enable(n, 4096).into(),
+        ),
         ("kds_board_init", kds_board_init(n, 0).into()),
-        ("kds_set_manual_protect", kds_set_manual_protect(n, true).into()),
+        (
+            "kds_set_manual_protect",
+            kds_set_manual_protect(n, true).into(),
+        ),
         ("kds_memslot_set", kds_memslot_set(n, &m).into()),
         ("kds_vcpu_add", kds_vcpu_add(n, 3, 0).into()),
         ("kds_vcpu_remove", kds_vcpu_remove(n, 0).into()),
         ("kds_reap", kds_reap(n)),
         ("kds_reap_vcpu", kds_reap_vcpu(n, 0)),
-        ("kds_sync_slot", kds_sync_slot(n, 0, bm.as_mut_ptr(), 256, 0)),
+        (
+            "kds_sync_slot",
+            kds_sync_slot(n, 0, bm.as_mut_ptr(), 256, 0),
+        ),
         ("kds_set_kick", kds_set_kick(n, None, n.cast()).into()),
         ("kds_flush", kds_flush(n)),
         ("kds_stats", kds_stats(n, &mut st).into()),
@@ -174,8 +227,16 @@ fn null_handles_and_pointers_are_einval() {
     let (_k, h) = new_vm();
     refused(kds_memslot_set(h.0, ptr::null()).into(), EINVAL, &["NULL"]);
     refused(kds_stats(h.0, ptr::null_mut()).into(), EINVAL, &["NULL"]);
-    refused(kds_vcpu_stats(h.0, 0, ptr::null_mut()).into(), EINVAL, &["NULL"]);
-    refused(kds_sync_slot(h.0, 0, ptr::null_mut(), 64, 0), EINVAL, &["NULL"]);
+    refused(
+        kds_vcpu_stats(h.0, 0, ptr::null_mut()).into(),
+        EINVAL,
+        &["NULL"],
+    );
+    refused(
+        kds_sync_slot(h.0, 0, ptr::null_mut(), 64, 0),
+        EINVAL,
+        &["NULL"],
+    );
     kds_vm_free(h.0);
 }
 
@@ -185,16 +246,39 @@ fn bad_memslots() {
     let (_k, h) = new_vm();
     let good = slot(&mem, 1, 0x10_0000, KDS_MEM_LOG_DIRTY_PAGES);
     let cases = [
-        KdsMemslot { guest_phys_addr: 0x10_0001, ..good },
-        KdsMemslot { memory_size: 4097, ..good },
-        KdsMemslot { userspace_addr: good.userspace_addr + 8, ..good },
-        KdsMemslot { flags: 1 << 5, ..good },
+        KdsMemslot {
+            guest_phys_addr: 0x10_0001,
+            ..good
+        },
+        KdsMemslot {
+            memory_size: 4097,
+            ..good
+        },
+        KdsMemslot {
+            userspace_addr: good.userspace_addr + 8,
+            ..good
+        },
+        KdsMemslot {
+            flags: 1 << 5,
+            ..good
+        },
     ];
     for c in cases {
-        refused(kds_memslot_set(h.0, &c).into(), EINVAL, &["kds_memslot_set"]);
+        refused(
+            kds_memslot_set(h.0, &c).into(),
+            EINVAL,
+            &["kds_memslot_set"],
+        );
     }
     refused(
-        kds_memslot_set(h.0, &KdsMemslot { slot: 9, ..Default::default() }).into(),
+        kds_memslot_set(
+            h.0,
+            &KdsMemslot {
+                slot: 9,
+                ..Default::default()
+            },
+        )
+        .into(),
         ENOENT,
         &["unknown slot"],
     );
@@ -212,12 +296,32 @@ fn bad_memslots() {
 fn bad_syncs() {
     let mem = Mem::new(1 << 16); // 16 pages
     let (_k, h) = new_vm();
-    assert_eq!(kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)), 0);
+    assert_eq!(
+        kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)),
+        0
+    );
     let mut bm = [0u64; 1];
-    refused(kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 15, 0), EINVAL, &["too small", "16 pages"]);
-    refused(kds_sync_slot(h.0, 7, bm.as_mut_ptr(), 64, 0), ENOENT, &["unknown slot"]);
-    refused(kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 64, 1 << 4), EINVAL, &["unknown flags"]);
-    assert_eq!(kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 16, 0), 0, "{}", last_error());
+    refused(
+        kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 15, 0),
+        EINVAL,
+        &["too small", "16 pages"],
+    );
+    refused(
+        kds_sync_slot(h.0, 7, bm.as_mut_ptr(), 64, 0),
+        ENOENT,
+        &["unknown slot"],
+    );
+    refused(
+        kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 64, 1 << 4),
+        EINVAL,
+        &["unknown flags"],
+    );
+    assert_eq!(
+        kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 16, 0),
+        0,
+        "{}",
+        last_error()
+    );
     kds_vm_free(h.0);
 }
 
@@ -231,12 +335,29 @@ fn bad_vcpus() {
     assert!(r < 0, "a VM fd is not a vCPU fd");
     assert!(last_error().contains("mmap"), "{}", last_error());
     let vcpu = k.create_vcpu(0).unwrap();
-    assert_eq!(kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0), 0, "{}", last_error());
-    refused(kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0).into(), -libc::EEXIST, &["already registered"]);
-    refused(kds_reap_vcpu(h.0, 5), EINVAL, &["unknown vCPU index 5", "kds_vcpu_add"]);
+    assert_eq!(
+        kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0),
+        0,
+        "{}",
+        last_error()
+    );
+    refused(
+        kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0).into(),
+        -libc::EEXIST,
+        &["already registered"],
+    );
+    refused(
+        kds_reap_vcpu(h.0, 5),
+        EINVAL,
+        &["unknown vCPU index 5", "kds_vcpu_add"],
+    );
     refused(kds_vcpu_remove(h.0, 5).into(), EINVAL, &["unknown vCPU"]);
     let mut s = KdsVcpuStats::default();
-    refused(kds_vcpu_stats(h.0, 5, &mut s).into(), EINVAL, &["unknown vCPU"]);
+    refused(
+        kds_vcpu_stats(h.0, 5, &mut s).into(),
+        EINVAL,
+        &["unknown vCPU"],
+    );
     assert_eq!(kds_reap_vcpu(h.0, 0), 0);
     kds_vm_free(h.0);
 }
@@ -246,8 +367,16 @@ fn adopt_keeps_the_callers_fd() {
     let mut h = ptr::null_mut();
     refused(kds_vm_adopt(-1, &mut h).into(), EINVAL, &["bad VM fd"]);
     let null = std::fs::File::open("/dev/null").unwrap();
-    refused(kds_vm_adopt(null.as_raw_fd(), &mut h).into(), EINVAL, &["not a KVM VM fd"]);
-    refused(kds_vm_adopt(999_999, &mut h).into(), -libc::EBADF, &["EBADF"]);
+    refused(
+        kds_vm_adopt(null.as_raw_fd(), &mut h).into(),
+        EINVAL,
+        &["not a KVM VM fd"],
+    );
+    refused(
+        kds_vm_adopt(999_999, &mut h).into(),
+        -libc::EBADF,
+        &["EBADF"],
+    );
 
     let (k, h) = new_vm();
     let shim_fd = kds_vm_fd(h.0);

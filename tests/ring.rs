@@ -32,7 +32,10 @@ fn ring_rounds(vm: &TestVm, pages: u64, stores: u32, rounds: u32) -> (Checker, u
         let r = v.run_round(vm.h);
         full += r.ring_full_exits;
         let (changed, reported, lost) = c.check(vm.h, 0);
-        assert_eq!(lost, 0, "round {it}: {lost} of {changed} changed pages lost ({reported} reported)");
+        assert_eq!(
+            lost, 0,
+            "round {it}: {lost} of {changed} changed pages lost ({reported} reported)"
+        );
         if r.wedged {
             return (c, full, true);
         }
@@ -49,10 +52,17 @@ fn ring_mode_loses_nothing() {
     assert_eq!(c.lost, 0);
     // Exactly the pages written were reported (no overflow here).
     assert_eq!(c.reported, c.changed);
-    assert!(c.changed > 5000, "the guest really dirtied pages: {}", c.changed);
+    assert!(
+        c.changed > 5000,
+        "the guest really dirtied pages: {}",
+        c.changed
+    );
     let s = vm.stats();
     assert!(s.entries_reaped >= c.changed, "{s:?}");
-    assert!(s.ring_resets > 0 && s.reset_ns > 0 && s.harvest_ns > 0, "{s:?}");
+    assert!(
+        s.ring_resets > 0 && s.reset_ns > 0 && s.harvest_ns > 0,
+        "{s:?}"
+    );
     assert_eq!(s.invalid_entries, 0);
     let vs = vcpu_stats(vm.h, 0);
     assert_eq!(vs.entries_reaped, s.entries_reaped);
@@ -63,10 +73,16 @@ fn ring_full_exits_are_reaped_without_loss() {
     let vm = TestVm::new(Some(RING));
     let (c, full, wedged) = ring_rounds(&vm, 16384, 8000, 10);
     assert_eq!(c.lost, 0);
-    assert!(full > 0, "the vCPU never exited with KVM_EXIT_DIRTY_RING_FULL");
+    assert!(
+        full > 0,
+        "the vCPU never exited with KVM_EXIT_DIRTY_RING_FULL"
+    );
     let s = vm.stats();
     let vs = vcpu_stats(vm.h, 0);
-    assert!(s.ring_full_reaps > 0 && vs.ring_full_reaps == s.ring_full_reaps, "{s:?} {vs:?}");
+    assert!(
+        s.ring_full_reaps > 0 && vs.ring_full_reaps == s.ring_full_reaps,
+        "{s:?} {vs:?}"
+    );
     // This kernel may overrun the ring: then the shim reported it (and
     // every page), and a wedge ended the run instead of a hang.
     eprintln!(
@@ -160,12 +176,12 @@ fn corrupted_ring_entries_are_skipped_and_counted() {
     let ring = map_ring(&v.fd, RING);
     let at = vcpu_stats(vm.h, 0).entries_reaped as u32;
     let bogus = [
-        (7, 0),                 // unknown slot
-        (1, pages),             // one past the slot's end
-        (1, u64::MAX),          // huge offset
-        ((5 << 16) | 1, 3),     // address space 5
-        (0xffff_ffff, 1),       // everything out of range
-        (CODE_SLOT, 1),         // a slot without dirty logging
+        (7, 0),             // unknown slot
+        (1, pages),         // one past the slot's end
+        (1, u64::MAX),      // huge offset
+        ((5 << 16) | 1, 3), // address space 5
+        (0xffff_ffff, 1),   // everything out of range
+        (CODE_SLOT, 1),     // a slot without dirty logging
     ];
     for (i, (slot, off)) in bogus.iter().enumerate() {
         write_ring_entry(&ring, RING, at + i as u32, *slot, *off);
@@ -291,7 +307,10 @@ fn flush_calls_the_kick_then_reaps() {
     vm.mailbox(0, TEST_GPA, pages, 100, 1);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
-    assert_eq!(kds_set_kick(vm.vm(), Some(kick), 0x1234 as *mut libc::c_void), 0);
+    assert_eq!(
+        kds_set_kick(vm.vm(), Some(kick), 0x1234 as *mut libc::c_void),
+        0
+    );
     let n = kds_flush(vm.vm());
     assert!(n > 0, "{n}");
     assert_eq!(KICKS.load(Ordering::Relaxed), 1);

@@ -124,7 +124,12 @@ impl TestVm {
         let kvm = Kvm::new().expect("/dev/kvm");
         let kvm_vm = kvm.create_vm().expect("KVM_CREATE_VM");
         let mut h = ptr::null_mut();
-        assert_eq!(kds_vm_adopt(kvm_vm.as_raw_fd_(), &mut h), 0, "{}", last_error());
+        assert_eq!(
+            kds_vm_adopt(kvm_vm.as_raw_fd_(), &mut h),
+            0,
+            "{}",
+            last_error()
+        );
         if let Some(n) = ring_entries {
             assert_eq!(kds_dirty_ring_enable(h, n), 0, "{}", last_error());
         }
