@@ -122,7 +122,8 @@ typedef struct KdsStats {
    */
   uint64_t invalid_entries;
   /*
-   Nanoseconds spent reading rings (harvest, not counting the reset).
+   Nanoseconds spent reading rings and publishing what was read into
+   the shim's bitmaps (everything but the reset).
    */
   uint64_t harvest_ns;
   /*

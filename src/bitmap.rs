@@ -1,5 +1,13 @@
 //! Per-slot dirty bitmaps held by the shim: atomic words, one bit per page,
 //! in the layout of `KVM_GET_DIRTY_LOG` (bit `i % 64` of word `i / 64`).
+//!
+//! Writers: the reap path publishes (`set_locked`, `set_all`) and
+//! `kds_sync_slot` drains (`drain_into`), both with the VM's reap lock
+//! held, so no two writers ever race. That is what lets the hot path use a
+//! plain load and store instead of a locked read-modify-write (measured:
+//! the `lock or` was most of the per-entry cost). The words stay atomic so
+//! that lock-free readers (`get`, `count`, a resize copying the bits) are
+//! data-race free.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,6 +65,23 @@ impl AtomicBitmap {
         true
     }
 
+    /// Sets bit `page` with a plain load and store: the caller must hold
+    /// the lock that serialises every writer of this bitmap (the reap
+    /// lock). False (and nothing written) when `page` is out of range.
+    #[inline]
+    pub fn set_locked(&self, page: u64) -> bool {
+        if page >= self.npages {
+            return false;
+        }
+        let w = &self.words[(page / 64) as usize];
+        let bit = 1 << (page % 64);
+        let v = w.load(Ordering::Relaxed);
+        if v & bit == 0 {
+            w.store(v | bit, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Is bit `page` set?
     pub fn get(&self, page: u64) -> bool {
         page < self.npages
@@ -81,18 +106,18 @@ impl AtomicBitmap {
         }
     }
 
-    /// Moves every set bit into `out` (OR) and clears it here, merging in
+    /// Moves every set bit into `out` (OR) and clears it here (the caller
+    /// holds the writers' lock, see the module comment), merging in
     /// `extra` (a kernel bitmap, masked to this bitmap's length) on the way.
     /// Returns the number of distinct pages reported. `out` must hold at
     /// least `words_for(len)` words.
     pub fn drain_into(&self, out: &mut [u64], extra: Option<&[u64]>) -> u64 {
         let mut count = 0u64;
         for (i, w) in self.words.iter().enumerate() {
-            let mut v = if w.load(Ordering::Relaxed) != 0 {
-                w.swap(0, Ordering::AcqRel)
-            } else {
-                0
-            };
+            let mut v = w.load(Ordering::Relaxed);
+            if v != 0 {
+                w.store(0, Ordering::Relaxed);
+            }
             if let Some(x) = extra.and_then(|e| e.get(i)) {
                 v |= *x;
             }

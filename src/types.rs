@@ -81,7 +81,8 @@ pub struct KdsStats {
     /// space or slot id out of range, or an offset past the slot's end:
     /// skipped and counted, never written anywhere.
     pub invalid_entries: u64,
-    /// Nanoseconds spent reading rings (harvest, not counting the reset).
+    /// Nanoseconds spent reading rings and publishing what was read into
+    /// the shim's bitmaps (everything but the reset).
     pub harvest_ns: u64,
     /// Nanoseconds spent inside `KVM_RESET_DIRTY_RINGS`.
     pub reset_ns: u64,

@@ -392,10 +392,18 @@ impl Vm {
                 ..o.region
             };
             self.kernel_set(&del, "delete for resize of")?;
-            self.slots.write().remove(&m.slot);
         }
-        self.kernel_set(m, if old.is_some() { "update" } else { "create" })?;
+        if let Err(e) = self.kernel_set(m, if old.is_some() { "update" } else { "create" }) {
+            if recreate {
+                // The old slot is gone from the kernel: forget it too.
+                self.slots.write().remove(&m.slot);
+            }
+            return Err(e);
+        }
         let npages = m.memory_size / ps;
+        // Under the reap lock: no publish into the old bitmap can slip in
+        // between copying its bits and replacing it.
+        let _reap = self.reap.lock();
         let old_dirty = old.as_ref().and_then(|o| o.dirty.clone());
         let dirty = if m.flags & MEM_LOG_DIRTY_PAGES == 0 {
             None
@@ -543,7 +551,10 @@ impl Vm {
             st.hole_skipped = false;
             bump(&self.stats.entries_reset, reset);
         }
+        // Publishing is our work too: it counts as harvest time.
+        let t = Instant::now();
         self.publish(st);
+        bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
         Ok(harvested)
     }
 
@@ -564,7 +575,7 @@ impl Vm {
                     b
                 }
             };
-            if !bm.is_some_and(|b| b.set(offset)) {
+            if !bm.is_some_and(|b| b.set_locked(offset)) {
                 invalid += 1;
             }
         }
@@ -590,16 +601,20 @@ impl Vm {
         if !self.mode().has_ring() {
             return Ok(0);
         }
-        let mut st = self.reap.lock();
+        self.reap_all(&mut self.reap.lock())
+    }
+
+    /// `reap` with the reap lock held.
+    fn reap_all(&self, st: &mut ReapState) -> Result<u64> {
         let t = Instant::now();
         let mut n = 0;
         for v in self.vcpus.read().values() {
             if let Some(r) = &v.ring {
-                n += self.harvest_one(&mut st, r).entries;
+                n += self.harvest_one(st, r).entries;
             }
         }
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
-        self.reap_locked(&mut st, n)
+        self.reap_locked(st, n)
     }
 
     /// Harvests one vCPU's ring (for `KVM_EXIT_DIRTY_RING_FULL`).
@@ -656,14 +671,20 @@ impl Vm {
             let n = self.kernel_bitmap(&s)?;
             return Ok(or_masked(out, &n, s.npages));
         }
-        self.reap()?;
-        // Look the slot up again: the reap published into the current one.
-        let s = self.logged_slot(slot, nbits)?;
+        // The backup bitmap (ring-with-bitmap, final stage) is the kernel's
+        // own: read it before taking the reap lock.
         let backup = if mode == KdsMode::KDS_MODE_RING_WITH_BITMAP && flags & SYNC_FINAL != 0 {
             Some(self.kernel_bitmap(&s)?)
         } else {
             None
         };
+        // Reap and drain under one hold of the reap lock: every entry
+        // harvested before this call (by any thread) is published before we
+        // drain, and the bitmaps have a single writer at a time.
+        let mut st = self.reap.lock();
+        self.reap_all(&mut st)?;
+        // Look the slot up again: the reap published into the current one.
+        let s = self.logged_slot(slot, nbits)?;
         let dirty = s.dirty.as_ref().expect("logged slot has a bitmap");
         Ok(dirty.drain_into(out, backup.as_deref()))
     }
