@@ -62,7 +62,11 @@ fn harvest(entries: u32) {
         harvest_ns as f64 / n as f64,
         reset_ns as f64 / n as f64,
         100.0 * harvest_ns as f64 / (harvest_ns + reset_ns) as f64,
-        if full > 0 { format!(" [{full} ring-full exits]") } else { String::new() }
+        if full > 0 {
+            format!(" [{full} ring-full exits]")
+        } else {
+            String::new()
+        }
     );
 }
 
@@ -98,7 +102,12 @@ fn sync_16g() {
 }
 
 fn main() {
-    println!("kvm-dirty-shim bench on Linux {} ({}), {} CPUs", kernel(), cpu(), std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "kvm-dirty-shim bench on Linux {} ({}), {} CPUs",
+        kernel(),
+        cpu(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     for e in [1024, 4096, 16384] {
         harvest(e);
     }

@@ -27,11 +27,20 @@ fn run(mode: &str, ring: Option<u32>, secs: f64) -> u64 {
     println!(
         "\n{mode} mode (kds_vm_mode = {}), {PAGES} pages, {STORES} stores per guest round{}",
         kds_vm_mode(vm.vm()),
-        ring.map(|r| format!(", {r}-entry ring")).unwrap_or_default()
+        ring.map(|r| format!(", {r}-entry ring"))
+            .unwrap_or_default()
     );
     println!(
         "{:>5} {:>8} {:>9} {:>9} {:>5} {:>9} {:>10} {:>10} {:>9}",
-        "round", "guest_rd", "changed", "reported", "lost", "ringfull", "harvest_us", "reset_us", "overflows"
+        "round",
+        "guest_rd",
+        "changed",
+        "reported",
+        "lost",
+        "ringfull",
+        "harvest_us",
+        "reset_us",
+        "overflows"
     );
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let (mut it, mut round, mut total_lost) = (0u32, 0u32, 0u64);
@@ -74,7 +83,13 @@ fn run(mode: &str, ring: Option<u32>, secs: f64) -> u64 {
     println!(
         "{mode}: {} pages changed, {} reported, {total_lost} lost; stats: {} entries reaped, \
          {} resets, {} ring-full reaps, {} overflows, {} KVM_GET_DIRTY_LOG",
-        c.changed, c.reported, s.entries_reaped, s.ring_resets, s.ring_full_reaps, s.ring_overflows, s.bitmap_syncs
+        c.changed,
+        c.reported,
+        s.entries_reaped,
+        s.ring_resets,
+        s.ring_full_reaps,
+        s.ring_overflows,
+        s.bitmap_syncs
     );
     total_lost
 }
