@@ -327,3 +327,46 @@ fn create_owns_its_fd() {
     // SAFETY: fcntl on an integer fd; it must now be closed.
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFD) }, -1);
 }
+
+#[test]
+fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
+    // Two harvesters on one ring: the vCPU thread (kds_reap_vcpu on every
+    // ring-full exit) and a reaper thread (kds_reap in a loop). Nothing may
+    // be lost and nothing harvested twice: the kernel resets exactly what
+    // was harvested (plus any overrun hole it left, see README).
+    let vm = TestVm::new(Some(RING));
+    let pages = 16384;
+    let mut c = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let mut v = vm.vcpu(0);
+    vm.mailbox(0, TEST_GPA, pages, 8000, 17);
+    let stop = AtomicBool::new(false);
+    let h = vm.h;
+    let mut full = 0;
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                assert!(kds_reap(h.get()) >= 0, "kds_reap");
+                // Slow enough that the vCPU still fills its ring at times.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        for it in 1..=15 {
+            vm.set_iteration(0, it);
+            let r = v.run_round(vm.h);
+            full += r.ring_full_exits;
+            assert!(!r.wedged);
+            let (changed, _, lost) = c.check(vm.h, 0);
+            assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
+        }
+    });
+    let s = vm.stats();
+    assert_eq!(s.entries_reaped, vcpu_stats(vm.h, 0).entries_reaped);
+    assert!(s.entries_reset >= s.entries_reaped, "harvested twice? {s:?}");
+    if s.ring_overflows == 0 {
+        assert_eq!(s.entries_reset, s.entries_reaped, "{s:?}");
+    }
+    assert!(full > 0 && s.ring_full_reaps > 0, "no ring-full exit: {s:?}");
+    eprintln!("two harvesters: {full} ring-full exits, {s:?}");
+}
