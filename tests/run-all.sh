@@ -16,3 +16,25 @@ KDS_HEADER_CHECK=1 timeout 1200 cargo test --release
 echo "== demo (1 s per mode; exits non-zero on any lost page)"
 timeout 300 cargo run --release --example demo 1 > target/demo.out
 tail -n 3 target/demo.out
+
+echo "== C tests (meson): plain, then AddressSanitizer + UndefinedBehaviorSanitizer"
+build=target/meson
+rm -rf "$build"
+meson setup "$build/plain" c-tests >/dev/null
+meson test -C "$build/plain" --print-errorlogs
+meson setup "$build/asan" c-tests -Db_sanitize=address,undefined -Db_lundef=false >/dev/null
+meson test -C "$build/asan" --print-errorlogs
+grep -E "^(ring|bitmap|reaper)" "$build/plain/meson-logs/testlog.txt" || true
+
+echo "== meson snippet, consumed as a QEMU tree would"
+c-tests/snippet-consumer/run.sh
+
+echo "== pkg-config install, and the example C VMM built only with pkg-config"
+prefix=$(pwd)/target/prefix
+rm -rf "$prefix"
+./install.sh "$prefix"
+PKG_CONFIG_PATH="$prefix/lib/pkgconfig" sh -c \
+    'cc -std=gnu11 -Wall -Wextra -Werror -o target/c-vmm examples/c-vmm/vmm.c \
+        $(pkg-config --cflags --libs kvm_dirty_shim) -lpthread'
+timeout 120 target/c-vmm guest/guest.bin 1 | tail -n 1
+echo "== all tests passed"
