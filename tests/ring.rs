@@ -363,10 +363,16 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
     });
     let s = vm.stats();
     assert_eq!(s.entries_reaped, vcpu_stats(vm.h, 0).entries_reaped);
-    assert!(s.entries_reset >= s.entries_reaped, "harvested twice? {s:?}");
+    assert!(
+        s.entries_reset >= s.entries_reaped,
+        "harvested twice? {s:?}"
+    );
     if s.ring_overflows == 0 {
         assert_eq!(s.entries_reset, s.entries_reaped, "{s:?}");
     }
-    assert!(full > 0 && s.ring_full_reaps > 0, "no ring-full exit: {s:?}");
+    assert!(
+        full > 0 && s.ring_full_reaps > 0,
+        "no ring-full exit: {s:?}"
+    );
     eprintln!("two harvesters: {full} ring-full exits, {s:?}");
 }
