@@ -117,10 +117,9 @@ impl Ring {
     /// The flags word of entry `i`, as an atomic.
     #[inline]
     fn flags(&self, i: u32) -> &AtomicU32 {
-        // SAFETY: the pointer is in bounds and 4-byte aligned (the ring is
-        // page aligned, entries are 16 bytes, flags is at offset 0); the
-        // memory lives as long as `self`; all accesses to it, ours and the
-        // kernel's, are atomic.
+        // In bounds, 4-byte aligned (page-aligned ring, 16-byte entries, flags
+        // at offset 0), mapped as long as `self` lives, only accessed atomically.
+        // SAFETY: so `from_ptr`'s requirements hold (see the line above).
         unsafe { AtomicU32::from_ptr(ptr::addr_of_mut!((*self.entry(i)).flags)) }
     }
 
@@ -161,10 +160,9 @@ impl Ring {
                 self.suspect.store(false, Ordering::Relaxed);
             }
             let e = self.entry(fetch);
-            // SAFETY: in-bounds entry (see `entry`); plain volatile reads of
-            // fields the kernel wrote before publishing DIRTY and will not
-            // touch again until we mark the entry RESET and call
-            // KVM_RESET_DIRTY_RINGS.
+            // The kernel wrote slot/offset before publishing DIRTY and won't
+            // touch them until we mark RESET and call KVM_RESET_DIRTY_RINGS.
+            // SAFETY: in-bounds entry (see `entry`); volatile reads only.
             let (slot, offset) = unsafe {
                 (
                     ptr::read_volatile(ptr::addr_of!((*e).slot)),

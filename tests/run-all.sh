@@ -26,6 +26,16 @@ meson setup "$build/asan" c-tests -Db_sanitize=address,undefined -Db_lundef=fals
 meson test -C "$build/asan" --print-errorlogs
 grep -E "^(ring|bitmap|reaper)" "$build/plain/meson-logs/testlog.txt" || true
 
+echo "== the native libraries the snippet, c-tests and kvm_dirty_shim.pc link match rustc's"
+want=$(cargo rustc --quiet --release --lib --crate-type staticlib -- --print native-static-libs 2>&1 |
+       sed -n 's/.*native-static-libs: //p' | head -n 1)
+for f in meson-snippet/meson.build c-tests/meson.build install.sh; do
+    for lib in $want; do
+        grep -q -- "$lib" "$f" || { echo "$f lacks $lib (rustc wants: $want)" >&2; exit 1; }
+    done
+done
+echo "native-static-libs: $want"
+
 echo "== meson snippet, consumed as a QEMU tree would"
 c-tests/snippet-consumer/run.sh
 
