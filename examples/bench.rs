@@ -37,12 +37,9 @@ fn cpu() -> String {
 fn harvest(entries: u32) {
     let vm = TestVm::new(Some(entries));
     let pages = 65536u64;
-    let c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
     // Fill about half the ring per round: no ring-full exit, so every entry
     // is harvested by the timed kds_reap below.
-    vm.mailbox(0, TEST_GPA, pages, entries / 2, 3);
+    let (_c, mut v) = vm.guest(pages, entries / 2, 3);
     let rounds = (2_000_000 / entries).clamp(20, 400);
     let (mut harvest_ns, mut reset_ns, mut n, mut full) = (0u64, 0u64, 0u64, 0u64);
     for it in 1..=rounds {

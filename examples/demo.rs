@@ -20,10 +20,7 @@ const RING: u32 = 4096;
 
 fn run(mode: &str, ring: Option<u32>, secs: f64) -> u64 {
     let vm = TestVm::new(ring);
-    let mut c = Checker::new(1, PAGES);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, PAGES, STORES, 1);
+    let (mut c, mut v) = vm.guest(PAGES, STORES, 1);
     println!(
         "\n{mode} mode (kds_vm_mode = {}), {PAGES} pages, {STORES} stores per guest round{}",
         kds_vm_mode(vm.vm()),

@@ -51,20 +51,6 @@ impl AtomicBitmap {
         self.npages == 0
     }
 
-    /// Sets bit `page`; false (and nothing written) when it is out of range.
-    #[inline]
-    pub fn set(&self, page: u64) -> bool {
-        if page >= self.npages {
-            return false;
-        }
-        let w = &self.words[(page / 64) as usize];
-        // Relaxed suffices: publication to readers is ordered by the lock
-        // or the syscall that follows (see the reap path), and a reader
-        // that drains with `swap` sees every bit set before it.
-        w.fetch_or(1 << (page % 64), Ordering::Relaxed);
-        true
-    }
-
     /// Sets bit `page` with a plain load and store: the caller must hold
     /// the lock that serialises every writer of this bitmap (the reap
     /// lock). False (and nothing written) when `page` is out of range.
@@ -165,9 +151,9 @@ mod tests {
     #[test]
     fn set_get_and_bounds() {
         let b = AtomicBitmap::new(130);
-        assert!(b.set(0));
-        assert!(b.set(129));
-        assert!(!b.set(130), "out of range must be refused");
+        assert!(b.set_locked(0));
+        assert!(b.set_locked(129));
+        assert!(!b.set_locked(130), "out of range must be refused");
         assert!(b.get(0) && b.get(129) && !b.get(1));
         assert_eq!(b.count(), 2);
     }
@@ -176,7 +162,7 @@ mod tests {
     fn drain_moves_and_clears() {
         let b = AtomicBitmap::new(100);
         for p in [1, 63, 64, 99] {
-            b.set(p);
+            b.set_locked(p);
         }
         let mut out = vec![0u64; 2];
         out[0] = 1 << 5;
@@ -190,7 +176,7 @@ mod tests {
     #[test]
     fn drain_merges_extra_once_and_masks() {
         let b = AtomicBitmap::new(70);
-        b.set(3);
+        b.set_locked(3);
         let extra = [1u64 << 3 | 1 << 4, u64::MAX];
         let mut out = vec![0u64; 2];
         // page 3 in both counts once; word 1 only has 6 valid bits.

@@ -123,12 +123,6 @@ impl Ring {
         unsafe { AtomicU32::from_ptr(ptr::addr_of_mut!((*self.entry(i)).flags)) }
     }
 
-    /// Does the next entry to harvest hold data? One acquire load, no syscall.
-    pub fn next_is_dirty(&self) -> bool {
-        let i = self.fetch.load(Ordering::Relaxed);
-        self.flags(i).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
-    }
-
     /// Harvests every published entry from our fetch index on, calling
     /// `sink(slot, offset)` for each, and marks them RESET. The caller must
     /// hold the VM's reap lock and must issue `KVM_RESET_DIRTY_RINGS`
@@ -221,26 +215,6 @@ impl Ring {
         }
         self.suspect.store(false, Ordering::Relaxed);
         d
-    }
-
-    /// Writes an arbitrary entry at ring position `i` (masked) and publishes
-    /// it with DIRTY, as the kernel would. For tests that corrupt a ring.
-    #[doc(hidden)]
-    pub fn inject(&self, i: u32, slot: u32, offset: u64) {
-        let e = self.entry(i);
-        // SAFETY: in-bounds entry; volatile writes to plain fields, then a
-        // release store of the flags that publishes them.
-        unsafe {
-            ptr::write_volatile(ptr::addr_of_mut!((*e).slot), slot);
-            ptr::write_volatile(ptr::addr_of_mut!((*e).offset), offset);
-        }
-        self.flags(i).store(DIRTY_GFN_F_DIRTY, Ordering::Release);
-    }
-
-    /// Our fetch index (free running).
-    #[doc(hidden)]
-    pub fn fetch_index(&self) -> u32 {
-        self.fetch.load(Ordering::Relaxed)
     }
 }
 

@@ -783,20 +783,6 @@ impl Vm {
             ring_full_reaps: v.ring_full_reaps.load(Ordering::Relaxed),
         })
     }
-
-    /// Test hook: writes a raw entry into vCPU `index`'s mapped ring at its
-    /// next fetch position + `ahead`, published DIRTY, as the kernel would.
-    #[doc(hidden)]
-    pub fn inject_ring_entry(&self, index: u32, ahead: u32, slot: u32, offset: u64) -> Result<()> {
-        let v = self.vcpu(index)?;
-        let r = v
-            .ring
-            .as_ref()
-            .ok_or_else(|| Error::inval("inject_ring_entry: no ring"))?;
-        let _st = self.reap.lock();
-        r.inject(r.fetch_index().wrapping_add(ahead), slot, offset);
-        Ok(())
-    }
 }
 
 fn unknown_vcpu(index: u32) -> Error {

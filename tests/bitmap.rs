@@ -12,10 +12,7 @@ fn bitmap_rounds(manual: bool) {
     });
     assert_eq!(kds_vm_mode(vm.vm()), KdsMode::KDS_MODE_BITMAP as i32);
     let pages = 4096;
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 2000, 21);
+    let (mut c, mut v) = vm.guest(pages, 2000, 21);
     for it in 1..=20 {
         vm.set_iteration(0, it);
         let r = v.run_round(vm.h);
@@ -58,10 +55,7 @@ fn final_sync_in_ring_mode_without_backup_bitmap_is_plain() {
     // KVM_GET_DIRTY_LOG (the kernel answers -ENXIO on a ring-only VM).
     let vm = TestVm::new(Some(4096));
     let pages = 256;
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 100, 1);
+    let (mut c, mut v) = vm.guest(pages, 100, 1);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
     let (changed, _, lost) = c.check(vm.h, KDS_SYNC_FINAL);

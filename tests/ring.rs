@@ -3,29 +3,19 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::*;
 use kvm_dirty_shim::*;
 
 const RING: u32 = 4096;
 
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Runs `rounds` rounds of `stores` stores on vCPU 0 over a `pages`-page
 /// dirty-logged slot; checks after every round. Returns the checker and
 /// the ring-full exits seen.
 fn ring_rounds(vm: &TestVm, pages: u64, stores: u32, rounds: u32) -> (Checker, u64, bool) {
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, stores, 7);
+    let (mut c, mut v) = vm.guest(pages, stores, 7);
     let mut full = 0;
     for it in 1..=rounds {
         vm.set_iteration(0, it);
@@ -98,25 +88,8 @@ fn ring_full_exits_are_reaped_without_loss() {
 fn reaper_thread_beside_the_running_vcpu() {
     let vm = TestVm::new(Some(RING));
     let pages = 4096;
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 3000, 11);
-    let stop = AtomicBool::new(false);
-    let h = vm.h;
-    let by_reaper = std::thread::scope(|sc| {
-        let reaper = sc.spawn(|| {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let r = kds_reap(h.get());
-                assert!(r >= 0, "kds_reap: {r}");
-                n += r as u64;
-            }
-            n
-        });
-        // Stops the reaper however this closure ends (a failed assertion
-        // included), before the VM is freed.
-        let _stop = StopOnDrop(&stop);
+    let (mut c, mut v) = vm.guest(pages, 3000, 11);
+    let ((), by_reaper) = with_reaper(vm.h, Duration::ZERO, || {
         for it in 1..=30 {
             vm.set_iteration(0, it);
             let r = v.run_round(vm.h);
@@ -124,8 +97,6 @@ fn reaper_thread_beside_the_running_vcpu() {
             let (changed, _, lost) = c.check(vm.h, 0);
             assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
         }
-        drop(_stop);
-        reaper.join().unwrap()
     });
     assert!(c.changed > 30_000);
     eprintln!("reaper thread harvested {by_reaper} entries");
@@ -201,10 +172,7 @@ fn corrupted_ring_entries_are_skipped_and_counted() {
 fn slot_deleted_with_entries_pending() {
     let vm = TestVm::new(Some(RING));
     let pages = 1024;
-    let c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 500, 3);
+    let (_c, mut v) = vm.guest(pages, 500, 3);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
     // Delete the slot while its entries sit in the ring, unharvested.
@@ -230,10 +198,7 @@ fn slot_deleted_with_entries_pending() {
 fn vcpu_remove_harvests_what_is_left() {
     let vm = TestVm::new(Some(RING));
     let pages = 1024;
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 400, 5);
+    let (mut c, mut v) = vm.guest(pages, 400, 5);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
     assert_eq!(kds_vcpu_remove(vm.vm(), 0), 0, "{}", last_error());
@@ -301,10 +266,7 @@ fn flush_calls_the_kick_then_reaps() {
     assert_eq!(kds_flush(vm.vm()), -i64::from(libc::EBUSY));
     assert!(last_error().contains("kds_set_kick"));
     let pages = 256;
-    let c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 100, 1);
+    let (_c, mut v) = vm.guest(pages, 100, 1);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
     assert_eq!(
@@ -336,22 +298,10 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
     // was harvested (plus any overrun hole it left, see README).
     let vm = TestVm::new(Some(RING));
     let pages = 16384;
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 8000, 17);
-    let stop = AtomicBool::new(false);
-    let h = vm.h;
-    let mut full = 0;
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                assert!(kds_reap(h.get()) >= 0, "kds_reap");
-                // Slow enough that the vCPU still fills its ring at times.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        });
-        let _stop = StopOnDrop(&stop);
+    let (mut c, mut v) = vm.guest(pages, 8000, 17);
+    // The reaper pauses so that the vCPU still fills its ring at times.
+    let (full, _) = with_reaper(vm.h, Duration::from_millis(50), || {
+        let mut full = 0;
         for it in 1..=15 {
             vm.set_iteration(0, it);
             let r = v.run_round(vm.h);
@@ -360,6 +310,7 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
             let (changed, _, lost) = c.check(vm.h, 0);
             assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
         }
+        full
     });
     let s = vm.stats();
     assert_eq!(s.entries_reaped, vcpu_stats(vm.h, 0).entries_reaped);
@@ -386,10 +337,7 @@ fn reaping_only_on_ring_full_exits_never_hangs_or_loses() {
     // page marked dirty), never a hang, and lose nothing either way.
     let vm = TestVm::new(Some(RING));
     let pages = 16384;
-    let mut c = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    let mut v = vm.vcpu(0);
-    vm.mailbox(0, TEST_GPA, pages, 6000, 1);
+    let (mut c, mut v) = vm.guest(pages, 6000, 1);
     let mut wedged = false;
     for it in 1..=60 {
         vm.set_iteration(0, it);

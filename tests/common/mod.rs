@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -160,6 +161,16 @@ impl TestVm {
             userspace_addr: mem.addr(),
         };
         assert_eq!(kds_memslot_set(self.vm(), &m), 0, "{}", last_error());
+    }
+
+    /// The usual setup: dirty-logged slot 1 of `pages` pages at TEST_GPA,
+    /// vCPU 0 storing `stores` times a round there (LCG seed `seed`).
+    pub fn guest(&self, pages: u64, stores: u32, seed: u32) -> (Checker, Vcpu) {
+        let c = Checker::new(1, pages);
+        self.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+        let v = self.vcpu(0);
+        self.mailbox(0, TEST_GPA, pages, stores, seed);
+        (c, v)
     }
 
     /// Creates vCPU `id`, registers it, points it at mailbox `id`.
@@ -356,6 +367,36 @@ impl Checker {
         self.lost += lost;
         (changed, reported, lost)
     }
+}
+
+/// Runs `body` while a reaper thread calls `kds_reap` in a loop, pausing
+/// `pause` between calls. The thread is stopped and joined however `body`
+/// ends (a failed assertion included), before the caller frees the VM.
+/// Returns `body`'s result and the entries the reaper harvested.
+pub fn with_reaper<R>(h: Handle, pause: Duration, body: impl FnOnce() -> R) -> (R, u64) {
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let reaper = sc.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = kds_reap(h.get());
+                assert!(r >= 0, "kds_reap: {r}: {}", last_error());
+                n += r as u64;
+                std::thread::sleep(pause);
+            }
+            n
+        });
+        let guard = StopOnDrop(&stop);
+        let out = body();
+        drop(guard);
+        (out, reaper.join().unwrap())
+    })
 }
 
 /// `kds_vcpu_stats` of one vCPU.
