@@ -15,7 +15,7 @@ static void rounds(const char *name, uint32_t ring, int manual, uint64_t pages,
     struct checker c;
     struct tvcpu v;
     tvm_init(&t, ring, manual);
-    checker_init(&c, 1, pages);
+    checker_init(&c, 1, pages, PAGE);
     tvm_set_slot(&t, 1, TEST_GPA, c.mem, pages * PAGE, KDS_MEM_LOG_DIRTY_PAGES);
     tvm_vcpu(&t, &v, 0);
     tvm_mailbox(&t, 0, TEST_GPA, pages, stores, 5);
@@ -85,7 +85,7 @@ static void reaper_thread(void)
     struct tvcpu v;
     uint64_t pages = 4096;
     tvm_init(&t, RING, -1);
-    checker_init(&c, 1, pages);
+    checker_init(&c, 1, pages, PAGE);
     tvm_set_slot(&t, 1, TEST_GPA, c.mem, pages * PAGE, KDS_MEM_LOG_DIRTY_PAGES);
     tvm_vcpu(&t, &v, 0);
     tvm_mailbox(&t, 0, TEST_GPA, pages, 3000, 9);

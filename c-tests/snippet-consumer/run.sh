@@ -17,8 +17,17 @@ ln -s "$repo" "$tree/contrib/kvm-dirty-shim"
 "$meson" compile -C "$tree/build" >/dev/null
 "$meson" test -C "$tree/build" --print-errorlogs
 
-# Without cargo on PATH the tree still configures (feature auto).
-env PATH=/usr/bin:/bin "$meson" setup "$tree/nocargo" "$tree" > "$tree/nocargo.log"
+# Without cargo on PATH the tree still configures (feature auto). PATH is
+# /usr/bin and /bin minus cargo and rustc (a machine may have Debian's cargo
+# in /usr/bin too), plus ninja.
+nocargo="$tree/bin"
+mkdir "$nocargo"
+for f in /bin/* /usr/bin/*; do
+    case ${f##*/} in cargo*|rustc*|rustup*) continue ;; esac
+    ln -sf "$f" "$nocargo/${f##*/}"
+done
+ln -sf "$(command -v ninja)" "$nocargo/ninja"
+env PATH="$nocargo" "$meson" setup "$tree/nocargo" "$tree" > "$tree/nocargo.log"
 grep -q "kvm-dirty-shim *: false" "$tree/nocargo.log" || {
     cat "$tree/nocargo.log"; echo "expected kvm-dirty-shim: false without cargo" >&2; exit 1; }
 echo "snippet consumer: ok (built and linked through meson-snippet; configures without cargo)"
