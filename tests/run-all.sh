@@ -47,4 +47,7 @@ PKG_CONFIG_PATH="$prefix/lib/pkgconfig" sh -c \
     'cc -std=gnu11 -Wall -Wextra -Werror -o target/c-vmm examples/c-vmm/vmm.c \
         $(pkg-config --cflags --libs kvm_dirty_shim) -lpthread'
 timeout 120 target/c-vmm guest/guest.bin 1 | tail -n 1
+echo "== arm64: the ITS path and the ring on an emulated arm64 KVM host (6.12 and 6.1)"
+tests/arm64/run
+
 echo "== all tests passed"

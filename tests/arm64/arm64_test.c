@@ -1,0 +1,403 @@
+/*
+ * kvm-dirty-shim on a real arm64 KVM host (emulated by tests/arm64/run),
+ * through the public C header only. Runs as /init: mounts devtmpfs, runs the
+ * checks the kernel allows, prints "PASS name" / "FAIL name" lines and a
+ * last line "N passed, M failed", then powers off.
+ *
+ * On a kernel with the dirty ring (6.12): ACQ_REL picked, the ITS hook before
+ * and after memslots, the ring after a memslot, the vGIC ITS saving its tables
+ * into a dirty-logged slot with no vCPU running (only the backup bitmap, at
+ * KDS_SYNC_FINAL, may report those pages, and exactly those), and a real arm64
+ * vCPU dirtying pages with zero loss, ring-full exits included. On a kernel
+ * without it (6.1): the ring is -ENOTSUP and bitmap mode tracks the same guest
+ * with zero loss.
+ */
+#include "kds_check.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
+#define KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP 225 /* Debian 12's headers are 6.1 */
+#endif
+#ifndef KVM_EXIT_DIRTY_RING_FULL
+#define KVM_EXIT_DIRTY_RING_FULL 31
+#endif
+#define RAM_BASE 0x40000000ull
+#define TEST_GPA (RAM_BASE + 0x100000ull)
+#define CODE_PAGES 4
+#define RING 4096u
+#define GITS_BASER0 0x100
+#define GITS_BASER1 0x108
+
+extern const uint8_t guest_arm64_start[], guest_arm64_end[];
+
+static int kvm_fd, passed, failed;
+static uint64_t page;
+
+static void result(const char *name, int failures_before)
+{
+    if (kds_test_failures == failures_before) {
+        printf("PASS %s\n", name);
+        passed++;
+    } else {
+        printf("FAIL %s\n", name);
+        failed++;
+    }
+    fflush(stdout);
+}
+
+/* log records, to see which ring capability the shim picked */
+static char last_info[512];
+static void logger(int level, const char *msg, void *opaque)
+{
+    (void)opaque;
+    if (level <= 3) {
+        snprintf(last_info, sizeof(last_info), "%s", msg);
+    }
+}
+
+struct avm {
+    int fd;
+    KdsVm *vm;
+    uint8_t *code;
+};
+
+static void avm_init(struct avm *a, int ring, uint32_t board)
+{
+    a->fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+    if (a->fd < 0) {
+        die("KVM_CREATE_VM");
+    }
+    if (kds_vm_adopt(a->fd, &a->vm) != 0) {
+        die("kds_vm_adopt");
+    }
+    if (ring && kds_dirty_ring_enable(a->vm, RING) != 0) {
+        die("kds_dirty_ring_enable");
+    }
+    if (board != UINT32_MAX && kds_board_init(a->vm, board) != 0) {
+        die("kds_board_init");
+    }
+    a->code = map_anon(CODE_PAGES * page);
+    memcpy(a->code, guest_arm64_start, (size_t)(guest_arm64_end - guest_arm64_start));
+    KdsMemslot m = { 0, 0, RAM_BASE, CODE_PAGES * page, (uint64_t)(uintptr_t)a->code };
+    if (kds_memslot_set(a->vm, &m) != 0) {
+        die("kds_memslot_set code");
+    }
+}
+
+static void avm_free(struct avm *a)
+{
+    kds_vm_free(a->vm);
+    munmap(a->code, CODE_PAGES * page);
+    close(a->fd);
+}
+
+static void set_slot(struct avm *a, uint32_t slot, uint64_t gpa, void *mem, uint64_t size)
+{
+    KdsMemslot m = { slot, KDS_MEM_LOG_DIRTY_PAGES, gpa, size, (uint64_t)(uintptr_t)mem };
+    if (kds_memslot_set(a->vm, &m) != 0) {
+        die("kds_memslot_set");
+    }
+}
+
+static int set_core_reg(int vcpu, uint64_t off, uint64_t v)
+{
+    struct kvm_one_reg r = {
+        .id = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (off / sizeof(uint32_t)),
+        .addr = (uint64_t)(uintptr_t)&v,
+    };
+    return ioctl(vcpu, KVM_SET_ONE_REG, &r);
+}
+
+struct avcpu {
+    int fd;
+    struct kvm_run *run;
+};
+
+static void avcpu_init(struct avm *a, struct avcpu *v)
+{
+    v->fd = ioctl(a->fd, KVM_CREATE_VCPU, 0);
+    struct kvm_vcpu_init init;
+    if (v->fd < 0 || ioctl(a->fd, KVM_ARM_PREFERRED_TARGET, &init) < 0 ||
+        ioctl(v->fd, KVM_ARM_VCPU_INIT, &init) < 0) {
+        die("vCPU create/init");
+    }
+    if (kds_vcpu_add(a->vm, v->fd, 0) != 0) {
+        die("kds_vcpu_add");
+    }
+    int sz = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+    v->run = mmap(NULL, (size_t)sz, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+    if (v->run == MAP_FAILED) {
+        die("mmap kvm_run");
+    }
+    if (set_core_reg(v->fd, offsetof(struct kvm_regs, regs.pc), RAM_BASE) < 0 ||
+        set_core_reg(v->fd, offsetof(struct kvm_regs, regs.regs[0]), RAM_BASE + page) < 0) {
+        die("KVM_SET_ONE_REG");
+    }
+}
+
+static void mailbox(struct avm *a, uint64_t pages, uint32_t stores, uint32_t it)
+{
+    uint32_t shift = (uint32_t)__builtin_ctzll(page);
+    uint32_t mb[6] = { it, stores, 1, (uint32_t)(pages - 1), (uint32_t)TEST_GPA, shift };
+    if (it > 1) {
+        mb[2] = ((uint32_t *)(a->code + page))[2]; /* the guest keeps its LCG state */
+    }
+    memcpy(a->code + page, mb, sizeof(mb));
+}
+
+/* One guest round; returns ring-full exits, -1 on a reported wedge. */
+static long round_run(struct avm *a, struct avcpu *v)
+{
+    long full = 0;
+    time_t end = time(NULL) + 120;
+    while (time(NULL) < end) {
+        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            die("KVM_RUN");
+        }
+        if (v->run->exit_reason == KVM_EXIT_MMIO) {
+            return full;
+        }
+        if (v->run->exit_reason != KVM_EXIT_DIRTY_RING_FULL) {
+            fprintf(stderr, "unexpected exit %u\n", v->run->exit_reason);
+            die("KVM_RUN exit");
+        }
+        full++;
+        int64_t n = kds_reap_vcpu(a->vm, 0);
+        if (n == -EOVERFLOW) {
+            return -1;
+        }
+        if (n < 0) {
+            die("kds_reap_vcpu");
+        }
+    }
+    die("guest round over 120 s");
+    return -1;
+}
+
+/* The guest dirties `pages` pages `rounds` times; loss must be 0. */
+static void track(const char *name, int ring, uint64_t pages, uint32_t stores, int rounds,
+                  int want_full)
+{
+    int before = kds_test_failures;
+    struct avm a;
+    struct avcpu v;
+    struct checker c;
+    avm_init(&a, ring, 0);
+    checker_init(&c, 1, pages, page);
+    set_slot(&a, 1, TEST_GPA, c.mem, pages * page);
+    avcpu_init(&a, &v);
+    long full = 0, r = 0;
+    for (int it = 1; it <= rounds && r >= 0; it++) {
+        mailbox(&a, pages, stores, (uint32_t)it);
+        r = round_run(&a, &v);
+        full += r > 0 ? r : 0;
+        uint64_t lost = checker_check(&c, a.vm, 0);
+        CHECK(lost == 0, "%s round %d: %llu lost", name, it, (unsigned long long)lost);
+    }
+    KdsStats s;
+    kds_stats(a.vm, &s);
+    CHECK(c.changed >= stores, "the guest dirtied pages (%llu)", (unsigned long long)c.changed);
+    CHECK(kds_vm_mode(a.vm) == (ring ? KDS_MODE_RING : KDS_MODE_BITMAP), "mode");
+    if (want_full) {
+        CHECK(full > 0 && s.ring_full_reaps > 0, "a ring-full exit reaped by kds_reap_vcpu");
+    }
+    printf("  %s: %llu pages changed, %llu reported, %llu lost, %ld ring-full exits, "
+           "%llu overflows, %llu wedges\n", name, (unsigned long long)c.changed,
+           (unsigned long long)c.reported, (unsigned long long)c.lost, full,
+           (unsigned long long)s.ring_overflows, (unsigned long long)s.ring_wedges);
+    checker_free(&c);
+    avm_free(&a);
+    result(name, before);
+}
+
+static int dev_attr(int fd, int get, uint32_t group, uint64_t attr, void *addr)
+{
+    struct kvm_device_attr d = { .group = group, .attr = attr, .addr = (uint64_t)(uintptr_t)addr };
+    return ioctl(fd, get ? KVM_GET_DEVICE_ATTR : KVM_SET_DEVICE_ATTR, &d) < 0 ? -errno : 0;
+}
+
+/* Points GITS_BASERn at `gpa` (one page, valid), keeping type and entry size. */
+static int its_table(int its, uint64_t reg, uint64_t gpa)
+{
+    uint64_t v = 0;
+    if (dev_attr(its, 1, KVM_DEV_ARM_VGIC_GRP_ITS_REGS, reg, &v) < 0) {
+        return -1;
+    }
+    v = (1ull << 63) | (v & (0x7ull << 56)) | (v & (0x1full << 48)) | (gpa & 0xfffffffff000ull);
+    return dev_attr(its, 0, KVM_DEV_ARM_VGIC_GRP_ITS_REGS, reg, &v);
+}
+
+/* The seed scenario: the ITS writes guest memory with no vCPU running. */
+static void its_save_tables(void)
+{
+    int before = kds_test_failures;
+    uint64_t pages = (16ull << 20) / page;
+    struct avm a;
+    struct avcpu v;
+    struct checker c;
+    avm_init(&a, 1, KDS_BOARD_VGIC_ITS);
+    CHECK(kds_vm_mode(a.vm) == KDS_MODE_RING_WITH_BITMAP, "mode %d", kds_vm_mode(a.vm));
+    checker_init(&c, 1, pages, page);
+    set_slot(&a, 1, TEST_GPA, c.mem, pages * page);
+    avcpu_init(&a, &v);
+
+    struct kvm_create_device gic = { .type = KVM_DEV_TYPE_ARM_VGIC_V3 };
+    struct kvm_create_device its = { .type = KVM_DEV_TYPE_ARM_VGIC_ITS };
+    uint64_t dist = 0x08000000, redist = 0x080A0000, itsb = 0x08080000;
+    CHECK(ioctl(a.fd, KVM_CREATE_DEVICE, &gic) == 0, "vGICv3");
+    CHECK(dev_attr(gic.fd, 0, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, &dist) == 0, "dist");
+    CHECK(dev_attr(gic.fd, 0, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, &redist) == 0, "redist");
+    CHECK(ioctl(a.fd, KVM_CREATE_DEVICE, &its) == 0, "ITS");
+    CHECK(dev_attr(its.fd, 0, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_ITS_ADDR_TYPE, &itsb) == 0, "its addr");
+    CHECK(dev_attr(gic.fd, 0, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, NULL) == 0, "vgic init");
+    CHECK(dev_attr(its.fd, 0, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, NULL) == 0, "its init");
+    /* Device table and collection table in the dirty-logged slot (64 KiB
+     * apart, so they are on different pages with any page size). */
+    uint64_t dt = 0x200000, ct = 0x210000;
+    CHECK(its_table(its.fd, GITS_BASER0, TEST_GPA + dt) == 0, "GITS_BASER0");
+    CHECK(its_table(its.fd, GITS_BASER1, TEST_GPA + ct) == 0, "GITS_BASER1");
+    memset(c.mem, 0xAA, pages * page);
+    for (uint64_t p = 0; p < pages; p++) {
+        c.shadow[p] = *(uint32_t *)(c.mem + p * page);
+    }
+    CHECK(dev_attr(its.fd, 0, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_ITS_SAVE_TABLES, NULL) == 0,
+          "KVM_DEV_ARM_ITS_SAVE_TABLES");
+
+    /* What the ITS wrote, from the table memory itself. */
+    uint64_t written = 0;
+    for (uint64_t p = 0; p < pages; p++) {
+        for (uint64_t off = 0; off < page; off += 4) {
+            if (*(uint32_t *)(c.mem + p * page + off) != 0xAAAAAAAAu) {
+                written++;
+                c.shadow[p] = ~0u; /* force "changed" for the checker */
+                break;
+            }
+        }
+    }
+    CHECK(written > 0, "the ITS wrote guest memory");
+    CHECK(kds_reap(a.vm) == 0, "no ring entry for the ITS's writes");
+    memset(c.bitmap, 0, (pages + 63) / 64 * 8);
+    int64_t n = kds_sync_slot(a.vm, 1, c.bitmap, pages, 0);
+    CHECK(n == 0, "a sync without KDS_SYNC_FINAL leaves the backup bitmap alone (%lld)", (long long)n);
+    /* Final sync: exactly the pages the ITS wrote. */
+    memset(c.bitmap, 0, (pages + 63) / 64 * 8);
+    n = kds_sync_slot(a.vm, 1, c.bitmap, pages, KDS_SYNC_FINAL);
+    uint64_t lost = 0, extra = 0;
+    for (uint64_t p = 0; p < pages; p++) {
+        int dirty = (c.bitmap[p / 64] >> (p % 64)) & 1;
+        lost += c.shadow[p] == ~0u && !dirty;
+        extra += c.shadow[p] != ~0u && dirty;
+    }
+    CHECK(n == (int64_t)written && lost == 0 && extra == 0,
+          "final sync reported %lld pages, the ITS wrote %llu (lost %llu, extra %llu)",
+          (long long)n, (unsigned long long)written, (unsigned long long)lost,
+          (unsigned long long)extra);
+    printf("  ITS: wrote %llu pages with no vCPU running; kds_sync_slot(FINAL) reported %lld, "
+           "lost %llu\n", (unsigned long long)written, (long long)n, (unsigned long long)lost);
+    close(its.fd);
+    close(gic.fd);
+    checker_free(&c);
+    avm_free(&a);
+    result("its-save-tables-backup-bitmap", before);
+}
+
+static void ring_kernel(void)
+{
+    int before = kds_test_failures;
+    struct avm a;
+    /* The shim picks ACQ_REL (the plain ring is 0 on arm64). */
+    kds_set_logger(logger, NULL, 3);
+    last_info[0] = 0;
+    a.fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+    CHECK(kds_vm_adopt(a.fd, &a.vm) == 0, "adopt");
+    CHECK(kds_dirty_ring_enable(a.vm, RING) == 0, "ring");
+    CHECK(strstr(last_info, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL") != NULL, "picked: %s", last_info);
+    kds_set_logger(NULL, NULL, 0);
+    /* The hook before any memslot: ring with bitmap. */
+    CHECK(kds_board_init(a.vm, KDS_BOARD_VGIC_ITS) == 0, "board hook with ITS");
+    CHECK(kds_vm_mode(a.vm) == KDS_MODE_RING_WITH_BITMAP, "mode %d", kds_vm_mode(a.vm));
+    kds_vm_free(a.vm);
+    close(a.fd);
+    result("ring-acq-rel-and-its-hook", before);
+
+    before = kds_test_failures;
+    avm_init(&a, 1, UINT32_MAX); /* ring, then a memslot, no hook */
+    /* The kernel alone would answer -EINVAL; -EBUSY is the shim's refusal. */
+    CHECK(kds_board_init(a.vm, KDS_BOARD_VGIC_ITS) == -EBUSY, "ITS after memslot: %s", kds_last_error());
+    CHECK(kds_vm_mode(a.vm) == KDS_MODE_RING, "mode stays ring");
+    avm_free(&a);
+    avm_init(&a, 0, UINT32_MAX);
+    CHECK(kds_dirty_ring_enable(a.vm, RING) == -EBUSY, "ring after memslot: %s", kds_last_error());
+    avm_free(&a);
+    result("refusals-after-memslot", before);
+
+    its_save_tables();
+    track("vcpu-ring", 1, 1024, 500, 4, 0);
+    track("vcpu-ring-full", 1, 16384, 8000, 3, 1);
+    track("vcpu-bitmap", 0, 1024, 500, 4, 0);
+}
+
+static void bitmap_kernel(void)
+{
+    int before = kds_test_failures;
+    int fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+    KdsVm *vm;
+    CHECK(kds_vm_adopt(fd, &vm) == 0, "adopt");
+    int r = kds_dirty_ring_enable(vm, RING);
+    if (r == 0) {
+        /* A ring without cap 225: the ITS must be refused. */
+        CHECK(kds_board_init(vm, KDS_BOARD_VGIC_ITS) == -ENOTSUP, "ITS without backup bitmap");
+    } else {
+        CHECK(r == -ENOTSUP, "no ring here: %d (%s)", r, kds_last_error());
+        CHECK(kds_board_init(vm, KDS_BOARD_VGIC_ITS) == 0, "ITS recorded in bitmap mode");
+        CHECK(kds_vm_mode(vm) == KDS_MODE_BITMAP, "bitmap mode");
+    }
+    kds_vm_free(vm);
+    close(fd);
+    result("no-ring-kernel-path", before);
+    track("vcpu-bitmap", 0, 1024, 500, 4, 0);
+}
+
+int main(void)
+{
+    mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+    struct utsname u;
+    uname(&u);
+    page = (uint64_t)sysconf(_SC_PAGESIZE);
+    kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm_fd < 0) {
+        die("open /dev/kvm");
+    }
+    int vm = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+    int c192 = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING);
+    int c223 = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING_ACQ_REL);
+    int c225 = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP);
+    close(vm);
+    printf("arm64 host: Linux %s, page size %llu, caps 192=%d 223=%d 225=%d\n", u.release,
+           (unsigned long long)page, c192, c223, c225);
+    if (c223 > 0 && c225 > 0) {
+        ring_kernel();
+    } else {
+        bitmap_kernel();
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    fflush(stdout);
+    sync();
+    reboot(RB_POWER_OFF);
+    return 0;
+}
