@@ -138,8 +138,9 @@ typedef struct KdsStats {
   uint64_t ring_overflows;
   /*
    (Added to abi.md v1) `kds_reap_vcpu` calls that found the ring
-   wedged (ring-full exits with nothing to harvest twice in a row) and
-   returned `-EOVERFLOW`; every dirty-logged page was reported dirty.
+   wedged (ring-full exits with nothing to harvest twice in a row);
+   every dirty-logged page was reported dirty. Most are undone (see
+   `ring_recoveries`); the others returned `-EOVERFLOW`.
    */
   uint64_t ring_wedges;
   /*
@@ -148,6 +149,13 @@ typedef struct KdsStats {
    kernel ignored entries.
    */
   uint64_t entries_reset;
+  /*
+   (Added to abi.md v1) Times the shim re-synchronised a ring the
+   kernel had overrun (entries it counts but never published, handed
+   back to it), so that the vCPU runs again instead of exiting
+   ring-full for ever.
+   */
+  uint64_t ring_recoveries;
 } KdsStats;
 
 /*
@@ -295,11 +303,14 @@ int64_t kds_reap(struct KdsVm *vm);
 /*
  The same as `kds_reap` for one vCPU: call it on
  `KVM_EXIT_DIRTY_RING_FULL` before re-entering the guest. Safe while
- another thread runs `kds_reap`. `-EOVERFLOW` when the ring is wedged
- (this call and the previous one found nothing and no thread harvested
- this ring in between): every dirty-logged page was reported dirty and
- the ring can no longer be trusted; do not re-enter the guest expecting
- progress. Unknown index: `-EINVAL`.
+ another thread runs `kds_reap`. When the ring is wedged (this call and
+ the previous one found nothing and no thread harvested this ring in
+ between; a kernel that overran the ring does this), every dirty-logged
+ page is reported dirty and the shim hands the entries the kernel counts
+ but never published back to it, so the vCPU can run again (counted in
+ `ring_recoveries`); where that is not possible (or after 64 wedges in a
+ row) it returns `-EOVERFLOW`: the ring can no longer be trusted; do not
+ re-enter the guest expecting progress. Unknown index: `-EINVAL`.
  */
 int64_t kds_reap_vcpu(struct KdsVm *vm, uint32_t vcpu_index);
 

@@ -332,11 +332,14 @@ pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
 
 /// The same as `kds_reap` for one vCPU: call it on
 /// `KVM_EXIT_DIRTY_RING_FULL` before re-entering the guest. Safe while
-/// another thread runs `kds_reap`. `-EOVERFLOW` when the ring is wedged
-/// (this call and the previous one found nothing and no thread harvested
-/// this ring in between): every dirty-logged page was reported dirty and
-/// the ring can no longer be trusted; do not re-enter the guest expecting
-/// progress. Unknown index: `-EINVAL`.
+/// another thread runs `kds_reap`. When the ring is wedged (this call and
+/// the previous one found nothing and no thread harvested this ring in
+/// between; a kernel that overran the ring does this), every dirty-logged
+/// page is reported dirty and the shim hands the entries the kernel counts
+/// but never published back to it, so the vCPU can run again (counted in
+/// `ring_recoveries`); where that is not possible (or after 64 wedges in a
+/// row) it returns `-EOVERFLOW`: the ring can no longer be trusted; do not
+/// re-enter the guest expecting progress. Unknown index: `-EINVAL`.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reap_vcpu(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
     ffi_boundary!("kds_reap_vcpu", {

@@ -55,7 +55,8 @@ unsafe impl Sync for Ring {}
 pub struct Harvest {
     /// Entries harvested (flags DIRTY, now RESET).
     pub entries: u64,
-    /// The ring was completely full: the kernel may have dropped entries.
+    /// Every entry of the ring was in use (harvested or an overrun hole):
+    /// the kernel may have dropped entries.
     pub full: bool,
     /// Entries of an overrun hole handed back to the kernel (see `skip_hole`).
     pub skipped: u64,
@@ -128,7 +129,11 @@ impl Ring {
     /// hold the VM's reap lock and must issue `KVM_RESET_DIRTY_RINGS`
     /// afterwards.
     #[inline]
-    pub fn harvest(&self, mut sink: impl FnMut(u32, u64)) -> Harvest {
+    ///
+    /// `ring_full`: the caller saw this vCPU exit with
+    /// `KVM_EXIT_DIRTY_RING_FULL`, so an invalid entry at our fetch index is
+    /// suspect even if no overflow was seen (see `skip_hole`).
+    pub fn harvest(&self, ring_full: bool, mut sink: impl FnMut(u32, u64)) -> Harvest {
         let start = self.fetch.load(Ordering::Relaxed);
         let mut fetch = start;
         let mut skipped = 0;
@@ -140,7 +145,7 @@ impl Ring {
             // offset below are the values written before it.
             if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
                 let room = self.entries - fetch.wrapping_sub(start);
-                match self.skip_hole(fetch, room) {
+                match self.skip_hole(fetch, room, ring_full) {
                     0 => break,
                     d => {
                         fetch = fetch.wrapping_add(d);
@@ -170,9 +175,13 @@ impl Ring {
             fetch = fetch.wrapping_add(1);
         }
         self.fetch.store(fetch, Ordering::Relaxed);
-        let n = u64::from(fetch.wrapping_sub(start)) - skipped;
+        let used = fetch.wrapping_sub(start);
+        let n = u64::from(used) - skipped;
         self.harvested.fetch_add(n, Ordering::Relaxed);
-        let full = n == u64::from(self.entries);
+        // Every position of the ring was in use (harvested, or a hole the
+        // kernel had left): it was completely full, so the kernel may have
+        // overrun it again.
+        let full = used == self.entries;
         if full {
             self.suspect.store(true, Ordering::Relaxed);
         }
@@ -199,8 +208,14 @@ impl Ring {
     /// which is harmless) and the ring works again. Only entries before the
     /// first DIRTY one are touched, never any beyond the kernel's index
     /// (resetting those would corrupt its count).
-    fn skip_hole(&self, fetch: u32, room: u32) -> u32 {
-        if !self.suspect.load(Ordering::Relaxed) {
+    ///
+    /// The scan costs up to a lap of loads, so it runs only when a hole is
+    /// likely: after an overflow, or on a ring-full exit (a vCPU that says
+    /// its ring is full while the entry at our fetch index is invalid).
+    /// Measured: holes also appear without a lap found full, when the kernel
+    /// overruns between two harvests.
+    fn skip_hole(&self, fetch: u32, room: u32, ring_full: bool) -> u32 {
+        if !ring_full && !self.suspect.load(Ordering::Relaxed) {
             return 0;
         }
         let Some(d) = (1..room).find(|&d| {
@@ -218,11 +233,181 @@ impl Ring {
     }
 }
 
+/// The most entries the kernel keeps in reserve below a full ring
+/// (`KVM_DIRTY_RING_RSVD_ENTRIES` 64 plus Intel PML's 512): a vCPU whose
+/// kernel count is at least `entries - MAX_RSVD_ENTRIES` is soft-full.
+const MAX_RSVD_ENTRIES: u32 = 64 + 512;
+
+impl Ring {
+    /// Undoes a wedge: the kernel overran this ring so far that its count
+    /// of unpublished entries alone keeps the vCPU soft-full, so it exits
+    /// ring-full for ever with nothing to harvest and `skip_hole` has no
+    /// published entry to find the hole's end by. That count is then at
+    /// least the soft limit, `entries - reserve`, so handing back
+    /// `entries - MAX_RSVD_ENTRIES` invalid entries (marked RESET, for the
+    /// next `KVM_RESET_DIRTY_RINGS`) can never take the kernel's count
+    /// below zero; what is left of the hole `skip_hole` handles once the
+    /// vCPU publishes again. Only when the next entries are all invalid
+    /// (none the kernel published). Returns the entries handed back (0:
+    /// nothing done).
+    pub fn unwedge(&self) -> u32 {
+        let m = self.entries.saturating_sub(MAX_RSVD_ENTRIES);
+        let fetch = self.fetch.load(Ordering::Relaxed);
+        if m == 0
+            || (0..self.entries).any(|j| {
+                self.flags(fetch.wrapping_add(j)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
+            })
+        {
+            return 0;
+        }
+        for j in 0..m {
+            // Release, as for harvested entries (the kernel reads acquire).
+            self.flags(fetch.wrapping_add(j))
+                .store(DIRTY_GFN_F_RESET, Ordering::Release);
+        }
+        self.fetch.store(fetch.wrapping_add(m), Ordering::Relaxed);
+        self.suspect.store(true, Ordering::Relaxed);
+        m
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         let len = self.entries as usize * ENTRY_SIZE as usize;
         // SAFETY: unmaps exactly the mapping made in `map`; nothing refers
         // to it once the last `Arc` of the ring is gone.
         unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ring in anonymous memory; the test plays the kernel's side.
+    fn ring(entries: u32) -> Ring {
+        let len = entries as usize * ENTRY_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping, unmapped by Ring's Drop.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Ring {
+            base: NonNull::new(p as *mut kvm_dirty_gfn).unwrap(),
+            entries,
+            fetch: AtomicU32::new(0),
+            harvested: AtomicU64::new(0),
+            suspect: AtomicBool::new(false),
+        }
+    }
+
+    /// The kernel's push: fields, then flags DIRTY with release.
+    fn push(r: &Ring, i: u32, slot: u32, offset: u64) {
+        let e = r.entry(i);
+        // SAFETY: in-bounds entry of the test's ring.
+        unsafe {
+            ptr::write_volatile(ptr::addr_of_mut!((*e).slot), slot);
+            ptr::write_volatile(ptr::addr_of_mut!((*e).offset), offset);
+        }
+        r.flags(i).store(DIRTY_GFN_F_DIRTY, Ordering::Release);
+    }
+
+    fn flags(r: &Ring, i: u32) -> u32 {
+        r.flags(i).load(Ordering::Acquire)
+    }
+
+    fn collect(r: &Ring, ring_full: bool) -> (Harvest, Vec<(u32, u64)>) {
+        let mut got = Vec::new();
+        let h = r.harvest(ring_full, |s, o| got.push((s, o)));
+        (h, got)
+    }
+
+    #[test]
+    fn harvests_in_order_and_marks_reset() {
+        let r = ring(1024);
+        for i in 0..10 {
+            push(&r, i, 1, u64::from(i) * 3);
+        }
+        let (h, got) = collect(&r, false);
+        assert_eq!(
+            h,
+            Harvest {
+                entries: 10,
+                full: false,
+                skipped: 0
+            }
+        );
+        assert_eq!(got[9], (1, 27));
+        assert!((0..10).all(|i| flags(&r, i) == DIRTY_GFN_F_RESET));
+        assert_eq!(flags(&r, 10), 0);
+        assert_eq!(collect(&r, false).0.entries, 0);
+    }
+
+    #[test]
+    fn a_full_lap_is_reported_and_bounded() {
+        let r = ring(1024);
+        for i in 0..1024 {
+            push(&r, i, 1, 0);
+        }
+        let (h, _) = collect(&r, false);
+        assert!(h.full && h.entries == 1024);
+    }
+
+    #[test]
+    fn a_hole_is_skipped_only_when_suspect_or_on_ring_full() {
+        // Kernel state after an overrun: 3 entries it counts but never
+        // published, then what it published next.
+        let r = ring(1024);
+        for i in 3..10 {
+            push(&r, i, 1, u64::from(i));
+        }
+        assert_eq!(
+            collect(&r, false).0.entries,
+            0,
+            "a plain reap does not scan"
+        );
+        let (h, got) = collect(&r, true);
+        assert_eq!(
+            h,
+            Harvest {
+                entries: 7,
+                full: false,
+                skipped: 3
+            }
+        );
+        assert_eq!(got.first(), Some(&(1, 3)));
+        assert!(
+            (0..10).all(|i| flags(&r, i) == DIRTY_GFN_F_RESET),
+            "hole handed back"
+        );
+    }
+
+    #[test]
+    fn an_empty_ring_is_not_a_hole() {
+        let r = ring(1024);
+        assert_eq!(collect(&r, true).0, Harvest::default());
+        assert!((0..1024).all(|i| flags(&r, i) == 0));
+    }
+
+    #[test]
+    fn unwedge_hands_back_less_than_the_soft_limit_and_only_invalid_entries() {
+        let r = ring(4096);
+        assert_eq!(r.unwedge(), 4096 - MAX_RSVD_ENTRIES);
+        assert!((0..4096 - MAX_RSVD_ENTRIES).all(|i| flags(&r, i) == DIRTY_GFN_F_RESET));
+        assert!((4096 - MAX_RSVD_ENTRIES..4096).all(|i| flags(&r, i) == 0));
+        // Anything the kernel published: not a wedge, nothing touched.
+        let r = ring(4096);
+        push(&r, 4000, 1, 1);
+        assert_eq!(r.unwedge(), 0);
+        assert_eq!(flags(&r, 0), 0);
+        // Rings no bigger than the reserve: nothing can be proven.
+        assert_eq!(ring(512).unwedge(), 0);
     }
 }

@@ -91,13 +91,19 @@ pub struct KdsStats {
     /// reported dirty.
     pub ring_overflows: u64,
     /// (Added to abi.md v1) `kds_reap_vcpu` calls that found the ring
-    /// wedged (ring-full exits with nothing to harvest twice in a row) and
-    /// returned `-EOVERFLOW`; every dirty-logged page was reported dirty.
+    /// wedged (ring-full exits with nothing to harvest twice in a row);
+    /// every dirty-logged page was reported dirty. Most are undone (see
+    /// `ring_recoveries`); the others returned `-EOVERFLOW`.
     pub ring_wedges: u64,
     /// (Added to abi.md v1) Entries the kernel reset, as returned by
     /// `KVM_RESET_DIRTY_RINGS`. Lower than `entries_reaped` only when the
     /// kernel ignored entries.
     pub entries_reset: u64,
+    /// (Added to abi.md v1) Times the shim re-synchronised a ring the
+    /// kernel had overrun (entries it counts but never published, handed
+    /// back to it), so that the vCPU runs again instead of exiting
+    /// ring-full for ever.
+    pub ring_recoveries: u64,
 }
 
 /// Counters of one vCPU (`kds_vcpu_stats`): what a VMM's dirty-rate and

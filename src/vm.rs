@@ -31,6 +31,11 @@ use crate::types::{
     KdsVcpuStats,
 };
 
+/// Wedges `reap_vcpu` undoes in a row before it gives up with `EOVERFLOW`
+/// (each hands back most of a lap; the kernel cannot be further behind
+/// than its u32 count allows, but a VMM must never spin).
+const MAX_UNWEDGES: u32 = 64;
+
 /// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
 pub(crate) const RING_MAX_ENTRIES_DEFAULT: u64 = 65536;
 
@@ -51,6 +56,8 @@ struct Vcpu {
     /// at the previous `reap_vcpu`, and whether that call found nothing.
     last_full_total: AtomicU64,
     last_full_empty: AtomicBool,
+    /// Wedges undone in a row (reset by a harvest that finds entries).
+    unwedges: AtomicU32,
 }
 
 /// Harvested entries not yet published (guarded by `Vm::reap`).
@@ -80,6 +87,7 @@ struct Stats {
     ring_overflows: AtomicU64,
     ring_wedges: AtomicU64,
     entries_reset: AtomicU64,
+    ring_recoveries: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -469,6 +477,7 @@ impl Vm {
             ring_full_reaps: AtomicU64::new(0),
             last_full_total: AtomicU64::new(0),
             last_full_empty: AtomicBool::new(false),
+            unwedges: AtomicU32::new(0),
         });
         self.vcpus.write().insert(index, v);
         life.vcpu_added = true;
@@ -484,7 +493,7 @@ impl Vm {
             return Err(unknown_vcpu(index));
         };
         if let Some(r) = &v.ring {
-            let h = self.harvest_one(&mut st, r);
+            let h = self.harvest_one(&mut st, r, false);
             self.reap_locked(&mut st, h.entries)?;
         }
         log::debug!("vCPU {index} removed");
@@ -500,12 +509,13 @@ impl Vm {
     }
 
     /// Harvests one ring into the private list (reap lock held).
-    fn harvest_one(&self, st: &mut ReapState, ring: &Ring) -> Harvest {
+    fn harvest_one(&self, st: &mut ReapState, ring: &Ring, ring_full: bool) -> Harvest {
         let pending = &mut st.pending;
-        let h = ring.harvest(|slot, offset| pending.push((slot, offset)));
+        let h = ring.harvest(ring_full, |slot, offset| pending.push((slot, offset)));
         if h.skipped > 0 {
             // The reset that follows must run even if nothing was harvested.
             st.hole_skipped = true;
+            bump(&self.stats.ring_recoveries, 1);
             log::warn!(
                 "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
                  the ring; the ring works again",
@@ -610,7 +620,7 @@ impl Vm {
         let mut n = 0;
         for v in self.vcpus.read().values() {
             if let Some(r) = &v.ring {
-                n += self.harvest_one(st, r).entries;
+                n += self.harvest_one(st, r, false).entries;
             }
         }
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
@@ -618,8 +628,11 @@ impl Vm {
     }
 
     /// Harvests one vCPU's ring (for `KVM_EXIT_DIRTY_RING_FULL`).
-    /// `EOVERFLOW` when the ring is wedged: two calls in a row found nothing
-    /// and nothing was harvested from it in between by any thread.
+    ///
+    /// A wedge (this call and the previous one found nothing, and no thread
+    /// harvested this ring in between) marks every logged page dirty and is
+    /// undone where the kernel's overrun explains it (`Ring::unwedge`, at
+    /// most `MAX_UNWEDGES` times in a row); otherwise `EOVERFLOW`.
     pub fn reap_vcpu(&self, index: u32) -> Result<u64> {
         let v = self.vcpu(index)?;
         let Some(ring) = &v.ring else {
@@ -627,7 +640,7 @@ impl Vm {
         };
         let mut st = self.reap.lock();
         let t = Instant::now();
-        let h = self.harvest_one(&mut st, ring);
+        let h = self.harvest_one(&mut st, ring, true);
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
         let total = ring.harvested();
         let prev_total = v.last_full_total.swap(total, Ordering::Relaxed);
@@ -636,13 +649,28 @@ impl Vm {
         if h.entries > 0 {
             bump(&v.ring_full_reaps, 1);
             bump(&self.stats.ring_full_reaps, 1);
+            v.unwedges.store(0, Ordering::Relaxed);
         }
+        let mut undone = 0;
         if wedged {
             st.overflow = true;
             bump(&self.stats.ring_wedges, 1);
+            if v.unwedges.fetch_add(1, Ordering::Relaxed) < MAX_UNWEDGES {
+                undone = ring.unwedge();
+            }
+            if undone > 0 {
+                st.hole_skipped = true;
+                bump(&self.stats.ring_recoveries, 1);
+            }
         }
         let n = self.reap_locked(&mut st, h.entries)?;
-        if wedged {
+        if wedged && undone > 0 {
+            log::warn!(
+                "vCPU {index}'s dirty ring was wedged by a kernel overrun: handed {undone} \
+                 never-published entries back to the kernel; every dirty-logged page was \
+                 reported dirty"
+            );
+        } else if wedged {
             let msg = format!(
                 "kds_reap_vcpu: vCPU {index}'s dirty ring is wedged: it keeps exiting with \
                  KVM_EXIT_DIRTY_RING_FULL but holds nothing to harvest (the kernel overran the \
@@ -772,6 +800,7 @@ impl Vm {
             ring_overflows: g(&s.ring_overflows),
             ring_wedges: g(&s.ring_wedges),
             entries_reset: g(&s.entries_reset),
+            ring_recoveries: g(&s.ring_recoveries),
         }
     }
 

@@ -329,33 +329,29 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
 }
 
 #[test]
-fn reaping_only_on_ring_full_exits_never_hangs_or_loses() {
+fn reaping_only_on_ring_full_exits_resumes_and_loses_nothing() {
     // The harshest VMM loop: the ring is reaped only on ring-full exits and
-    // synced only every 4 guest rounds. This kernel then overruns the ring,
-    // sometimes further than the shim can re-synchronise: the run must end
-    // with either clean resumption or a reported wedge (-EOVERFLOW, every
-    // page marked dirty), never a hang, and lose nothing either way.
+    // synced only every 4 guest rounds. This kernel then overruns the ring
+    // (measured: holes of entries it counts but never publishes, which used
+    // to wedge the vCPU on endless ring-full exits). The shim must
+    // re-synchronise every time: the guest runs all 60 rounds, nothing is
+    // lost, and the kernel reset exactly what the guest pushed.
     let vm = TestVm::new(Some(RING));
     let pages = 16384;
     let (mut c, mut v) = vm.guest(pages, 6000, 1);
-    let mut wedged = false;
     for it in 1..=60 {
         vm.set_iteration(0, it);
-        wedged = v.run_round(vm.h).wedged;
-        if wedged || it % 4 == 0 {
+        let r = v.run_round(vm.h);
+        assert!(!r.wedged, "round {it}: -EOVERFLOW: {}", last_error());
+        if it % 4 == 0 {
             let (changed, _, lost) = c.check(vm.h, 0);
             assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
         }
-        if wedged {
-            break;
-        }
     }
     let s = vm.stats();
-    if wedged {
-        assert!(s.ring_wedges > 0, "{s:?}");
-        // Still reported, not a spin: the next call says the same.
-        assert_eq!(kds_reap_vcpu(vm.vm(), 0), -i64::from(libc::EOVERFLOW));
-        assert!(last_error().contains("wedged"));
-    }
-    eprintln!("ring-full-only reaping: wedged={wedged}, {s:?}");
+    // Every entry the kernel reset was harvested or a hole handed back:
+    // nothing double counted, nothing left behind.
+    assert!(s.entries_reset >= s.entries_reaped, "{s:?}");
+    assert!(s.ring_overflows == 0 || s.ring_recoveries > 0, "{s:?}");
+    eprintln!("ring-full-only reaping: {s:?}");
 }
