@@ -560,6 +560,10 @@ impl Vm {
             let reset = r?;
             st.hole_skipped = false;
             bump(&self.stats.entries_reset, reset);
+            log::debug!(
+                "reaped {harvested} ring entries; KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
+                t.elapsed().as_micros()
+            );
         }
         // Publishing is our work too: it counts as harvest time.
         let t = Instant::now();
@@ -696,8 +700,9 @@ impl Vm {
         let s = self.logged_slot(slot, nbits)?;
         let mode = self.mode();
         if !mode.has_ring() {
-            let n = self.kernel_bitmap(&s)?;
-            return Ok(or_masked(out, &n, s.npages));
+            let n = or_masked(out, &self.kernel_bitmap(&s)?, s.npages);
+            log::debug!("sync slot {slot:#x}: {n} pages reported (KVM_GET_DIRTY_LOG)");
+            return Ok(n);
         }
         // The backup bitmap (ring-with-bitmap, final stage) is the kernel's
         // own: read it before taking the reap lock.
@@ -714,7 +719,12 @@ impl Vm {
         // Look the slot up again: the reap published into the current one.
         let s = self.logged_slot(slot, nbits)?;
         let dirty = s.dirty.as_ref().expect("logged slot has a bitmap");
-        Ok(dirty.drain_into(out, backup.as_deref()))
+        let n = dirty.drain_into(out, backup.as_deref());
+        log::debug!(
+            "sync slot {slot:#x}: {n} pages reported (final: {})",
+            flags & SYNC_FINAL != 0
+        );
+        Ok(n)
     }
 
     fn logged_slot(&self, slot: u32, nbits: u64) -> Result<Arc<Slot>> {

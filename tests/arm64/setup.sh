@@ -15,15 +15,7 @@ command -v cpio >/dev/null 2>&1 || need="$need cpio"
     need="$need rustc-web cargo-web libstd-rust-web-dev:arm64"
 if [ -n "$need" ]; then
     dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
-    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
-Types: deb deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    fi
+    "$(dirname "$0")/../debian-backports.sh"
     apt-get update -qq
     # qemu-system-arm 10.0.2 comes from bookworm-backports.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports $need >/dev/null
