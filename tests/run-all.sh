@@ -50,4 +50,7 @@ timeout 120 target/c-vmm guest/guest.bin 1 | tail -n 1
 echo "== arm64: the ITS path and the ring on an emulated arm64 KVM host (6.12 and 6.1)"
 tests/arm64/run
 
+echo "== QEMU 10.0.2 patched to use the shim: QEMU's own migration tests, beside stock QEMU"
+meson-snippet/qemu/build-and-test
+
 echo "== all tests passed"
