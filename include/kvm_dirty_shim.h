@@ -92,6 +92,28 @@ typedef struct KdsMemslot {
 } KdsMemslot;
 
 /*
+ Knobs of the adaptive reaper thread (`kds_reaper_start`). A field left
+ 0 takes its default.
+ */
+typedef struct KdsReaperConfig {
+  /*
+   Reap as soon as some vCPU's ring holds at least this percentage of
+   its entries (1..=90; default 25). The check reads one entry's flags
+   per ring, no syscall.
+   */
+  uint32_t high_water_pct;
+  /*
+   Shortest pause between two checks, in microseconds (default 200).
+   */
+  uint32_t min_interval_us;
+  /*
+   Longest pause between two checks, in microseconds (default 50000):
+   what an idle VM costs.
+   */
+  uint32_t max_interval_us;
+} KdsReaperConfig;
+
+/*
  Counters of one VM since its creation (`kds_stats`).
  */
 typedef struct KdsStats {
@@ -156,6 +178,11 @@ typedef struct KdsStats {
    ring-full for ever.
    */
   uint64_t ring_recoveries;
+  /*
+   (Added to abi.md v1) Reaps done by the adaptive reaper thread
+   (`kds_reaper_start`).
+   */
+  uint64_t reaper_reaps;
 } KdsStats;
 
 /*
@@ -205,8 +232,9 @@ int kds_vm_create(uint64_t machine_type, struct KdsVm **out);
 int kds_vm_adopt(int vm_fd, struct KdsVm **out);
 
 /*
- Unmaps every ring and frees everything (and closes the VM fd the shim
- holds). NULL is a no-op. No other call on `vm` may be running or follow.
+ Stops the adaptive reaper if it runs, unmaps every ring and frees
+ everything (and closes the VM fd the shim holds). NULL is a no-op. No
+ other call on `vm` may be running or follow.
  */
 void kds_vm_free(struct KdsVm *vm);
 
@@ -345,6 +373,29 @@ int kds_set_kick(struct KdsVm *vm, void (*kick_all)(void *opaque), void *opaque)
  `-EBUSY` without a kick callback (see `kds_set_kick`).
  */
 int64_t kds_flush(struct KdsVm *vm);
+
+/*
+ (Added to abi.md v1) Starts the adaptive reaper: a thread inside the
+ library that checks every vCPU ring's fill level (reading entry flags,
+ no syscall) and calls `kds_reap` as soon as one ring reaches
+ `high_water_pct`, pausing between checks according to the fastest
+ ring's fill rate (from `min_interval_us` to `max_interval_us`), so that
+ a busy vCPU rarely exits with `KVM_EXIT_DIRTY_RING_FULL`. `cfg` NULL or
+ fields 0: defaults (25 %, 200 us, 50000 us). Replaces a VMM's own
+ fixed-period reaper thread; `kds_reap_vcpu` on ring-full exits and
+ `kds_sync_slot` work beside it. Counted in `reaper_reaps`. `-ENOTSUP`
+ without a dirty ring, `-EBUSY` when it already runs, `-EINVAL` for
+ knobs out of range. Stop it with `kds_reaper_stop` (`kds_vm_free` also
+ does).
+ */
+int kds_reaper_start(struct KdsVm *vm, const struct KdsReaperConfig *cfg);
+
+/*
+ (Added to abi.md v1) Stops the adaptive reaper and waits for the thread
+ (at most the reap it is doing). 0 also when none runs. `-EDEADLK` when
+ called from the reaper thread itself (from a logger callback).
+ */
+int kds_reaper_stop(struct KdsVm *vm);
 
 /*
  Copies the VM's counters since creation into `*out`.

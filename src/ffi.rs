@@ -12,16 +12,17 @@
 
 use std::ffi::c_int;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 
 use crate::bitmap::words_for;
 use crate::error::{Error, Result, errno_name, last_error_ptr, set_last_error};
 use crate::logger;
-use crate::types::{KDS_ABI_VERSION, KdsMemslot, KdsStats, KdsVcpuStats};
+use crate::types::{KDS_ABI_VERSION, KdsMemslot, KdsReaperConfig, KdsStats, KdsVcpuStats};
 use crate::vm::{Kick, Vm};
 
 /// An opaque handle on one VM's dirty tracking.
 pub struct KdsVm {
-    vm: Vm,
+    vm: Arc<Vm>,
 }
 
 /// What an export returns when a panic was caught.
@@ -125,6 +126,10 @@ fn count(r: Result<u64>) -> i64 {
 }
 
 fn vm_ref<'a>(vm: *const KdsVm, func: &str) -> Result<&'a Vm> {
+    vm_arc(vm, func).map(|v| &**v)
+}
+
+fn vm_arc<'a>(vm: *const KdsVm, func: &str) -> Result<&'a Arc<Vm>> {
     // SAFETY: a non-NULL handle comes from kds_vm_create/kds_vm_adopt and
     // is valid until kds_vm_free (the ABI's contract with the caller).
     unsafe { vm.as_ref() }
@@ -156,7 +161,7 @@ fn store_vm(out: *mut *mut KdsVm, func: &str, make: impl FnOnce() -> Result<Vm>)
     }
     match make() {
         Ok(vm) => {
-            let h = Box::into_raw(Box::new(KdsVm { vm }));
+            let h = Box::into_raw(Box::new(KdsVm { vm: Arc::new(vm) }));
             // SAFETY: `out` is non-NULL and, per the ABI, points to a
             // writable `KdsVm *`.
             unsafe { out.write(h) };
@@ -187,15 +192,21 @@ pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
     })
 }
 
-/// Unmaps every ring and frees everything (and closes the VM fd the shim
-/// holds). NULL is a no-op. No other call on `vm` may be running or follow.
+/// Stops the adaptive reaper if it runs, unmaps every ring and frees
+/// everything (and closes the VM fd the shim holds). NULL is a no-op. No
+/// other call on `vm` may be running or follow.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vm_free(vm: *mut KdsVm) {
     ffi_boundary!("kds_vm_free", {
         if !vm.is_null() {
             // SAFETY: a non-NULL handle came from Box::into_raw in
             // store_vm and is freed exactly once (the caller's contract).
-            drop(unsafe { Box::from_raw(vm) });
+            let h = unsafe { Box::from_raw(vm) };
+            // The reaper thread holds the last other reference: join it
+            // so that the VM is dropped here, not behind the caller's back.
+            if let Err(e) = h.vm.reaper_stop() {
+                fail(&e);
+            }
         }
     })
 }
@@ -410,6 +421,40 @@ pub extern "C" fn kds_set_kick(
 pub extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
     ffi_boundary!("kds_flush", {
         count(vm_ref(vm, "kds_flush").and_then(|v| v.flush()))
+    })
+}
+
+/// (Added to abi.md v1) Starts the adaptive reaper: a thread inside the
+/// library that checks every vCPU ring's fill level (reading entry flags,
+/// no syscall) and calls `kds_reap` as soon as one ring reaches
+/// `high_water_pct`, pausing between checks according to the fastest
+/// ring's fill rate (from `min_interval_us` to `max_interval_us`), so that
+/// a busy vCPU rarely exits with `KVM_EXIT_DIRTY_RING_FULL`. `cfg` NULL or
+/// fields 0: defaults (25 %, 200 us, 50000 us). Replaces a VMM's own
+/// fixed-period reaper thread; `kds_reap_vcpu` on ring-full exits and
+/// `kds_sync_slot` work beside it. Counted in `reaper_reaps`. `-ENOTSUP`
+/// without a dirty ring, `-EBUSY` when it already runs, `-EINVAL` for
+/// knobs out of range. Stop it with `kds_reaper_stop` (`kds_vm_free` also
+/// does).
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_reaper_start(vm: *mut KdsVm, cfg: *const KdsReaperConfig) -> c_int {
+    ffi_boundary!("kds_reaper_start", {
+        status(vm_arc(vm, "kds_reaper_start").and_then(|v| {
+            // SAFETY: a non-NULL `cfg` points to a readable KdsReaperConfig
+            // (ABI contract); it is copied, not kept.
+            let c = unsafe { cfg.as_ref() }.copied().unwrap_or_default();
+            v.reaper_start(&c)
+        }))
+    })
+}
+
+/// (Added to abi.md v1) Stops the adaptive reaper and waits for the thread
+/// (at most the reap it is doing). 0 also when none runs. `-EDEADLK` when
+/// called from the reaper thread itself (from a logger callback).
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_reaper_stop(vm: *mut KdsVm) -> c_int {
+    ffi_boundary!("kds_reaper_stop", {
+        status(vm_ref(vm, "kds_reaper_stop").and_then(|v| v.reaper_stop()))
     })
 }
 

@@ -6,6 +6,7 @@
 //! - [`order`]: the board-init ordering state machine;
 //! - [`ring`]: one vCPU's mapped dirty ring and its harvest;
 //! - [`bitmap`]: the shim's per-slot atomic bitmaps;
+//! - [`reaper`]: the optional adaptive reaper thread;
 //! - [`vm`]: the safe core tying them together;
 //! - [`ffi`]: the thin C ABI layer; [`logger`]: `log` to the C callback.
 
@@ -15,6 +16,7 @@ pub mod ffi;
 pub mod kvm;
 pub mod logger;
 pub mod order;
+pub mod reaper;
 pub mod ring;
 pub mod types;
 pub mod vm;

@@ -107,6 +107,32 @@ impl Ring {
         self.harvested.load(Ordering::Relaxed)
     }
 
+    /// How many entries the kernel has published that nobody harvested
+    /// yet, without a syscall: the kernel publishes in order, so the DIRTY
+    /// entries from our fetch index on are contiguous and a binary search
+    /// over their flags (about log2(entries) acquire loads) finds the end.
+    /// A snapshot only (read without the reap lock): for the reaper's
+    /// decisions, never for harvesting.
+    pub fn fill(&self) -> u32 {
+        let f = self.fetch.load(Ordering::Relaxed);
+        let dirty =
+            |k: u32| self.flags(f.wrapping_add(k)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0;
+        if !dirty(0) {
+            return 0;
+        }
+        // dirty(lo) holds; the answer is in (lo, hi].
+        let (mut lo, mut hi) = (0, self.entries);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if dirty(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
+    }
+
     /// A raw pointer to entry `i` (masked).
     #[inline]
     fn entry(&self, i: u32) -> *mut kvm_dirty_gfn {
@@ -387,6 +413,22 @@ mod tests {
             (0..10).all(|i| flags(&r, i) == DIRTY_GFN_F_RESET),
             "hole handed back"
         );
+    }
+
+    #[test]
+    fn fill_counts_published_entries_from_the_fetch_index() {
+        let r = ring(1024);
+        assert_eq!(r.fill(), 0);
+        for i in 0..700 {
+            push(&r, i, 1, 0);
+        }
+        assert_eq!(r.fill(), 700);
+        collect(&r, false);
+        assert_eq!(r.fill(), 0);
+        for i in 700..1724 {
+            push(&r, i, 1, 0);
+        }
+        assert_eq!(r.fill(), 1024, "a full lap, across the wrap");
     }
 
     #[test]

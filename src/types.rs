@@ -104,6 +104,9 @@ pub struct KdsStats {
     /// back to it), so that the vCPU runs again instead of exiting
     /// ring-full for ever.
     pub ring_recoveries: u64,
+    /// (Added to abi.md v1) Reaps done by the adaptive reaper thread
+    /// (`kds_reaper_start`).
+    pub reaper_reaps: u64,
 }
 
 /// Counters of one vCPU (`kds_vcpu_stats`): what a VMM's dirty-rate and
@@ -115,4 +118,20 @@ pub struct KdsVcpuStats {
     pub entries_reaped: u64,
     /// `kds_reap_vcpu` calls for this vCPU that found entries.
     pub ring_full_reaps: u64,
+}
+
+/// Knobs of the adaptive reaper thread (`kds_reaper_start`). A field left
+/// 0 takes its default.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KdsReaperConfig {
+    /// Reap as soon as some vCPU's ring holds at least this percentage of
+    /// its entries (1..=90; default 25). The check reads one entry's flags
+    /// per ring, no syscall.
+    pub high_water_pct: u32,
+    /// Shortest pause between two checks, in microseconds (default 200).
+    pub min_interval_us: u32,
+    /// Longest pause between two checks, in microseconds (default 50000):
+    /// what an idle VM costs.
+    pub max_interval_us: u32,
 }

@@ -24,11 +24,12 @@ use crate::bitmap::{AtomicBitmap, count_masked, or_masked};
 use crate::error::{Error, Result};
 use crate::kvm::{KvmVm, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
+use crate::reaper::{Config as ReaperConfig, Reaper};
 use crate::ring::{ENTRY_SIZE, Harvest, Ring};
 use crate::types::{
     KDS_BOARD_VGIC_ITS, KDS_MEM_LOG_DIRTY_PAGES as MEM_LOG_DIRTY_PAGES,
-    KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode, KdsStats,
-    KdsVcpuStats,
+    KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode,
+    KdsReaperConfig, KdsStats, KdsVcpuStats,
 };
 
 /// Wedges `reap_vcpu` undoes in a row before it gives up with `EOVERFLOW`
@@ -88,6 +89,7 @@ struct Stats {
     ring_wedges: AtomicU64,
     entries_reset: AtomicU64,
     ring_recoveries: AtomicU64,
+    reaper_reaps: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -117,6 +119,7 @@ pub struct Vm {
     slots: RwLock<HashMap<u32, Arc<Slot>>>,
     stats: Stats,
     kick: Mutex<Option<Kick>>,
+    reaper: Mutex<Option<Reaper>>,
 }
 
 impl Vm {
@@ -134,6 +137,7 @@ impl Vm {
             slots: RwLock::new(HashMap::new()),
             stats: Stats::default(),
             kick: Mutex::new(None),
+            reaper: Mutex::new(None),
         }
     }
 
@@ -794,6 +798,67 @@ impl Vm {
         self.reap()
     }
 
+    /// Starts the adaptive reaper thread (see `reaper`). `EBUSY` when one
+    /// runs, `ENOTSUP` without a dirty ring.
+    pub fn reaper_start(self: &Arc<Self>, cfg: &KdsReaperConfig) -> Result<()> {
+        let cfg = ReaperConfig::new(cfg)?;
+        if !self.mode().has_ring() {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                "kds_reaper_start: this VM has no dirty ring (bitmap mode): there is nothing to \
+                 reap; enable the ring with kds_dirty_ring_enable first",
+            ));
+        }
+        let mut r = self.reaper.lock();
+        if r.is_some() {
+            return Err(Error::busy(
+                "kds_reaper_start: the reaper already runs; kds_reaper_stop it first",
+            ));
+        }
+        *r = Some(Reaper::start(Arc::clone(self), cfg)?);
+        Ok(())
+    }
+
+    /// Stops the adaptive reaper thread and waits for it; nothing to do
+    /// when none runs. `EDEADLK` from the reaper thread itself (a logger
+    /// callback calling it).
+    pub fn reaper_stop(&self) -> Result<()> {
+        let mut g = self.reaper.lock();
+        if g.as_ref()
+            .is_some_and(|r| r.thread_id() == std::thread::current().id())
+        {
+            return Err(Error::new(
+                libc::EDEADLK,
+                "kds_reaper_stop from the reaper thread itself (a logger callback?): it would \
+                 wait for itself; call it from another thread",
+            ));
+        }
+        let r = g.take();
+        drop(g);
+        if let Some(r) = r {
+            r.stop();
+        }
+        Ok(())
+    }
+
+    /// For each vCPU ring: (vCPU index, entries the kernel pushed so far,
+    /// entries waiting to be harvested, ring size). No syscall, no
+    /// reap lock: a snapshot for the reaper's decisions.
+    pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, u64, u32, u32)) {
+        for (&i, v) in self.vcpus.read().iter() {
+            if let Some(r) = &v.ring {
+                let fill = r.fill();
+                f(i, r.harvested() + u64::from(fill), fill, r.entries());
+            }
+        }
+    }
+
+    /// `reap`, counted as the reaper thread's.
+    pub(crate) fn reap_by_reaper(&self) -> Result<u64> {
+        bump(&self.stats.reaper_reaps, 1);
+        self.reap()
+    }
+
     /// Counters since creation.
     pub fn stats(&self) -> KdsStats {
         let s = &self.stats;
@@ -811,6 +876,7 @@ impl Vm {
             ring_wedges: g(&s.ring_wedges),
             entries_reset: g(&s.entries_reset),
             ring_recoveries: g(&s.ring_recoveries),
+            reaper_reaps: g(&s.reaper_reaps),
         }
     }
 

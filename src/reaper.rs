@@ -1,0 +1,140 @@
+//! The adaptive reaper (`kds_reaper_start`): a thread inside the library
+//! that reaps by ring fill level instead of on a fixed period.
+//!
+//! Each check measures every vCPU ring's fill without a syscall
+//! (`Ring::fill`: a binary search over the entries' flags, about a dozen
+//! acquire loads). When some ring holds at least the high-water mark it
+//! reaps (`Vm::reap`: every ring, one `KVM_RESET_DIRTY_RINGS`). The pause
+//! before the next check follows the fastest ring's fill rate (entries
+//! the kernel pushed per second, from the ring's harvested total plus its
+//! fill) so that the ring gains about half the high-water mark between two
+//! checks: a busy vCPU is reaped long before `KVM_EXIT_DIRTY_RING_FULL`,
+//! an idle VM costs one check per `max_interval_us`. The thread never
+//! spins: a failed reap logs and waits the longest pause.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::types::KdsReaperConfig;
+use crate::vm::Vm;
+
+/// The knobs, defaults applied and checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Config {
+    high_water_pct: u32,
+    min: Duration,
+    max: Duration,
+}
+
+impl Config {
+    /// `KdsReaperConfig` with 0 fields defaulted; `EINVAL` when out of range.
+    pub(crate) fn new(c: &KdsReaperConfig) -> Result<Config> {
+        let or = |v: u32, d: u32| if v == 0 { d } else { v };
+        let pct = or(c.high_water_pct, 25);
+        let min = or(c.min_interval_us, 200);
+        let max = or(c.max_interval_us, 50_000);
+        if pct > 90 || min > max || max > 10_000_000 {
+            return Err(Error::inval(format!(
+                "kds_reaper_start: high_water_pct {pct} (1..=90), min_interval_us {min} and \
+                 max_interval_us {max} (min <= max <= 10 s) are out of range"
+            )));
+        }
+        Ok(Config {
+            high_water_pct: pct,
+            min: Duration::from_micros(u64::from(min)),
+            max: Duration::from_micros(u64::from(max)),
+        })
+    }
+}
+
+/// A running reaper thread; `stop` joins it.
+pub(crate) struct Reaper {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: JoinHandle<()>,
+}
+
+impl Reaper {
+    /// Starts the thread on `vm`.
+    pub(crate) fn start(vm: Arc<Vm>, cfg: Config) -> Result<Reaper> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("kds-reaper".into())
+            .spawn(move || run(&vm, cfg, &s))
+            .map_err(|e| {
+                Error::new(
+                    e.raw_os_error().unwrap_or(libc::EAGAIN),
+                    format!("kds_reaper_start: could not start the reaper thread: {e}"),
+                )
+            })?;
+        log::info!(
+            "adaptive reaper started: high water {}%, checks every {:?} to {:?}",
+            cfg.high_water_pct,
+            cfg.min,
+            cfg.max
+        );
+        Ok(Reaper { stop, thread })
+    }
+
+    /// The thread's id (a stop from the thread itself would never return).
+    pub(crate) fn thread_id(&self) -> ThreadId {
+        self.thread.thread().id()
+    }
+
+    /// Asks the thread to stop and waits for it (at most one reap).
+    pub(crate) fn stop(self) {
+        let (m, cv) = &*self.stop;
+        *m.lock() = true;
+        cv.notify_all();
+        if self.thread.join().is_err() {
+            log::error!("the reaper thread panicked");
+        }
+        log::info!("adaptive reaper stopped");
+    }
+}
+
+/// The thread's loop.
+fn run(vm: &Vm, cfg: Config, stop: &(Mutex<bool>, Condvar)) {
+    let mut pause = cfg.max;
+    // Per vCPU: entries the kernel had pushed at the previous check.
+    let mut pushed: HashMap<u32, u64> = HashMap::new();
+    let mut last = Instant::now();
+    loop {
+        {
+            let mut s = stop.0.lock();
+            if !*s {
+                stop.1.wait_for(&mut s, pause);
+            }
+            if *s {
+                return;
+            }
+        }
+        let now = Instant::now();
+        let dt = now.duration_since(last).as_secs_f64().max(1e-6);
+        last = now;
+        let (mut over, mut rate, mut entries) = (false, 0f64, 0u32);
+        vm.ring_levels(|index, total, fill, size| {
+            entries = entries.max(size);
+            over |= u64::from(fill) * 100 >= u64::from(size) * u64::from(cfg.high_water_pct);
+            let prev = pushed.insert(index, total).unwrap_or(total);
+            rate = rate.max(total.saturating_sub(prev) as f64 / dt);
+        });
+        if over && let Err(e) = vm.reap_by_reaper() {
+            log::warn!("adaptive reaper: {e}; retrying in {:?}", cfg.max);
+            pause = cfg.max;
+            continue;
+        }
+        // Reach about half the high-water mark by the next check.
+        let target = f64::from(entries) * f64::from(cfg.high_water_pct) / 200.0;
+        pause = if rate > 0.0 {
+            Duration::from_secs_f64(target / rate).clamp(cfg.min, cfg.max)
+        } else {
+            (pause * 2).min(cfg.max)
+        };
+    }
+}
