@@ -74,13 +74,22 @@ static uint64_t mailbox_gpa(uint32_t id) { return PAGE * (1 + id); }
 
 void tvm_vcpu(struct tvm *t, struct tvcpu *v, uint32_t id)
 {
+    tvm_vcpu_unregistered(t, v, id);
+    if (kds_vcpu_add(t->vm, v->fd, id) != 0) {
+        die("kds_vcpu_add");
+    }
+}
+
+void tvm_vcpu_unregistered(struct tvm *t, struct tvcpu *v, uint32_t id)
+{
+    if (id >= MAX_VCPUS) {
+        fprintf(stderr, "FATAL: vCPU id %u: the harness has room for %u\n", id, MAX_VCPUS);
+        exit(2);
+    }
     v->index = id;
     v->fd = ioctl(t->vm_fd, KVM_CREATE_VCPU, id);
     if (v->fd < 0) {
         die("KVM_CREATE_VCPU");
-    }
-    if (kds_vcpu_add(t->vm, v->fd, id) != 0) {
-        die("kds_vcpu_add");
     }
     int sz = ioctl(t->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
     v->run_size = (size_t)sz;

@@ -19,7 +19,10 @@
 #endif
 
 #define PAGE 4096u
-#define CODE_PAGES 8u
+/* Slot 0: guest code in page 0, vCPU i's mailbox in page 1 + i, its stack
+ * below page CODE_PAGES - i. */
+#define MAX_VCPUS 16u
+#define CODE_PAGES (2u * MAX_VCPUS + 2u)
 #define TEST_GPA 0x100000u
 
 /* A VM created here with KVM_CREATE_VM and adopted by the shim. */
@@ -41,6 +44,9 @@ void tvm_init(struct tvm *t, uint32_t ring_entries, int manual_protect);
 void tvm_free(struct tvm *t);
 void tvm_set_slot(struct tvm *t, uint32_t slot, uint64_t gpa, void *mem, uint64_t size, uint32_t flags);
 void tvm_vcpu(struct tvm *t, struct tvcpu *v, uint32_t id);
+/* The same vCPU setup without kds_vcpu_add (a VMM's own vCPU, for the
+ * plain-C comparison in bench_harvest.c). */
+void tvm_vcpu_unregistered(struct tvm *t, struct tvcpu *v, uint32_t id);
 void tvm_mailbox(struct tvm *t, uint32_t id, uint64_t gpa, uint64_t pages, uint32_t stores, uint32_t seed);
 void tvm_iteration(struct tvm *t, uint32_t id, uint32_t it);
 /* Runs one guest round; handles ring-full exits with kds_reap_vcpu.

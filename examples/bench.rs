@@ -3,14 +3,18 @@
 //!    bitmaps) on rings filled by the real guest, beside the kernel's
 //!    `KVM_RESET_DIRTY_RINGS` cost per entry: 1k, 4k and 16k entries;
 //! 2. `kds_sync_slot` on a 16 GiB slot (4M pages): the whole call with
-//!    nothing dirty, and the move of the bits when the shim holds all 4M.
+//!    nothing dirty, and the move of the bits when the shim holds all 4M;
+//! 3. reapers: 2 vCPUs dirtying as fast as they can for 10 s on 4k-entry
+//!    rings with (a) no reaper thread, (b) a fixed 1 s reaper like QEMU's,
+//!    (c) the adaptive reaper: ring-full exits, overflows, pages per second
+//!    and loss (checked after every guest round).
 //!
-//!     cargo run --release --example bench
+//!     cargo run --release --example bench [harvest|sync|reapers]...
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 use kvm_dirty_shim::bitmap::AtomicBitmap;
@@ -98,15 +102,104 @@ fn sync_16g() {
     );
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ReaperKind {
+    None,
+    Fixed1s,
+    Adaptive,
+}
+
+/// 2 vCPU threads, each storing `STORES` times a round over its own 256 MiB
+/// slot, for `secs` seconds; the no-loss check after every round.
+fn reapers(kind: ReaperKind, secs: u64) {
+    const PAGES: u64 = 65536;
+    const STORES: u32 = 200_000;
+    let vm = TestVm::new(Some(4096));
+    let mut vcpus = Vec::new();
+    for id in 0..2u32 {
+        let c = Checker::new(1 + id, PAGES);
+        let gpa = TEST_GPA + u64::from(id) * PAGES * PAGE;
+        vm.set_slot(1 + id, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+        let v = vm.vcpu(id);
+        vm.mailbox(id, gpa, PAGES, STORES, 1000 + id);
+        vcpus.push((c, v));
+    }
+    if kind == ReaperKind::Adaptive {
+        assert_eq!(kds_reaper_start(vm.vm(), std::ptr::null()), 0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let t = Instant::now();
+    let mut run = || {
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = vcpus
+                .iter_mut()
+                .map(|(c, v)| {
+                    let vm = &vm;
+                    sc.spawn(move || {
+                        let (mut full, mut lost, mut rounds, mut wedged) = (0, 0, 0u32, false);
+                        while Instant::now() < deadline && !wedged {
+                            rounds += 1;
+                            vm.set_iteration(v.index, rounds);
+                            let r = v.run_round(vm.h);
+                            full += r.ring_full_exits;
+                            wedged = r.wedged;
+                            lost += c.check(vm.h, 0).2;
+                        }
+                        (full, lost, rounds, c.changed, wedged)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .fold((0, 0, 0, 0, false), |a, b| {
+                    (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3, a.4 | b.4)
+                })
+        })
+    };
+    let (full, lost, rounds, changed, wedged) = match kind {
+        ReaperKind::Fixed1s => with_reaper(vm.h, Duration::from_secs(1), run).0,
+        _ => run(),
+    };
+    let el = t.elapsed().as_secs_f64();
+    assert_eq!(kds_reaper_stop(vm.vm()), 0);
+    let s = vm.stats();
+    println!(
+        "reaper {:<9} 2 vCPUs, 4096-entry rings, {el:.1} s: {full:>6} ring-full exits, \
+         {} overflows, {} wedges{}, {:>7.0} entries harvested/s, {:>7.0} changed pages \
+         verified/s ({rounds} rounds), lost {lost}",
+        match kind {
+            ReaperKind::None => "none",
+            ReaperKind::Fixed1s => "fixed 1s",
+            ReaperKind::Adaptive => "adaptive",
+        },
+        s.ring_overflows,
+        s.ring_wedges,
+        if wedged { " (a ring gave up)" } else { "" },
+        s.entries_reaped as f64 / el,
+        changed as f64 / el,
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     println!(
         "kvm-dirty-shim bench on Linux {} ({}), {} CPUs",
         kernel(),
         cpu(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for e in [1024, 4096, 16384] {
-        harvest(e);
+    if want("harvest") {
+        for e in [1024, 4096, 16384] {
+            harvest(e);
+        }
     }
-    sync_16g();
+    if want("sync") {
+        sync_16g();
+    }
+    if want("reapers") {
+        for k in [ReaperKind::None, ReaperKind::Fixed1s, ReaperKind::Adaptive] {
+            reapers(k, 10);
+        }
+    }
 }

@@ -61,10 +61,8 @@ impl AtomicBitmap {
         }
         let w = &self.words[(page / 64) as usize];
         let bit = 1 << (page % 64);
-        let v = w.load(Ordering::Relaxed);
-        if v & bit == 0 {
-            w.store(v | bit, Ordering::Relaxed);
-        }
+        // Unconditional: a test-before-store mispredicts on random pages.
+        w.store(w.load(Ordering::Relaxed) | bit, Ordering::Relaxed);
         true
     }
 

@@ -16,6 +16,7 @@
 //! - `KVM_RESET_DIRTY_RINGS` (done by the caller, once per reap) re-protects
 //!   the pages and hands the entries back to the kernel.
 
+use std::marker::PhantomData;
 use std::os::fd::RawFd;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -24,6 +25,34 @@ use kvm_bindings::kvm_dirty_gfn;
 
 use crate::error::{Error, Result};
 use crate::kvm::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET};
+
+/// A ring's entries: base and index mask, borrowed from the `Ring`.
+#[derive(Clone, Copy)]
+struct RingMem<'a> {
+    base: NonNull<kvm_dirty_gfn>,
+    mask: u32,
+    _ring: PhantomData<&'a Ring>,
+}
+
+impl<'a> RingMem<'a> {
+    /// A raw pointer to entry `i` (masked).
+    #[inline]
+    fn entry(self, i: u32) -> *mut kvm_dirty_gfn {
+        // SAFETY: the index is masked to the ring size (a power of two,
+        // `mask + 1`) and the mapping holds that many entries.
+        unsafe { self.base.as_ptr().add((i & self.mask) as usize) }
+    }
+
+    /// The flags word of entry `i`, as an atomic.
+    #[inline]
+    fn flags(self, i: u32) -> &'a AtomicU32 {
+        // In bounds, 4-byte aligned (page-aligned ring, 16-byte entries, flags
+        // at offset 0), mapped as long as the `Ring` lives ('a), only
+        // accessed atomically.
+        // SAFETY: so `from_ptr`'s requirements hold (see the line above).
+        unsafe { AtomicU32::from_ptr(ptr::addr_of_mut!((*self.entry(i)).flags)) }
+    }
+}
 
 /// Bytes of one ring entry.
 pub(crate) const ENTRY_SIZE: u64 = std::mem::size_of::<kvm_dirty_gfn>() as u64;
@@ -133,72 +162,86 @@ impl Ring {
         hi
     }
 
-    /// A raw pointer to entry `i` (masked).
+    /// The entry array, as a copy the compiler keeps in registers (`Ring`
+    /// has atomic fields, so it must reload them after every store).
     #[inline]
-    fn entry(&self, i: u32) -> *mut kvm_dirty_gfn {
-        // SAFETY: the index is masked to the ring size (a power of two) and
-        // the mapping holds `entries` entries.
-        unsafe { self.base.as_ptr().add((i & (self.entries - 1)) as usize) }
+    fn mem(&self) -> RingMem<'_> {
+        RingMem {
+            base: self.base,
+            mask: self.entries - 1,
+            _ring: PhantomData,
+        }
     }
 
     /// The flags word of entry `i`, as an atomic.
     #[inline]
     fn flags(&self, i: u32) -> &AtomicU32 {
-        // In bounds, 4-byte aligned (page-aligned ring, 16-byte entries, flags
-        // at offset 0), mapped as long as `self` lives, only accessed atomically.
-        // SAFETY: so `from_ptr`'s requirements hold (see the line above).
-        unsafe { AtomicU32::from_ptr(ptr::addr_of_mut!((*self.entry(i)).flags)) }
+        self.mem().flags(i)
     }
 
     /// Harvests every published entry from our fetch index on, calling
     /// `sink(slot, offset)` for each, and marks them RESET. The caller must
     /// hold the VM's reap lock and must issue `KVM_RESET_DIRTY_RINGS`
     /// afterwards.
-    #[inline]
     ///
     /// `ring_full`: the caller saw this vCPU exit with
     /// `KVM_EXIT_DIRTY_RING_FULL`, so an invalid entry at our fetch index is
     /// suspect even if no overflow was seen (see `skip_hole`).
+    #[inline]
     pub fn harvest(&self, ring_full: bool, mut sink: impl FnMut(u32, u64)) -> Harvest {
         let start = self.fetch.load(Ordering::Relaxed);
         let mut fetch = start;
         let mut skipped = 0;
+        // Read once, not per entry (only this thread, under the reap lock,
+        // changes it).
+        let mut suspect = self.suspect.load(Ordering::Relaxed);
+        let mem = self.mem();
+        let entries = self.entries;
         // At most one lap: the kernel cannot publish past a full ring (and
         // where it overruns one, a lap is all there is to read).
-        while fetch.wrapping_sub(start) < self.entries {
-            let flags = self.flags(fetch);
-            // Acquire: pairs with the kernel's release of DIRTY, so slot and
-            // offset below are the values written before it.
-            if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
-                let room = self.entries - fetch.wrapping_sub(start);
-                match self.skip_hole(fetch, room, ring_full) {
-                    0 => break,
-                    d => {
-                        fetch = fetch.wrapping_add(d);
-                        skipped += u64::from(d);
-                        continue;
-                    }
+        loop {
+            let run = fetch;
+            // The hot loop: nothing but the entries in it.
+            while fetch.wrapping_sub(start) < entries {
+                let flags = mem.flags(fetch);
+                // Acquire: pairs with the kernel's release of DIRTY, so slot
+                // and offset below are the values written before it.
+                if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
+                    break;
                 }
+                let e = mem.entry(fetch);
+                // The kernel wrote slot/offset before publishing DIRTY and
+                // won't touch them until we mark RESET and call
+                // KVM_RESET_DIRTY_RINGS.
+                // SAFETY: in-bounds entry (see `entry`); volatile reads only.
+                let (slot, offset) = unsafe {
+                    (
+                        ptr::read_volatile(ptr::addr_of!((*e).slot)),
+                        ptr::read_volatile(ptr::addr_of!((*e).offset)),
+                    )
+                };
+                sink(slot, offset);
+                // Release: our reads of slot/offset happen before the kernel
+                // can see RESET and recycle the entry.
+                flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
+                fetch = fetch.wrapping_add(1);
             }
-            if self.suspect.load(Ordering::Relaxed) {
+            if suspect && fetch != run {
                 // New entries right at our fetch index: no hole after all.
                 self.suspect.store(false, Ordering::Relaxed);
             }
-            let e = self.entry(fetch);
-            // The kernel wrote slot/offset before publishing DIRTY and won't
-            // touch them until we mark RESET and call KVM_RESET_DIRTY_RINGS.
-            // SAFETY: in-bounds entry (see `entry`); volatile reads only.
-            let (slot, offset) = unsafe {
-                (
-                    ptr::read_volatile(ptr::addr_of!((*e).slot)),
-                    ptr::read_volatile(ptr::addr_of!((*e).offset)),
-                )
-            };
-            sink(slot, offset);
-            // Release: our reads of slot/offset happen before the kernel can
-            // see RESET and recycle the entry.
-            flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
-            fetch = fetch.wrapping_add(1);
+            let used = fetch.wrapping_sub(start);
+            if used == entries {
+                break;
+            }
+            match self.skip_hole(fetch, entries - used, ring_full) {
+                0 => break,
+                d => {
+                    fetch = fetch.wrapping_add(d);
+                    skipped += u64::from(d);
+                    suspect = false; // skip_hole cleared it
+                }
+            }
         }
         self.fetch.store(fetch, Ordering::Relaxed);
         let used = fetch.wrapping_sub(start);
@@ -240,6 +283,8 @@ impl Ring {
     /// its ring is full while the entry at our fetch index is invalid).
     /// Measured: holes also appear without a lap found full, when the kernel
     /// overruns between two harvests.
+    #[cold]
+    #[inline(never)]
     fn skip_hole(&self, fetch: u32, room: u32, ring_full: bool) -> u32 {
         if !ring_full && !self.suspect.load(Ordering::Relaxed) {
             return 0;
@@ -336,7 +381,7 @@ mod tests {
 
     /// The kernel's push: fields, then flags DIRTY with release.
     fn push(r: &Ring, i: u32, slot: u32, offset: u64) {
-        let e = r.entry(i);
+        let e = r.mem().entry(i);
         // SAFETY: in-bounds entry of the test's ring.
         unsafe {
             ptr::write_volatile(ptr::addr_of_mut!((*e).slot), slot);

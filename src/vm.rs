@@ -5,11 +5,14 @@
 //! `life` -> `reap` -> (`vcpus` | `slots`), `kick` alone.
 //! - `life` serialises the lifecycle calls (ring enable, board hook,
 //!   memslots, vCPU add/remove) and holds the ordering state machine.
-//! - `reap` serialises harvesting: it owns every ring's fetch index and the
-//!   private list of harvested-but-unpublished entries. It is held from the
-//!   first ring read until the entries are published, across
-//!   `KVM_RESET_DIRTY_RINGS`: that is what lets `sync_slot` wait for a
-//!   concurrent reap instead of missing its entries (see `reap_locked`).
+//! - `reap` serialises harvesting and owns every ring's fetch index and the
+//!   shim's per-slot bitmaps (their only writer and the only drainer hold
+//!   it). It is held from the first ring read until `KVM_RESET_DIRTY_RINGS`
+//!   has returned, and `sync_slot` drains only under it: a page's bit can
+//!   never reach the VMM before the reset re-protected the page (see
+//!   `reap_locked`), and `sync_slot` waits for a concurrent reap instead of
+//!   missing its entries. It is the one lock held across a syscall; the
+//!   kernel serialises that ioctl on its own `slots_lock` anyway.
 //! - `vcpus` and `slots` are held only briefly, never across a syscall.
 
 use std::collections::HashMap;
@@ -61,18 +64,17 @@ struct Vcpu {
     unwedges: AtomicU32,
 }
 
-/// Harvested entries not yet published (guarded by `Vm::reap`).
+/// What the next `KVM_RESET_DIRTY_RINGS` owes (guarded by `Vm::reap`).
 #[derive(Default)]
 struct ReapState {
-    /// (slot, offset) pairs read from rings whose `KVM_RESET_DIRTY_RINGS`
-    /// has not returned yet. Capacity reserved at `vcpu_add`: no allocation
-    /// on the reap path.
-    pending: Vec<(u32, u64)>,
-    /// A ring was found full (or wedged): mark every logged page at publish.
+    /// Entries were marked RESET (harvested, or an overrun hole handed
+    /// back) and no reset has returned since: the shim's bitmaps may hold
+    /// bits of pages not re-protected yet, so nothing may be drained
+    /// before a reset succeeds.
+    reset_owed: bool,
+    /// A ring was found full (or wedged): mark every logged page once the
+    /// reset has returned.
     overflow: bool,
-    /// Entries of an overrun hole were marked RESET: reset even if nothing
-    /// was harvested.
-    hole_skipped: bool,
 }
 
 #[derive(Default)]
@@ -469,13 +471,6 @@ impl Vm {
         } else {
             None
         };
-        if ring.is_some() {
-            // Room for every ring's entries: the reap path never allocates.
-            let mut st = self.reap.lock();
-            let need = (self.vcpus.read().len() + 1) * entries as usize;
-            let len = st.pending.len();
-            st.pending.reserve(need.saturating_sub(len));
-        }
         let v = Arc::new(Vcpu {
             ring,
             ring_full_reaps: AtomicU64::new(0),
@@ -497,7 +492,7 @@ impl Vm {
             return Err(unknown_vcpu(index));
         };
         if let Some(r) = &v.ring {
-            let h = self.harvest_one(&mut st, r, false);
+            let h = self.harvest_one(&mut st, &self.slots.read(), r, false);
             self.reap_locked(&mut st, h.entries)?;
         }
         log::debug!("vCPU {index} removed");
@@ -512,13 +507,42 @@ impl Vm {
             .ok_or_else(|| unknown_vcpu(index))
     }
 
-    /// Harvests one ring into the private list (reap lock held).
-    fn harvest_one(&self, st: &mut ReapState, ring: &Ring, ring_full: bool) -> Harvest {
-        let pending = &mut st.pending;
-        let h = ring.harvest(ring_full, |slot, offset| pending.push((slot, offset)));
+    /// Harvests one ring straight into the shim's per-slot bitmaps (reap
+    /// lock held; `reap_locked` must follow). Bounds-checks every entry: an
+    /// unknown slot or an offset past its end is counted, never written.
+    fn harvest_one(
+        &self,
+        st: &mut ReapState,
+        slots: &HashMap<u32, Arc<Slot>>,
+        ring: &Ring,
+        ring_full: bool,
+    ) -> Harvest {
+        let mut invalid = 0u64;
+        // Consecutive entries mostly name the same slot: one lookup per run.
+        let mut cache: Option<(u32, &AtomicBitmap)> = None;
+        let h = ring.harvest(ring_full, |slot, offset| {
+            let bm = match cache {
+                Some((s, b)) if s == slot => Some(b),
+                _ => {
+                    let b = slots.get(&slot).and_then(|s| s.dirty.as_deref());
+                    cache = b.map(|b| (slot, b));
+                    b
+                }
+            };
+            if !bm.is_some_and(|b| b.set_locked(offset)) {
+                invalid += 1;
+            }
+        });
+        if h.entries > 0 || h.skipped > 0 {
+            st.reset_owed = true;
+        }
+        if invalid > 0 {
+            bump(&self.stats.invalid_entries, invalid);
+            log::warn!(
+                "{invalid} ring entries named an unknown slot or an offset past its end: skipped"
+            );
+        }
         if h.skipped > 0 {
-            // The reset that follows must run even if nothing was harvested.
-            st.hole_skipped = true;
             bump(&self.stats.ring_recoveries, 1);
             log::warn!(
                 "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
@@ -538,80 +562,42 @@ impl Vm {
         h
     }
 
-    /// Second half of every reap (reap lock held): re-protect, then publish.
+    /// Second half of every reap (reap lock held): `KVM_RESET_DIRTY_RINGS`.
     ///
-    /// Why publish only after `KVM_RESET_DIRTY_RINGS` returns: until then
-    /// the harvested pages are still writable in the guest without a new
-    /// ring entry. If their bits were visible, a concurrent `sync_slot`
-    /// could hand them to the VMM, which copies the page; a guest write
-    /// landing after the copy but before the reset would then never be
-    /// logged, and the destination would keep the stale copy: a silently
-    /// corrupt migration. After the reset, any later write faults and makes
-    /// a new entry, so publishing then is safe. `sync_slot` takes the same
-    /// lock to reap, so it waits for a reap in flight rather than miss it.
+    /// Why the harvested bits may be drained only after the reset returns:
+    /// until then the harvested pages are still writable in the guest
+    /// without a new ring entry. If `sync_slot` handed them to the VMM,
+    /// which copies the page, a guest write landing after the copy but
+    /// before the reset would never be logged, and the destination would
+    /// keep the stale copy: a silently corrupt migration. After the reset,
+    /// any later write faults and makes a new entry. The bits are set under
+    /// the reap lock, which is held until here, and `sync_slot` drains only
+    /// under it after a successful reset (`reset_owed`), so that holds even
+    /// when a reset fails: the next reap or sync retries it first.
     fn reap_locked(&self, st: &mut ReapState, harvested: u64) -> Result<u64> {
         bump(&self.stats.entries_reaped, harvested);
-        if st.pending.is_empty() && !st.overflow && !st.hole_skipped {
-            return Ok(harvested);
-        }
-        if !st.pending.is_empty() || st.hole_skipped {
+        if st.reset_owed {
             let t = Instant::now();
             let r = self.kvm.reset_dirty_rings();
             bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
             bump(&self.stats.ring_resets, 1);
-            // On failure the entries stay pending (marked RESET in the
-            // rings); the next reap retries the reset and publishes them.
             let reset = r?;
-            st.hole_skipped = false;
+            st.reset_owed = false;
             bump(&self.stats.entries_reset, reset);
             log::debug!(
                 "reaped {harvested} ring entries; KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
                 t.elapsed().as_micros()
             );
         }
-        // Publishing is our work too: it counts as harvest time.
-        let t = Instant::now();
-        self.publish(st);
-        bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
-        Ok(harvested)
-    }
-
-    /// Moves the private list into the per-slot bitmaps (reap lock held,
-    /// after the reset). Bounds-checks every entry.
-    fn publish(&self, st: &mut ReapState) {
-        let slots = self.slots.read();
-        let mut invalid = 0u64;
-        let mut cache: Option<(u32, &AtomicBitmap)> = None;
-        for &(slot, offset) in st.pending.iter() {
-            let bm = match cache {
-                Some((s, b)) if s == slot => Some(b),
-                _ => {
-                    let b = slots.get(&slot).and_then(|s| s.dirty.as_deref());
-                    if let Some(b) = b {
-                        cache = Some((slot, b));
-                    }
-                    b
-                }
-            };
-            if !bm.is_some_and(|b| b.set_locked(offset)) {
-                invalid += 1;
-            }
-        }
-        st.pending.clear();
-        if invalid > 0 {
-            bump(&self.stats.invalid_entries, invalid);
-            log::warn!(
-                "{invalid} ring entries named an unknown slot or an offset past its end: skipped"
-            );
-        }
         if st.overflow {
             st.overflow = false;
-            for s in slots.values() {
+            for s in self.slots.read().values() {
                 if let Some(b) = &s.dirty {
                     b.set_all();
                 }
             }
         }
+        Ok(harvested)
     }
 
     /// Harvests every vCPU ring, resets once, publishes. Entries harvested.
@@ -626,11 +612,13 @@ impl Vm {
     fn reap_all(&self, st: &mut ReapState) -> Result<u64> {
         let t = Instant::now();
         let mut n = 0;
+        let slots = self.slots.read();
         for v in self.vcpus.read().values() {
             if let Some(r) = &v.ring {
-                n += self.harvest_one(st, r, false).entries;
+                n += self.harvest_one(st, &slots, r, false).entries;
             }
         }
+        drop(slots);
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
         self.reap_locked(st, n)
     }
@@ -648,7 +636,7 @@ impl Vm {
         };
         let mut st = self.reap.lock();
         let t = Instant::now();
-        let h = self.harvest_one(&mut st, ring, true);
+        let h = self.harvest_one(&mut st, &self.slots.read(), ring, true);
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
         let total = ring.harvested();
         let prev_total = v.last_full_total.swap(total, Ordering::Relaxed);
@@ -667,7 +655,7 @@ impl Vm {
                 undone = ring.unwedge();
             }
             if undone > 0 {
-                st.hole_skipped = true;
+                st.reset_owed = true;
                 bump(&self.stats.ring_recoveries, 1);
             }
         }
