@@ -9,10 +9,25 @@
 //!    (c) the adaptive reaper: ring-full exits, overflows, pages per second
 //!    and loss (checked after every guest round).
 //!
-//!     cargo run --release --example bench [harvest|sync|reapers]...
+//! 4. `kds_sync_slot` throughput in every mode (ring: bits the shim holds;
+//!    bitmap: `KVM_GET_DIRTY_LOG`, with and without manual protect's
+//!    `KVM_CLEAR_DIRTY_LOG`) on 1, 4 and 16 GiB slots with 0.1, 1 and 10 %
+//!    of the pages dirtied by the guest;
+//! 5. the cost of one migration round (reap + sync of the slot) as guest
+//!    memory grows from 64 MiB to 16 GiB at a fixed 4096 dirty pages per
+//!    round, ring against bitmap: printed, and written to
+//!    doc/round-cost.csv and doc/round-cost.png.
+//!
+//! The plain-C comparison of the harvest is c-tests/bench_harvest.c.
+//! Guest memory is sparse anonymous memory (MAP_NORESERVE): only the pages
+//! the guest dirties become resident. The 32-bit guest reaches the first
+//! 2 GiB of a slot, so dirty pages lie there.
+//!
+//!     cargo run --release --example bench [harvest|sync|reapers|syncmodes|rounds]...
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod plot;
 
 use std::time::{Duration, Instant};
 
@@ -180,6 +195,176 @@ fn reapers(kind: ReaperKind, secs: u64) {
     );
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Ring,
+    BitmapClear,
+    Bitmap,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ring => "ring (shim's bits)",
+            Mode::BitmapClear => "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG",
+            Mode::Bitmap => "KVM_GET_DIRTY_LOG",
+        }
+    }
+}
+
+/// A VM in `mode` with one dirty-logged slot 1 of `bytes` at TEST_GPA and
+/// vCPU 0 pointed at it.
+fn big_vm(mode: Mode, bytes: u64) -> (TestVm, Mem, common::Vcpu) {
+    let vm = match mode {
+        Mode::Ring => TestVm::new(Some(65536)),
+        m => TestVm::new_with(None, |h| {
+            assert_eq!(kds_set_manual_protect(h, m == Mode::BitmapClear), 0)
+        }),
+    };
+    let mem = Mem::new(bytes as usize);
+    vm.set_slot(1, TEST_GPA, &mem, KDS_MEM_LOG_DIRTY_PAGES);
+    let v = vm.vcpu(0);
+    (vm, mem, v)
+}
+
+/// Has the guest dirty `k` distinct pages of slot 1 (its LCG visits
+/// distinct pages within a power-of-two region), ring-full exits handled.
+fn dirty(vm: &TestVm, v: &mut common::Vcpu, k: u64, round: u32) {
+    let region = k.next_power_of_two().max(2);
+    assert!(region <= 1 << 19, "the 32-bit guest reaches 2 GiB");
+    vm.mailbox(0, TEST_GPA, region, k as u32, 12345);
+    vm.set_iteration(0, round);
+    assert!(!v.run_round(vm.h).wedged);
+}
+
+/// One sync of slot 1 (ring mode: after a reap, so that only the drain
+/// is timed): (pages reported, seconds).
+fn timed_sync(vm: &TestVm, out: &mut [u64], pages: u64) -> (u64, f64) {
+    if kds_vm_mode(vm.vm()) != KdsMode::KDS_MODE_BITMAP as i32 {
+        assert!(kds_reap(vm.vm()) >= 0);
+    }
+    let t = Instant::now();
+    let n = kds_sync_slot(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
+    let el = t.elapsed().as_secs_f64();
+    assert!(n >= 0, "{}", last_error());
+    (n as u64, el)
+}
+
+fn sync_modes() {
+    for mode in [Mode::Ring, Mode::BitmapClear, Mode::Bitmap] {
+        for gib in [1u64, 4, 16] {
+            let pages = (gib << 30) / PAGE;
+            let (vm, _mem, mut v) = big_vm(mode, gib << 30);
+            let mut out = vec![0u64; pages.div_ceil(64) as usize];
+            timed_sync(&vm, &mut out, pages); // first call: allocations, faults
+            for pct in [0.1f64, 1.0, 10.0] {
+                let k = (pages as f64 * pct / 100.0) as u64;
+                let (mut n, mut el) = (0, 0.0);
+                for r in 1..=3 {
+                    dirty(&vm, &mut v, k, r);
+                    out.fill(0);
+                    let (a, b) = timed_sync(&vm, &mut out, pages);
+                    n += a;
+                    el += b;
+                }
+                println!(
+                    "sync {:<40} {gib:>2} GiB slot, {pct:>4}% dirty ({:>6} pages reported): \
+                     {:>7.3} ms per kds_sync_slot, {:>7.1} M dirty bits/s, {:>6.1} G bits \
+                     scanned/s",
+                    mode.name(),
+                    n / 3,
+                    el / 3.0 * 1e3,
+                    n as f64 / el / 1e6,
+                    pages as f64 * 3.0 / el / 1e9
+                );
+            }
+        }
+    }
+}
+
+/// Median of `v`.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn rounds() {
+    const DIRTY: u64 = 4096;
+    let sizes: Vec<u64> = (0..9).map(|i| (64u64 << 20) << i).collect();
+    let mut rows = Vec::new();
+    for &bytes in &sizes {
+        let pages = bytes / PAGE;
+        let mut cost = [0.0; 2];
+        for (j, mode) in [Mode::Ring, Mode::BitmapClear].into_iter().enumerate() {
+            let (vm, _mem, mut v) = big_vm(mode, bytes);
+            let mut out = vec![0u64; pages.div_ceil(64) as usize];
+            let mut t = Vec::new();
+            for r in 1..=7 {
+                dirty(&vm, &mut v, DIRTY, r);
+                let t0 = Instant::now();
+                if mode == Mode::Ring {
+                    assert!(kds_reap(vm.vm()) >= 0);
+                }
+                let n = kds_sync_slot(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
+                t.push(t0.elapsed().as_secs_f64() * 1e3);
+                assert!(n >= DIRTY as i64, "{n}: {}", last_error());
+            }
+            cost[j] = median(t);
+        }
+        println!(
+            "migration round, {DIRTY} dirty pages, guest {:>5} MiB: ring (kds_reap + \
+             kds_sync_slot) {:>7.3} ms, bitmap (kds_sync_slot: KVM_GET_DIRTY_LOG + \
+             KVM_CLEAR_DIRTY_LOG) {:>7.3} ms",
+            bytes >> 20,
+            cost[0],
+            cost[1]
+        );
+        rows.push((bytes, cost[0], cost[1]));
+    }
+    let _ = std::fs::create_dir_all("doc");
+    let mut csv = format!(
+        "# kvm-dirty-shim bench rounds: Linux {}, {}; median of 7 rounds of {DIRTY} dirty pages\n\
+         guest_bytes,ring_ms,bitmap_ms\n",
+        kernel(),
+        cpu()
+    );
+    for (b, r, m) in &rows {
+        csv += &format!("{b},{r:.4},{m:.4}\n");
+    }
+    std::fs::write("doc/round-cost.csv", csv).expect("doc/round-cost.csv");
+    let series = [
+        plot::Series {
+            name: "ring",
+            rgb: [0, 90, 200],
+            points: rows.iter().map(|&(b, r, _)| (b as f64, r)).collect(),
+        },
+        plot::Series {
+            name: "bitmap",
+            rgb: [220, 60, 0],
+            points: rows.iter().map(|&(b, _, m)| (b as f64, m)).collect(),
+        },
+    ];
+    plot::loglog(
+        "doc/round-cost.png",
+        &format!(
+            "COST OF ONE ROUND, {DIRTY} DIRTY PAGES (LINUX {})",
+            kernel()
+        ),
+        "MS PER ROUND AGAINST GUEST MEMORY",
+        &series,
+        |x| {
+            let m = x as u64 >> 20;
+            if m >= 1024 {
+                format!("{}G", m >> 10)
+            } else {
+                format!("{m}M")
+            }
+        },
+    )
+    .expect("doc/round-cost.png");
+    println!("wrote doc/round-cost.csv and doc/round-cost.png");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
@@ -196,6 +381,12 @@ fn main() {
     }
     if want("sync") {
         sync_16g();
+    }
+    if want("syncmodes") {
+        sync_modes();
+    }
+    if want("rounds") {
+        rounds();
     }
     if want("reapers") {
         for k in [ReaperKind::None, ReaperKind::Fixed1s, ReaperKind::Adaptive] {
