@@ -183,6 +183,13 @@ typedef struct KdsStats {
    (`kds_reaper_start`).
    */
   uint64_t reaper_reaps;
+  /*
+   (Added to abi.md v1) Entries marked RESET that
+   `KVM_RESET_DIRTY_RINGS` did not count (another reaper on this VM,
+   or an entry the kernel ignored). Never fatal: their pages were
+   reported.
+   */
+  uint64_t reset_shortfall;
 } KdsStats;
 
 /*

@@ -107,6 +107,11 @@ pub struct KdsStats {
     /// (Added to abi.md v1) Reaps done by the adaptive reaper thread
     /// (`kds_reaper_start`).
     pub reaper_reaps: u64,
+    /// (Added to abi.md v1) Entries marked RESET that
+    /// `KVM_RESET_DIRTY_RINGS` did not count (another reaper on this VM,
+    /// or an entry the kernel ignored). Never fatal: their pages were
+    /// reported.
+    pub reset_shortfall: u64,
 }
 
 /// Counters of one vCPU (`kds_vcpu_stats`): what a VMM's dirty-rate and

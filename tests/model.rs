@@ -64,7 +64,11 @@ impl Oracle {
                     -libc::ENOTSUP
                 } else {
                     self.ring = true;
-                    self.mode = if self.board == Board::Chosen(its) { 2 } else { 1 };
+                    self.mode = if self.board == Board::Chosen(its) {
+                        2
+                    } else {
+                        1
+                    };
                     0
                 }
             }
