@@ -165,7 +165,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                     };
                     let s = KdsMemslot {
                         slot,
-                        flags: if k % 3 == 0 {
+                        flags: if k.is_multiple_of(3) {
                             0
                         } else {
                             KDS_MEM_LOG_DIRTY_PAGES
