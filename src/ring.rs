@@ -477,6 +477,36 @@ mod tests {
     }
 
     #[test]
+    fn harvest_races_a_kernel_thread_publishing() {
+        // The other thread plays the kernel: it reuses an entry only once
+        // the harvest marked it RESET, writes slot and offset, then
+        // publishes DIRTY with release. Every entry must arrive once, in
+        // order, with the fields written before its flags (Miri checks the
+        // orderings: run it with `cargo +nightly miri test --lib`).
+        let r = ring(64);
+        let total: u64 = if cfg!(miri) { 400 } else { 200_000 };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..total {
+                    while flags(&r, i as u32) & DIRTY_GFN_F_DIRTY != 0 {
+                        std::thread::yield_now();
+                    }
+                    push(&r, i as u32, 7, i);
+                }
+            });
+            let mut next = 0u64;
+            while next < total {
+                r.harvest(false, |slot, offset| {
+                    assert_eq!((slot, offset), (7, next));
+                    next += 1;
+                });
+                std::thread::yield_now();
+            }
+        });
+        assert_eq!(r.harvested(), total);
+    }
+
+    #[test]
     fn an_empty_ring_is_not_a_hole() {
         let r = ring(1024);
         assert_eq!(collect(&r, true).0, Harvest::default());
