@@ -41,6 +41,19 @@ impl AtomicBitmap {
         AtomicBitmap { words, npages }
     }
 
+    /// As `new`, but `None` instead of aborting when the memory cannot be
+    /// had (a VMM under `RLIMIT_AS`, a huge slot).
+    pub fn try_new(npages: u64) -> Option<Self> {
+        let n = words_for(npages);
+        let mut v: Vec<AtomicU64> = Vec::new();
+        v.try_reserve_exact(n).ok()?;
+        v.extend((0..n).map(|_| AtomicU64::new(0)));
+        Some(AtomicBitmap {
+            words: v.into_boxed_slice(),
+            npages,
+        })
+    }
+
     /// Number of bits (pages).
     pub fn len(&self) -> u64 {
         self.npages

@@ -430,6 +430,32 @@ impl Vm {
                 || o.region.userspace_addr != m.userspace_addr
                 || (o.region.flags ^ m.flags) & MEM_READONLY != 0
         });
+        // Allocate before touching the kernel: out of memory (RLIMIT_AS, say)
+        // must leave the VM as it was, not abort the VMM.
+        let npages = m.memory_size / ps;
+        let keep_bits = !recreate && old.as_ref().is_some_and(|o| o.dirty.is_some());
+        let fresh =
+            if m.flags & MEM_LOG_DIRTY_PAGES != 0 && !keep_bits {
+                Some(Arc::new(AtomicBitmap::try_new(npages).ok_or_else(|| {
+                Error::new(
+                    libc::ENOMEM,
+                    format!(
+                        "kds_memslot_set: slot {:#x}: cannot allocate the shim's dirty bitmap \
+                         of {npages} pages ({} bytes): out of memory; nothing was changed",
+                        m.slot,
+                        npages.div_ceil(64) * 8
+                    ),
+                )
+            })?))
+            } else {
+                None
+            };
+        self.slots.write().try_reserve(1).map_err(|_| {
+            Error::new(
+                libc::ENOMEM,
+                "kds_memslot_set: out of memory for the slot table; nothing was changed",
+            )
+        })?;
         if let Some(o) = old.as_ref().filter(|_| recreate) {
             let del = KdsMemslot {
                 memory_size: 0,
@@ -444,7 +470,6 @@ impl Vm {
             }
             return Err(e);
         }
-        let npages = m.memory_size / ps;
         // Under the reap lock: no publish into the old bitmap can slip in
         // between copying its bits and replacing it.
         let _reap = self.reap.lock();
@@ -452,16 +477,15 @@ impl Vm {
         let dirty = if m.flags & MEM_LOG_DIRTY_PAGES == 0 {
             None
         } else {
-            match old_dirty {
+            match (old_dirty, fresh) {
                 // Same pages (a move or an unrelated flag change): keep the bits.
-                Some(b) if !recreate => Some(b),
+                (Some(b), _) if keep_bits => Some(b),
                 // Resized: carry the bits of the pages that remain.
-                Some(b) => {
-                    let n = Arc::new(AtomicBitmap::new(npages));
+                (Some(b), Some(n)) => {
                     n.or_from(&b);
                     Some(n)
                 }
-                None => Some(Arc::new(AtomicBitmap::new(npages))),
+                (_, n) => n,
             }
         };
         self.slots.write().insert(
