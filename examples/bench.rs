@@ -132,12 +132,7 @@ fn reapers(kind: ReaperKind, secs: u64) {
     let vm = TestVm::new(Some(4096));
     let mut vcpus = Vec::new();
     for id in 0..2u32 {
-        let c = Checker::new(1 + id, PAGES);
-        let gpa = TEST_GPA + u64::from(id) * PAGES * PAGE;
-        vm.set_slot(1 + id, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-        let v = vm.vcpu(id);
-        vm.mailbox(id, gpa, PAGES, STORES, 1000 + id);
-        vcpus.push((c, v));
+        vcpus.push(vm.guest_on(id, PAGES, STORES, 1000 + id));
     }
     if kind == ReaperKind::Adaptive {
         assert_eq!(kds_reaper_start(vm.vm(), std::ptr::null()), 0);

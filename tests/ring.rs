@@ -108,17 +108,12 @@ fn two_vcpus_on_two_threads() {
     let pages = 2048;
     let mut threads = Vec::new();
     for id in 0..2u32 {
-        let c = Checker::new(1 + id, pages);
-        let gpa = TEST_GPA + u64::from(id) * pages * PAGE;
-        vm.set_slot(1 + id, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-        let v = vm.vcpu(id);
-        vm.mailbox(id, gpa, pages, 1500, 100 + id);
-        threads.push((c, v, gpa));
+        threads.push(vm.guest_on(id, pages, 1500, 100 + id));
     }
     std::thread::scope(|sc| {
         let handles: Vec<_> = threads
             .into_iter()
-            .map(|(mut c, mut v, _)| {
+            .map(|(mut c, mut v)| {
                 let vm = &vm;
                 sc.spawn(move || {
                     for it in 1..=25 {

@@ -69,11 +69,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
         let mut vcpus = Vec::new();
         let mut shared = Vec::new();
         for id in 0..2u32 {
-            let c = Checker::new(1 + id, PAGES);
-            let gpa = TEST_GPA + u64::from(id) * PAGES * PAGE;
-            vm.set_slot(1 + id, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-            let v = vm.vcpu(id);
-            vm.mailbox(id, gpa, PAGES, 6000, 77 + id);
+            let (c, v) = vm.guest_on(id, PAGES, 6000, 77 + id);
             // What the sync thread reported for this slot, not yet checked.
             let s = Arc::new(Mutex::new(vec![0u64; (PAGES / 64) as usize]));
             shared.push(s.clone());

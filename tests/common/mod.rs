@@ -166,10 +166,17 @@ impl TestVm {
     /// The usual setup: dirty-logged slot 1 of `pages` pages at TEST_GPA,
     /// vCPU 0 storing `stores` times a round there (LCG seed `seed`).
     pub fn guest(&self, pages: u64, stores: u32, seed: u32) -> (Checker, Vcpu) {
-        let c = Checker::new(1, pages);
-        self.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
-        let v = self.vcpu(0);
-        self.mailbox(0, TEST_GPA, pages, stores, seed);
+        self.guest_on(0, pages, stores, seed)
+    }
+
+    /// The same for vCPU `id`: its own slot `1 + id` of `pages` pages,
+    /// after those of the vCPUs before it.
+    pub fn guest_on(&self, id: u32, pages: u64, stores: u32, seed: u32) -> (Checker, Vcpu) {
+        let c = Checker::new(1 + id, pages);
+        let gpa = TEST_GPA + u64::from(id) * pages * PAGE;
+        self.set_slot(1 + id, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+        let v = self.vcpu(id);
+        self.mailbox(id, gpa, pages, stores, seed);
         (c, v)
     }
 
