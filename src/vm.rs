@@ -93,13 +93,10 @@ struct Vcpu {
 /// What the next `KVM_RESET_DIRTY_RINGS` owes (guarded by `Vm::reap`).
 #[derive(Default)]
 struct ReapState {
-    /// Entries were marked RESET (harvested, or an overrun hole handed
-    /// back) and no reset has returned since: the shim's bitmaps may hold
-    /// bits of pages not re-protected yet, so nothing may be drained
-    /// before a reset succeeds.
-    reset_owed: bool,
-    /// Entries marked RESET since the last reset returned: what it should
-    /// count.
+    /// Entries marked RESET (harvested, or an overrun hole handed back)
+    /// since the last reset returned: what it should count. While not 0,
+    /// the shim's bitmaps may hold bits of pages not re-protected yet, so
+    /// nothing may be drained before a reset succeeds.
     marked: u64,
     /// A ring was found full (or wedged): mark every logged page once the
     /// reset has returned.
@@ -587,10 +584,7 @@ impl Vm {
                 invalid += 1;
             }
         });
-        if h.entries > 0 || h.skipped > 0 {
-            st.reset_owed = true;
-            st.marked += h.entries + h.skipped;
-        }
+        st.marked += h.entries + h.skipped;
         if invalid > 0 {
             bump(&self.stats.invalid_entries, invalid);
             log::warn!(
@@ -627,17 +621,16 @@ impl Vm {
     /// keep the stale copy: a silently corrupt migration. After the reset,
     /// any later write faults and makes a new entry. The bits are set under
     /// the reap lock, which is held until here, and `sync_slot` drains only
-    /// under it after a successful reset (`reset_owed`), so that holds even
+    /// under it after a successful reset (`marked` back to 0), so that holds even
     /// when a reset fails: the next reap or sync retries it first.
     fn reap_locked(&self, st: &mut ReapState, harvested: u64) -> Result<u64> {
         bump(&self.stats.entries_reaped, harvested);
-        if st.reset_owed {
+        if st.marked > 0 {
             let t = Instant::now();
             let r = self.kvm.reset_dirty_rings();
             bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
             bump(&self.stats.ring_resets, 1);
             let reset = r?;
-            st.reset_owed = false;
             bump(&self.stats.entries_reset, reset);
             let marked = std::mem::take(&mut st.marked);
             if reset < marked {
@@ -722,7 +715,6 @@ impl Vm {
                 undone = ring.unwedge();
             }
             if undone > 0 {
-                st.reset_owed = true;
                 st.marked += u64::from(undone);
                 bump(&self.stats.ring_recoveries, 1);
             }
