@@ -185,9 +185,10 @@ typedef struct KdsStats {
   uint64_t reaper_reaps;
   /*
    (Added to abi.md v1) Entries marked RESET that
-   `KVM_RESET_DIRTY_RINGS` did not count (another reaper on this VM,
-   or an entry the kernel ignored). Never fatal: their pages were
-   reported.
+   `KVM_RESET_DIRTY_RINGS` did not count when it returned (a vCPU
+   overran its ring before the reset, another reaper on this VM, or an
+   entry the kernel ignored). Never fatal: their pages were reported,
+   and the shim hands them back again at the next reap.
    */
   uint64_t reset_shortfall;
 } KdsStats;
@@ -343,7 +344,7 @@ int64_t kds_reap(struct KdsVm *vm);
  between; a kernel that overran the ring does this), every dirty-logged
  page is reported dirty and the shim hands the entries the kernel counts
  but never published back to it, so the vCPU can run again (counted in
- `ring_recoveries`); where that is not possible (or after 64 wedges in a
+ `ring_recoveries`); where that is not possible (or after 1024 wedges in a
  row) it returns `-EOVERFLOW`: the ring can no longer be trusted; do not
  re-enter the guest expecting progress. Unknown index: `-EINVAL`.
  */

@@ -348,7 +348,7 @@ pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
 /// between; a kernel that overran the ring does this), every dirty-logged
 /// page is reported dirty and the shim hands the entries the kernel counts
 /// but never published back to it, so the vCPU can run again (counted in
-/// `ring_recoveries`); where that is not possible (or after 64 wedges in a
+/// `ring_recoveries`); where that is not possible (or after 1024 wedges in a
 /// row) it returns `-EOVERFLOW`: the ring can no longer be trusted; do not
 /// re-enter the guest expecting progress. Unknown index: `-EINVAL`.
 #[unsafe(no_mangle)]

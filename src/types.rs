@@ -108,9 +108,10 @@ pub struct KdsStats {
     /// (`kds_reaper_start`).
     pub reaper_reaps: u64,
     /// (Added to abi.md v1) Entries marked RESET that
-    /// `KVM_RESET_DIRTY_RINGS` did not count (another reaper on this VM,
-    /// or an entry the kernel ignored). Never fatal: their pages were
-    /// reported.
+    /// `KVM_RESET_DIRTY_RINGS` did not count when it returned (a vCPU
+    /// overran its ring before the reset, another reaper on this VM, or an
+    /// entry the kernel ignored). Never fatal: their pages were reported,
+    /// and the shim hands them back again at the next reap.
     pub reset_shortfall: u64,
 }
 

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::kvm::{KvmVm, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
 use crate::reaper::{Config as ReaperConfig, Reaper};
-use crate::ring::{ENTRY_SIZE, Harvest, Ring};
+use crate::ring::{ENTRY_SIZE, Harvest, RISKY, Ring};
 use crate::types::{
     KDS_BOARD_VGIC_ITS, KDS_MEM_LOG_DIRTY_PAGES as MEM_LOG_DIRTY_PAGES,
     KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode,
@@ -39,7 +39,7 @@ use crate::types::{
 /// Wedges `reap_vcpu` undoes in a row before it gives up with `EOVERFLOW`
 /// (each hands back most of a lap; the kernel cannot be further behind
 /// than its u32 count allows, but a VMM must never spin).
-const MAX_UNWEDGES: u32 = 64;
+const MAX_UNWEDGES: u32 = 1024;
 
 /// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
 pub(crate) const RING_MAX_ENTRIES_DEFAULT: u64 = 65536;
@@ -544,6 +544,7 @@ impl Vm {
         };
         if let Some(r) = &v.ring {
             let h = self.harvest_one(&mut st, &self.slots.read(), r, false);
+            self.reset(&mut st, &self.vcpus.read(), Some(r))?;
             self.reap_locked(&mut st, h.entries)?;
         }
         log::debug!("vCPU {index} removed");
@@ -584,7 +585,7 @@ impl Vm {
                 invalid += 1;
             }
         });
-        st.marked += h.entries + h.skipped;
+        st.marked += h.entries + h.skipped + h.repaired;
         if invalid > 0 {
             bump(&self.stats.invalid_entries, invalid);
             log::warn!(
@@ -625,30 +626,7 @@ impl Vm {
     /// when a reset fails: the next reap or sync retries it first.
     fn reap_locked(&self, st: &mut ReapState, harvested: u64) -> Result<u64> {
         bump(&self.stats.entries_reaped, harvested);
-        if st.marked > 0 {
-            let t = Instant::now();
-            let r = self.kvm.reset_dirty_rings();
-            bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
-            bump(&self.stats.ring_resets, 1);
-            let reset = r?;
-            bump(&self.stats.entries_reset, reset);
-            let marked = std::mem::take(&mut st.marked);
-            if reset < marked {
-                // QEMU asserts here. Counted and carried on: the entries
-                // were harvested and their pages are published; at worst
-                // the kernel recycles them later.
-                bump(&self.stats.reset_shortfall, marked - reset);
-                log::warn!(
-                    "KVM_RESET_DIRTY_RINGS reset {reset} entries where {marked} were marked \
-                     RESET: something else touched a ring (another reaper on this VM, or an \
-                     entry the kernel ignored)"
-                );
-            }
-            log::debug!(
-                "reaped {harvested} ring entries; KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
-                t.elapsed().as_micros()
-            );
-        }
+        self.reset(st, &self.vcpus.read(), None)?;
         if st.overflow {
             st.overflow = false;
             for s in self.slots.read().values() {
@@ -658,6 +636,96 @@ impl Vm {
             }
         }
         Ok(harvested)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` for what is marked (reap lock held), then
+    /// `settle`. `extra`: a ring harvested but no longer in the vCPU map.
+    fn reset(&self, st: &mut ReapState, vcpus: &IdMap<Vcpu>, extra: Option<&Ring>) -> Result<()> {
+        if st.marked == 0 {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let r = self.kvm.reset_dirty_rings();
+        bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
+        bump(&self.stats.ring_resets, 1);
+        let reset = r?;
+        bump(&self.stats.entries_reset, reset);
+        st.marked = 0;
+        self.settle(reset, vcpus, extra);
+        log::debug!(
+            "KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
+            t.elapsed().as_micros()
+        );
+        Ok(())
+    }
+
+    /// Tells each ring touched since the last reset how far the kernel's
+    /// reset index moved (`Ring::settle`), from the one count the ioctl
+    /// returns for all rings.
+    ///
+    /// Each ring is owed its `lag` (what we marked from the kernel's reset
+    /// index on), and the kernel hands back exactly that unless a vCPU
+    /// overran its ring between harvest and reset. Rings where that may
+    /// have happened are `RISKY` and `reap_all` resets after each, so at
+    /// most one ring is uncertain: it gets what the others do not account
+    /// for. Where that cannot be told (two uncertain rings, or a count out
+    /// of range), every ring is taken as handed back in full: the safe
+    /// side, since handing back again what the kernel already took could
+    /// push its reset index past its dirty index (a wedge for ever), while
+    /// the opposite error only leaves a ring stuck, which `reap_vcpu`
+    /// reports.
+    fn settle(&self, reset: u64, vcpus: &IdMap<Vcpu>, extra: Option<&Ring>) {
+        let rings = || vcpus.values().filter_map(|v| v.ring.as_ref()).chain(extra);
+        let (mut owed, mut touched, mut risky) = (0u64, 0, 0);
+        let (mut one_touched, mut one_risky) = (None, None);
+        for r in rings() {
+            match r.pending() {
+                0 => continue,
+                RISKY => {
+                    risky += 1;
+                    one_risky = Some(r);
+                }
+                _ => one_touched = Some(r),
+            }
+            touched += 1;
+            owed += u64::from(r.lag());
+        }
+        // The one ring that may have fallen short, if it can be told.
+        let uncertain = match (risky, touched) {
+            (1, _) => one_risky,
+            (0, 1) => one_touched,
+            _ => None,
+        };
+        let short = owed.saturating_sub(reset);
+        let advance = match uncertain {
+            _ if reset == owed => None,
+            Some(u) if reset < owed && short <= u64::from(u.lag()) => {
+                log::warn!(
+                    "KVM_RESET_DIRTY_RINGS handed back {reset} ring entries where {owed} were \
+                     marked: a vCPU overran its ring before the reset (or something else \
+                     touched it); the {short} left are handed back at the next reap"
+                );
+                Some((u, u.lag() - short as u32))
+            }
+            _ => {
+                log::warn!(
+                    "KVM_RESET_DIRTY_RINGS handed back {reset} ring entries where {owed} were \
+                     marked, and which ring is off cannot be told: taking every ring as handed \
+                     back in full"
+                );
+                None
+            }
+        };
+        bump(&self.stats.reset_shortfall, short);
+        for r in rings() {
+            if r.take_pending() == 0 {
+                continue;
+            }
+            match advance {
+                Some((u, a)) if std::ptr::eq(r, u) => r.settle(a),
+                _ => r.settle(r.lag()),
+            }
+        }
     }
 
     /// Harvests every vCPU ring, resets once, publishes. Entries harvested.
@@ -673,11 +741,20 @@ impl Vm {
         let t = Instant::now();
         let mut n = 0;
         let slots = self.slots.read();
-        for v in self.vcpus.read().values() {
+        let vcpus = self.vcpus.read();
+        for v in vcpus.values() {
             if let Some(r) = &v.ring {
-                n += self.harvest_one(st, &slots, r, false).entries;
+                let h = self.harvest_one(st, &slots, r, false);
+                n += h.entries;
+                if h.risky() {
+                    // Alone with the rings before it (which are owed
+                    // exactly what they marked), so that `settle` can tell
+                    // how far the kernel got on this one.
+                    self.reset(st, &vcpus, None)?;
+                }
             }
         }
+        drop(vcpus);
         drop(slots);
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
         self.reap_locked(st, n)
@@ -700,8 +777,11 @@ impl Vm {
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
         let total = ring.harvested();
         let prev_total = v.last_full_total.swap(total, Ordering::Relaxed);
-        let prev_empty = v.last_full_empty.swap(h.entries == 0, Ordering::Relaxed);
-        let wedged = h.entries == 0 && prev_empty && prev_total == total;
+        // Nothing harvested and nothing handed back again: the kernel got
+        // nothing from this call that would let the vCPU run.
+        let empty = h.entries == 0 && h.skipped == 0 && h.repaired == 0;
+        let prev_empty = v.last_full_empty.swap(empty, Ordering::Relaxed);
+        let wedged = empty && prev_empty && prev_total == total;
         if h.entries > 0 {
             bump(&v.ring_full_reaps, 1);
             bump(&self.stats.ring_full_reaps, 1);
