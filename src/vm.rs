@@ -593,21 +593,29 @@ impl Vm {
             );
         }
         if h.skipped > 0 {
-            bump(&self.stats.ring_recoveries, 1);
-            log::warn!(
-                "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
-                 the ring; the ring works again",
-                h.skipped
-            );
+            let n = self.stats.ring_recoveries.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                log::warn!(
+                    "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
+                     the ring; the ring works again (recovery {n} on this VM; logged at powers \
+                     of two, see kds_stats)",
+                    h.skipped
+                );
+            }
         }
         if h.full {
             st.overflow = true;
-            bump(&self.stats.ring_overflows, 1);
-            log::error!(
-                "dirty ring found completely full ({} entries): the kernel may have dropped \
-                 entries; reporting every dirty-logged page dirty. Reap more often.",
-                ring.entries()
-            );
+            let n = self.stats.ring_overflows.fetch_add(1, Ordering::Relaxed) + 1;
+            // A vCPU that keeps overrunning its ring does so at every reap:
+            // the log says so at powers of two, kds_stats every time.
+            if n.is_power_of_two() {
+                log::error!(
+                    "dirty ring found completely full ({} entries): the kernel may have dropped \
+                     entries; reporting every dirty-logged page dirty. Reap more often \
+                     (overflow {n} on this VM; logged at powers of two, see kds_stats).",
+                    ring.entries()
+                );
+            }
         }
         h
     }
