@@ -101,6 +101,8 @@ struct ReapState {
     /// A ring was found full (or wedged): mark every logged page once the
     /// reset has returned.
     overflow: bool,
+    /// Entries harvested since the last reset (for its log line).
+    harvested: u64,
 }
 
 #[derive(Default)]
@@ -586,6 +588,7 @@ impl Vm {
             }
         });
         st.marked += h.entries + h.skipped + h.repaired;
+        st.harvested += h.entries;
         if invalid > 0 {
             bump(&self.stats.invalid_entries, invalid);
             log::warn!(
@@ -661,7 +664,8 @@ impl Vm {
         st.marked = 0;
         self.settle(reset, vcpus, extra);
         log::debug!(
-            "KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
+            "reaped {} ring entries; KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
+            std::mem::take(&mut st.harvested),
             t.elapsed().as_micros()
         );
         Ok(())
