@@ -93,10 +93,12 @@ struct Vcpu {
 /// What the next `KVM_RESET_DIRTY_RINGS` owes (guarded by `Vm::reap`).
 #[derive(Default)]
 struct ReapState {
-    /// Entries marked RESET (harvested, or an overrun hole handed back)
-    /// since the last reset returned: what it should count. While not 0,
-    /// the shim's bitmaps may hold bits of pages not re-protected yet, so
-    /// nothing may be drained before a reset succeeds.
+    /// Entries marked RESET (harvested, an overrun hole handed back, or
+    /// marked again where a reset stopped short) since the last reset
+    /// returned. While not 0 a reset is owed: the shim's bitmaps may hold
+    /// bits of pages not re-protected yet, so nothing may be drained before
+    /// a reset succeeds. (What each ring is owed, `settle` reads from the
+    /// rings.)
     marked: u64,
     /// A ring was found full (or wedged): mark every logged page once the
     /// reset has returned.
