@@ -98,8 +98,9 @@ unsafe impl Sync for Ring {}
 pub struct Harvest {
     /// Entries harvested (flags DIRTY, now RESET).
     pub entries: u64,
-    /// Every entry of the ring was in use (harvested or an overrun hole):
-    /// the kernel may have dropped entries.
+    /// Every entry of the ring was in use (harvested or an overrun hole),
+    /// or the kernel pushed onto entries not handed back yet (see
+    /// `repair`): the kernel may have dropped entries.
     pub full: bool,
     /// Entries of an overrun hole handed back to the kernel (see `skip_hole`).
     pub skipped: u64,
@@ -219,9 +220,9 @@ impl Ring {
     pub fn harvest(&self, ring_full: bool, mut sink: impl FnMut(u32, u64)) -> Harvest {
         let start = self.fetch.load(Ordering::Relaxed);
         let kreset = self.kreset.load(Ordering::Relaxed);
-        let (mut repaired, mut n) = (0, 0);
+        let (mut repaired, mut overrun) = (0, false);
         if start != kreset {
-            (repaired, n) = self.repair(kreset, start, &mut sink);
+            (repaired, overrun) = self.repair(kreset, start);
         }
         let mut fetch = start;
         let mut skipped = 0;
@@ -279,12 +280,12 @@ impl Ring {
             }
         }
         self.fetch.store(fetch, Ordering::Relaxed);
-        n += u64::from(fetch.wrapping_sub(start)) - skipped;
+        let n = u64::from(fetch.wrapping_sub(start)) - skipped;
         self.harvested.fetch_add(n, Ordering::Relaxed);
         // Every position of the ring is in use from the kernel's reset index
         // (harvested, a hole the kernel had left, or owed): it was completely
         // full, so the kernel may have overrun it again.
-        let full = fetch.wrapping_sub(kreset) == self.entries;
+        let full = overrun || fetch.wrapping_sub(kreset) == self.entries;
         if full {
             self.suspect.store(true, Ordering::Relaxed);
         }
@@ -334,42 +335,32 @@ impl Ring {
     /// our harvest and the reset, its pushes land on entries we had marked
     /// (flags DIRTY again) and the reset stops there, short of our fetch
     /// index. Those positions (`from..to`) must be handed back before
-    /// anything newer: pushed entries are reported (the kernel overran, so
-    /// the harvest reports the ring full anyway) and every position is
-    /// marked RESET, so the next reset walks through to our fetch index.
-    /// Never beyond it: a RESET flag past the kernel's dirty index would let
-    /// its reset index overtake it, and the vCPU would exit ring-full for
-    /// ever. Returns (positions marked, entries reported).
+    /// anything newer, so every one is marked RESET and the next reset walks
+    /// through to our fetch index. Never beyond it: a RESET flag past the
+    /// kernel's dirty index would let its reset index overtake it, and the
+    /// vCPU would exit ring-full for ever. A pushed entry found here means
+    /// the kernel overran the ring and may have dropped entries: the caller
+    /// reports the ring full (every page dirty) rather than this entry.
+    /// Returns (positions marked, an overrun seen).
     #[cold]
     #[inline(never)]
-    fn repair(&self, from: u32, to: u32, sink: &mut impl FnMut(u32, u64)) -> (u64, u64) {
-        let (mut marked, mut reported) = (0, 0);
-        let mem = self.mem();
+    fn repair(&self, from: u32, to: u32) -> (u64, bool) {
+        let (mut marked, mut overrun) = (0, false);
         let mut i = from;
         while i != to {
-            let flags = mem.flags(i);
-            // Acquire: as in `harvest`, for slot and offset.
+            let flags = self.flags(i);
+            // Acquire, as every read of the kernel's flags.
             let f = flags.load(Ordering::Acquire);
             if f & DIRTY_GFN_F_RESET == 0 {
-                if f & DIRTY_GFN_F_DIRTY != 0 {
-                    let e = mem.entry(i);
-                    // SAFETY: in-bounds entry (see `entry`); volatile reads.
-                    let (slot, offset) = unsafe {
-                        (
-                            ptr::read_volatile(ptr::addr_of!((*e).slot)),
-                            ptr::read_volatile(ptr::addr_of!((*e).offset)),
-                        )
-                    };
-                    sink(slot, offset);
-                    reported += 1;
-                }
-                // Release, as for harvested entries.
+                overrun |= f & DIRTY_GFN_F_DIRTY != 0;
+                // Release, as for harvested entries (nothing of the entry
+                // is read: its page is reported with every other).
                 flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
                 marked += 1;
             }
             i = i.wrapping_add(1);
         }
-        (marked, reported)
+        (marked, overrun)
     }
 
     /// After an overrun, re-synchronises with the kernel; returns how many
@@ -719,6 +710,7 @@ mod tests {
         assert_eq!(r.lag(), 4096 - 64);
         let h = reap(&mut k, &r, true, 0);
         assert_eq!((h.repaired, r.lag()), (57, 0), "{h:?}");
+        assert!(h.full, "pushes onto unreturned entries are an overrun");
         // The vCPU runs again and everything it pushes is harvested.
         for _ in 0..100 {
             k.push(&r);
