@@ -294,8 +294,11 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
     let vm = TestVm::new(Some(RING));
     let pages = 16384;
     let (mut c, mut v) = vm.guest(pages, 8000, 17);
-    // The reaper pauses so that the vCPU still fills its ring at times.
-    let (full, _) = with_reaper(vm.h, Duration::from_millis(50), || {
+    // The reaper pauses so that the vCPU still fills its ring at times: a
+    // round (8000 stores) takes about 110 ms here, so with a 50 ms pause
+    // the reaper kept up and one CI run saw no ring-full exit at all; with
+    // 200 ms most rounds fill the ring before the reaper's next reap.
+    let (full, _) = with_reaper(vm.h, Duration::from_millis(200), || {
         let mut full = 0;
         for it in 1..=15 {
             vm.set_iteration(0, it);
