@@ -396,6 +396,18 @@ impl Ring {
         }) else {
             return 0;
         };
+        // The harvest saw `fetch` invalid before this scan, so that view may
+        // be stale: the kernel may have published `fetch` and then
+        // `fetch + d` meanwhile. It publishes in order, each entry with
+        // release, so after the acquire that saw `fetch + d` DIRTY every
+        // entry it published before is visible: re-read them. One DIRTY
+        // now is being published, not a hole (marking it RESET would lose
+        // its page): leave it to the next harvest.
+        if (0..d).any(|j| {
+            self.flags(fetch.wrapping_add(j)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
+        }) {
+            return 0;
+        }
         for j in 0..d {
             // Release, as for harvested entries (the kernel reads acquire).
             self.flags(fetch.wrapping_add(j))
