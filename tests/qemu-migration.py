@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Live-migrates a multi-vCPU guest between two QEMUs on /dev/kvm and checks
+that the destination's RAM is the source's, page for page, and that the guest
+runs on after `cont`.
+
+The guest is guest/mp-guest.S (multiboot, loaded with -kernel): every vCPU
+stores to pseudo-random pages of a 320 MiB region without pausing and prints
+a heartbeat. The source is migrated over a unix socket to a destination
+started with `-incoming defer -S`; after `completed`, both RAMs are dumped
+with `pmemsave` and compared page by page; then the destination is continued
+and every vCPU's heartbeat must go on there.
+
+One run per invocation; the last line is "PASS ..." or "FAIL ..." with the
+figures, exit status 0 on PASS. Every wait is bounded.
+
+    tests/qemu-migration.py --qemu PATH --mode ring|dirty-limit|bitmap [--smp 2]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = 4096
+RAM_MIB = 512
+REGION_BASE = 0x0100_0000  # guest/mp-guest.S
+REGION_PAGES = 81920
+# The legacy BIOS area (0xc0000-0xfffff), mapped through the PAM registers:
+# two bytes at 0xe8380 differ in every run, bitmap mode and every binary
+# included (measured with Debian's 10.0.2), and the guest never writes
+# there. Reported apart, never counted as a lost page.
+FIRMWARE = range(0xC0000 // PAGE, 0x100000 // PAGE)
+
+
+def build_guest(work):
+    src = os.path.join(REPO, "guest", "mp-guest.S")
+    obj = os.path.join(work, "mp-guest.o")
+    elf = os.path.join(work, "mp-guest.elf")
+    subprocess.run(["as", "--32", src, "-o", obj], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-N", "--no-warn-rwx-segments",
+                    "-Ttext", "0x100000", "-o", elf, obj], check=True)
+    return elf
+
+
+class Qmp:
+    """A minimal QMP client over a unix socket."""
+
+    def __init__(self, path, deadline):
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > deadline:
+                    raise RuntimeError(f"QMP socket {path} never answered")
+                time.sleep(0.1)
+        self.sock.settimeout(120)
+        self.buf = b""
+        self.events = []
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("QMP connection closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            if "error" in r:
+                raise RuntimeError(f"QMP {name}: {r['error']}")
+            return r["return"]
+
+
+def beats(path):
+    """{cpu: last count} from a serial log."""
+    last = {}
+    try:
+        with open(path, errors="replace") as f:
+            for m in re.finditer(r"beat (\d+) (\d+)\n", f.read()):
+                last[int(m.group(1))] = int(m.group(2))
+    except FileNotFoundError:
+        pass
+    return last
+
+
+def wait_beats(path, smp, after, deadline):
+    """Waits until every vCPU printed a beat above after[cpu]; True if so."""
+    while time.time() < deadline:
+        b = beats(path)
+        if all(b.get(c, -1) > after.get(c, -1) for c in range(smp)):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def compare(a, b):
+    """Differing pages of two RAM dumps: [(page, detail)]."""
+    diffs = []
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        page = 0
+        while True:
+            x, y = fa.read(PAGE * 256), fb.read(PAGE * 256)
+            if not x and not y:
+                break
+            if x != y:
+                for i in range(0, max(len(x), len(y)), PAGE):
+                    if x[i:i + PAGE] != y[i:i + PAGE]:
+                        diffs.append((page + i // PAGE, x[i:i + PAGE], y[i:i + PAGE]))
+            page += len(x) // PAGE
+    return diffs
+
+
+def describe(diffs, smp):
+    """What the workload's words say about the first differing pages."""
+    out = []
+    for p, x, y in diffs[:5]:
+        gpa = p * PAGE
+        words = []
+        if REGION_BASE <= gpa < REGION_BASE + REGION_PAGES * PAGE:
+            for c in range(smp):
+                sx = int.from_bytes(x[c * 8:c * 8 + 4], "little")
+                dx = int.from_bytes(y[c * 8:c * 8 + 4], "little")
+                if sx != dx:
+                    words.append(f"cpu{c} src {sx} dst {dx}")
+        out.append(f"gpa {gpa:#x}" + (" (" + ", ".join(words) + ")" if words else ""))
+    return "; ".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--qemu", required=True)
+    ap.add_argument("--mode", choices=["ring", "dirty-limit", "bitmap"], required=True)
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--ring-size", type=int, default=4096)
+    ap.add_argument("--bandwidth-mib", type=int, default=128)
+    ap.add_argument("--downtime-ms", type=int, default=3000)
+    ap.add_argument("--timeout", type=int, default=180, help="seconds for the migration")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--keep", help="directory to keep logs in")
+    args = ap.parse_args()
+    label = args.label or f"{os.path.basename(os.path.dirname(args.qemu))} {args.mode}"
+
+    work = tempfile.mkdtemp(prefix="kds-mig-")
+    procs = []
+    result = {"label": label}
+    t_start = time.time()
+    try:
+        elf = build_guest(work)
+        accel = "kvm"
+        if args.mode != "bitmap":
+            accel += f",dirty-ring-size={args.ring_size}"
+        trace_events = os.path.join(work, "events")
+        with open(trace_events, "w") as f:
+            f.write("kvm_dirty_ring_full\nkvm_dirty_shim_log\n")
+
+        def start(role, extra):
+            cmd = [args.qemu, "-accel", accel, "-cpu", "host,-arch-capabilities",
+                   "-smp", str(args.smp), "-m", str(RAM_MIB), "-kernel", elf,
+                   "-display", "none", "-nodefaults", "-no-reboot",
+                   "-serial", f"file:{work}/{role}.serial",
+                   "-qmp", f"unix:{work}/{role}.qmp,server=on,wait=off",
+                   "-trace", f"events={trace_events},file={work}/{role}.trace"] + extra
+            log = open(f"{work}/{role}.log", "w")
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            procs.append(p)
+            return p, Qmp(f"{work}/{role}.qmp", time.time() + 30)
+
+        src_p, src = start("src", [])
+        # SeaBIOS runs emulated here: about 15 s to the first heartbeat.
+        if not wait_beats(f"{work}/src.serial", args.smp, {}, time.time() + 120):
+            raise RuntimeError("the source guest printed no heartbeat from every vCPU in 120 s")
+        dst_p, dst = start("dst", ["-incoming", "defer", "-S"])
+        sock = f"{work}/mig.sock"
+        dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+        caps = []
+        params = {"max-bandwidth": args.bandwidth_mib << 20,
+                  "downtime-limit": args.downtime_ms}
+        if args.mode == "dirty-limit":
+            caps.append({"capability": "dirty-limit", "state": True})
+            params.update({"vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 500})
+        if caps:
+            src.cmd("migrate-set-capabilities", capabilities=caps)
+        src.cmd("migrate-set-parameters", **params)
+        t0 = time.time()
+        src.cmd("migrate", uri=f"unix:{sock}")
+        status = None
+        info = {}
+        while time.time() - t0 < args.timeout:
+            info = src.cmd("query-migrate")
+            status = info.get("status")
+            if status in ("completed", "failed", "cancelled"):
+                break
+            if src_p.poll() is not None:
+                status = f"source exited ({src_p.returncode})"
+                break
+            time.sleep(0.2)
+        result["migration_s"] = round(time.time() - t0, 1)
+        result["status"] = status
+        result["src_state"] = src.cmd("query-status")["status"]
+        ram = info.get("ram", {})
+        result["dirty_syncs"] = ram.get("dirty-sync-count")
+        result["downtime_ms"] = info.get("downtime")
+        if status != "completed":
+            src.cmd("migrate_cancel")
+            raise RuntimeError(f"migration {status} after {result['migration_s']} s")
+        # Wait for the destination to have taken it all in (paused, -S).
+        deadline = time.time() + 60
+        while dst.cmd("query-status")["status"] not in ("paused", "postmigrate"):
+            if time.time() > deadline:
+                raise RuntimeError("the destination never finished loading")
+            time.sleep(0.2)
+        # query-migrate on the destination says completed once loaded.
+        while dst.cmd("query-migrate").get("status") != "completed":
+            if time.time() > deadline:
+                raise RuntimeError("the destination never completed the incoming migration")
+            time.sleep(0.2)
+        size = RAM_MIB << 20
+        src.cmd("pmemsave", val=0, size=size, filename=f"{work}/src.ram")
+        dst.cmd("pmemsave", val=0, size=size, filename=f"{work}/dst.ram")
+        diffs = compare(f"{work}/src.ram", f"{work}/dst.ram")
+        result["firmware_pages_differ"] = sum(1 for d in diffs if d[0] in FIRMWARE)
+        diffs = [d for d in diffs if d[0] not in FIRMWARE]
+        result["pages_differ"] = len(diffs)
+        if diffs:
+            result["first_differ"] = describe(diffs, args.smp)
+        # The guest runs on at the destination: every vCPU beats past where
+        # it was when the source stopped.
+        at_stop = beats(f"{work}/src.serial")
+        dst.cmd("cont")
+        alive = wait_beats(f"{work}/dst.serial", args.smp, at_stop, time.time() + 60)
+        result["dst_state"] = dst.cmd("query-status")["status"]
+        result["alive"] = alive and result["dst_state"] == "running"
+    except Exception as e:  # reported, never a traceback
+        result["error"] = str(e)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        result["ring_full_exits"] = 0
+        shim = {}
+        for role in ("src",):
+            for f in os.listdir(work):
+                if f.startswith(f"{role}.trace"):
+                    with open(os.path.join(work, f), errors="replace") as t:
+                        for line in t:
+                            if line.startswith("kvm_dirty_ring_full"):
+                                result["ring_full_exits"] += 1
+                            m = re.search(r"kvm-dirty-shim stats: (.*)$", line.strip())
+                            if m:
+                                shim = dict(kv.split("=") for kv in m.group(1).split())
+        with open(f"{work}/src.log", errors="replace") as f:
+            errs = [ln.strip() for ln in f if ln.strip()]
+        if shim:
+            result["overflows"] = int(shim.get("ring_overflows", 0))
+            result["wedges"] = int(shim.get("ring_wedges", 0))
+        if errs:
+            result["src_stderr"] = errs[-1][:200]
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
+            os.makedirs(args.keep)
+            for f in os.listdir(work):
+                if f.endswith((".log", ".serial", ".trace")) or ".trace." in f:
+                    shutil.copy(os.path.join(work, f), args.keep)
+        if not os.environ.get("KDS_MIG_KEEP_RAM"):
+            shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = round(time.time() - t_start, 1)
+    ok = ("error" not in result and result.get("pages_differ") == 0
+          and result.get("alive") and result.get("src_state") == "postmigrate")
+    print(("PASS " if ok else "FAIL ") + json.dumps(result), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
