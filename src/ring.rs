@@ -19,7 +19,7 @@
 use std::marker::PhantomData;
 use std::os::fd::RawFd;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kvm_bindings::kvm_dirty_gfn;
 
@@ -54,11 +54,6 @@ impl<'a> RingMem<'a> {
     }
 }
 
-/// `Ring::take_pending`: touched since the last reset.
-pub(crate) const PENDING: u8 = 1;
-/// `Ring::take_pending`: touched, and the reset may fall short for it.
-pub(crate) const RISKY: u8 = 2;
-
 /// Bytes of one ring entry.
 pub(crate) const ENTRY_SIZE: u64 = std::mem::size_of::<kvm_dirty_gfn>() as u64;
 
@@ -70,15 +65,12 @@ pub struct Ring {
     /// use). Only the thread holding the VM's reap lock touches it; it is an
     /// atomic so that `Ring` stays `Sync` without `UnsafeCell`.
     fetch: AtomicU32,
-    /// The kernel's reset index as far as the returns of
-    /// `KVM_RESET_DIRTY_RINGS` tell it (see `settle`): the entries from here
-    /// to `fetch` are ours to hand back. Equal to `fetch` unless the kernel
-    /// stopped short of what we marked (an overrun wrote over our marks).
-    /// Under the reap lock, like `fetch`.
+    /// The kernel's reset index, as this ring shows it after each
+    /// `KVM_RESET_DIRTY_RINGS` (see `after_reset`): the entries from here
+    /// to `fetch` are marked RESET but not handed back yet. Equal to
+    /// `fetch` unless the kernel stopped short of what we marked (an
+    /// overrun wrote over our marks). Under the reap lock, like `fetch`.
     kreset: AtomicU32,
-    /// Touched since the last reset: 0 no, `PENDING` yes, `RISKY` yes and
-    /// the reset may fall short for it (see `Harvest::risky`).
-    pending: AtomicU8,
     /// Entries harvested from this ring, ever (any thread).
     harvested: AtomicU64,
     /// A harvest found the ring completely full: the kernel may have
@@ -92,6 +84,19 @@ pub struct Ring {
 unsafe impl Send for Ring {}
 // SAFETY: as above.
 unsafe impl Sync for Ring {}
+
+/// What `Ring::after_reset` found: how far the kernel's reset got.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Entries the reset handed back on this ring.
+    pub reached: u32,
+    /// Marked entries it did not reach (their pages are still writable
+    /// without a new entry: reported again at every sync until reached).
+    pub unreached: u32,
+    /// Some unreached entry was overwritten by a push before the reset (an
+    /// overrun): the page it named is gone, so every page must be reported.
+    pub overwritten: bool,
+}
 
 /// What one harvest of one ring found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -107,15 +112,6 @@ pub struct Harvest {
     /// Entries marked RESET again behind our fetch index, where the kernel's
     /// last reset stopped short (see `repair`).
     pub repaired: u64,
-}
-
-impl Harvest {
-    /// The harvest saw the kernel overrun this ring: what the next
-    /// `KVM_RESET_DIRTY_RINGS` hands back for it may fall short of what was
-    /// marked, so `Vm` resets it on its own to learn exactly how much.
-    pub fn risky(&self) -> bool {
-        self.full || self.skipped > 0 || self.repaired > 0
-    }
 }
 
 impl Ring {
@@ -149,7 +145,6 @@ impl Ring {
             entries,
             fetch: AtomicU32::new(0),
             kreset: AtomicU32::new(0),
-            pending: AtomicU8::new(0),
             harvested: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
         })
@@ -289,26 +284,12 @@ impl Ring {
         if full {
             self.suspect.store(true, Ordering::Relaxed);
         }
-        let h = Harvest {
+        Harvest {
             entries: n,
             full,
             skipped,
             repaired,
-        };
-        self.pending
-            .fetch_max(if h.risky() { RISKY } else { PENDING }, Ordering::Relaxed);
-        h
-    }
-
-    /// Whether this ring was touched since the last reset (`PENDING`), in a
-    /// way the reset may fall short for (`RISKY`), or not (0).
-    pub fn pending(&self) -> u8 {
-        self.pending.load(Ordering::Relaxed)
-    }
-
-    /// `pending`, and clears it.
-    pub fn take_pending(&self) -> u8 {
-        self.pending.swap(0, Ordering::Relaxed)
+        }
     }
 
     /// Entries from the kernel's reset index to our fetch index: marked
@@ -319,12 +300,61 @@ impl Ring {
             .wrapping_sub(self.kreset.load(Ordering::Relaxed))
     }
 
-    /// Records what `KVM_RESET_DIRTY_RINGS` handed back for this ring:
-    /// `advance` entries from the kernel's reset index (at most `lag`).
-    pub fn settle(&self, advance: u32) {
+    /// Reads, after `KVM_RESET_DIRTY_RINGS` returned, how far it got on
+    /// this ring, and moves our copy of the kernel's reset index there.
+    /// Calls `sink(slot, offset)` for each marked entry it did not reach.
+    ///
+    /// The ioctl returns one count for every ring of the VM, which cannot
+    /// be split between rings once a vCPU overran one (and a reset that
+    /// stops on a signal counts only the rings it walked). The rings
+    /// themselves tell: the reset (`kvm_dirty_ring_reset`) walks each ring
+    /// from its reset index for as long as the flags say RESET, clearing
+    /// each entry it hands back with a release store of flags = 0
+    /// (`kvm_dirty_gfn_set_invalid`), and stops at the first entry that is
+    /// not RESET. Only that walk ever writes 0 into an entry we marked, so
+    /// the entries it reached are the ones up to the last 0 in
+    /// `kreset..fetch`. (Before that 0 there may be DIRTY entries: the vCPU
+    /// pushed again onto entries the reset had just freed, a lap ahead;
+    /// the harvest reaches them in order.) The acquire loads pair with
+    /// those release stores: the ioctl has returned, so every store of its
+    /// walk is visible.
+    ///
+    /// An unreached entry still flagged RESET names a page the kernel has
+    /// not re-protected: the guest can write it again without a new entry,
+    /// so the caller reports it at every sync until a reset reaches it.
+    /// One flagged DIRTY was pushed over our mark before the reset (an
+    /// overrun): the page our entry named is lost from the ring.
+    pub fn after_reset(&self, mut sink: impl FnMut(u32, u64)) -> Settled {
         let k = self.kreset.load(Ordering::Relaxed);
+        let lag = self.lag();
+        let mem = self.mem();
+        let flags = |j: u32| mem.flags(k.wrapping_add(j)).load(Ordering::Acquire);
+        let reached = (0..lag).rev().find(|&j| flags(j) == 0).map_or(0, |j| j + 1);
+        let mut settled = Settled {
+            reached,
+            unreached: lag - reached,
+            overwritten: false,
+        };
+        for j in reached..lag {
+            if flags(j) & DIRTY_GFN_F_RESET != 0 {
+                let e = mem.entry(k.wrapping_add(j));
+                // SAFETY: in-bounds entry (see `entry`); the entry is
+                // ours (RESET, not handed back), so the kernel does not
+                // write its slot and offset; volatile reads only.
+                let (slot, offset) = unsafe {
+                    (
+                        ptr::read_volatile(ptr::addr_of!((*e).slot)),
+                        ptr::read_volatile(ptr::addr_of!((*e).offset)),
+                    )
+                };
+                sink(slot, offset);
+            } else {
+                settled.overwritten = true;
+            }
+        }
         self.kreset
-            .store(k.wrapping_add(advance.min(self.lag())), Ordering::Relaxed);
+            .store(k.wrapping_add(reached), Ordering::Relaxed);
+        settled
     }
 
     /// Marks RESET again what the kernel's last reset did not reach.
@@ -456,7 +486,6 @@ impl Ring {
         }
         self.fetch.store(fetch.wrapping_add(m), Ordering::Relaxed);
         self.suspect.store(true, Ordering::Relaxed);
-        self.pending.store(RISKY, Ordering::Relaxed);
         m
     }
 }
@@ -494,7 +523,6 @@ mod tests {
             entries,
             fetch: AtomicU32::new(0),
             kreset: AtomicU32::new(0),
-            pending: AtomicU8::new(0),
             harvested: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
         }
@@ -623,9 +651,13 @@ mod tests {
                     assert_eq!((slot, offset), (7, next));
                     next += 1;
                 });
-                // The reset, as far as the ring is concerned: the kernel
-                // took back everything marked.
-                r.settle(r.lag());
+                // The reset: the kernel takes back everything marked.
+                let mut k = r.kreset.load(Ordering::Relaxed);
+                while flags(&r, k) & DIRTY_GFN_F_RESET != 0 {
+                    r.flags(k).store(0, Ordering::Release);
+                    k = k.wrapping_add(1);
+                }
+                r.after_reset(|_, _| {});
                 std::thread::yield_now();
             }
         });
@@ -693,9 +725,8 @@ mod tests {
         for _ in 0..racing {
             k.push(r);
         }
-        let n = k.walk(r);
-        r.settle(n);
-        r.take_pending();
+        k.walk(r);
+        r.after_reset(|_, _| {});
         assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset, "{h:?}");
         assert!(
             k.used() < 1 << 31,
@@ -776,8 +807,8 @@ mod tests {
                 r.unwedge();
             }
             prev_empty = empty;
-            let n = k.walk(&r);
-            r.settle(n);
+            k.walk(&r);
+            r.after_reset(|_, _| {});
             assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset);
             assert!(k.used() < 1 << 31);
         }

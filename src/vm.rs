@@ -29,16 +29,17 @@ use crate::error::{Error, Result};
 use crate::kvm::{KvmVm, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
 use crate::reaper::{Config as ReaperConfig, Reaper};
-use crate::ring::{ENTRY_SIZE, Harvest, RISKY, Ring};
+use crate::ring::{ENTRY_SIZE, Harvest, Ring};
 use crate::types::{
     KDS_BOARD_VGIC_ITS, KDS_MEM_LOG_DIRTY_PAGES as MEM_LOG_DIRTY_PAGES,
     KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode,
     KdsReaperConfig, KdsStats, KdsVcpuStats,
 };
 
-/// Wedges `reap_vcpu` undoes in a row before it gives up with `EOVERFLOW`
-/// (each hands back most of a lap; the kernel cannot be further behind
-/// than its u32 count allows, but a VMM must never spin).
+/// Wedges in a row (ring-full exits with nothing harvested or handed back)
+/// after which `reap_vcpu` gives up with `EOVERFLOW`: each either hands
+/// back most of a lap or lets the reset it owes free the ring, but a VMM
+/// must never spin.
 const MAX_UNWEDGES: u32 = 1024;
 
 /// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
@@ -93,16 +94,19 @@ struct Vcpu {
 /// What the next `KVM_RESET_DIRTY_RINGS` owes (guarded by `Vm::reap`).
 #[derive(Default)]
 struct ReapState {
-    /// Entries marked RESET (harvested, an overrun hole handed back, or
-    /// marked again where a reset stopped short) since the last reset
-    /// returned. While not 0 a reset is owed: the shim's bitmaps may hold
-    /// bits of pages not re-protected yet, so nothing may be drained before
-    /// a reset succeeds. (What each ring is owed, `settle` reads from the
-    /// rings.)
+    /// Entries marked RESET and not handed back yet (harvested, an overrun
+    /// hole handed back, marked again where a reset stopped short, or left
+    /// unreached by the last reset). While not 0 a reset is owed. (What
+    /// each ring is owed, `Ring::after_reset` reads from the ring.)
     marked: u64,
     /// A ring was found full (or wedged): mark every logged page once the
     /// reset has returned.
     overflow: bool,
+    /// The kernel may have lost a ring entry (an overrun): the page it
+    /// named is not write-protected any more and would never make a new
+    /// entry, so dirty logging is re-armed on every logged slot (see
+    /// `rearm_logging`) before the next report of every page.
+    rearm: bool,
     /// Entries harvested since the last reset (for its log line).
     harvested: u64,
 }
@@ -610,6 +614,7 @@ impl Vm {
         }
         if h.full {
             st.overflow = true;
+            st.rearm = true;
             let n = self.stats.ring_overflows.fetch_add(1, Ordering::Relaxed) + 1;
             // A vCPU that keeps overrunning its ring does so at every reap:
             // the log says so at powers of two, kds_stats every time.
@@ -641,7 +646,13 @@ impl Vm {
         bump(&self.stats.entries_reaped, harvested);
         self.reset(st, &self.vcpus.read(), None)?;
         if st.overflow {
-            st.overflow = false;
+            // Re-protect first, then report everything: a write before the
+            // re-arm is in the report, one after it makes a ring entry.
+            if st.rearm && self.rearm_logging()? {
+                st.rearm = false;
+            }
+            // Until logging is re-armed, every reap reports every page.
+            st.overflow = st.rearm;
             for s in self.slots.read().values() {
                 if let Some(b) = &s.dirty {
                     b.set_all();
@@ -652,7 +663,16 @@ impl Vm {
     }
 
     /// `KVM_RESET_DIRTY_RINGS` for what is marked (reap lock held), then
-    /// `settle`. `extra`: a ring harvested but no longer in the vCPU map.
+    /// reads from each ring how far it got (`Ring::after_reset`; the one
+    /// VM-wide count it returns is only counted). `extra`: a ring harvested
+    /// but no longer in the vCPU map.
+    ///
+    /// A marked entry the reset did not reach names a page that is still
+    /// writable without a new entry: its bit is set again here, after
+    /// every reset until one reaches it, so every sync reports the page
+    /// (the guest may have written it after the previous report). An entry
+    /// an overrun wrote over is a page lost from the ring: every page is
+    /// reported and logging re-armed (`reap_locked`).
     fn reset(&self, st: &mut ReapState, vcpus: &IdMap<Vcpu>, extra: Option<&Ring>) -> Result<()> {
         if st.marked == 0 {
             return Ok(());
@@ -663,8 +683,38 @@ impl Vm {
         bump(&self.stats.ring_resets, 1);
         let reset = r?;
         bump(&self.stats.entries_reset, reset);
-        st.marked = 0;
-        self.settle(reset, vcpus, extra);
+        let slots = self.slots.read();
+        let (mut reached, mut unreached) = (0u64, 0u64);
+        let rings = vcpus.values().filter_map(|v| v.ring.as_ref()).chain(extra);
+        for ring in rings.filter(|r| r.lag() > 0) {
+            let s = ring.after_reset(|slot, offset| {
+                if let Some(b) = slots.get(&slot).and_then(|s| s.dirty.as_deref()) {
+                    b.set_locked(offset);
+                }
+            });
+            reached += u64::from(s.reached);
+            unreached += u64::from(s.unreached);
+            if s.overwritten {
+                st.overflow = true;
+                st.rearm = true;
+            }
+        }
+        drop(slots);
+        st.marked = unreached;
+        if unreached > 0 {
+            bump(&self.stats.reset_shortfall, unreached);
+            let n = self.stats.reset_shortfall.load(Ordering::Relaxed);
+            log::warn!(
+                "KVM_RESET_DIRTY_RINGS left {unreached} marked ring entries unreached (a vCPU \
+                 overran its ring before the reset, or something else touched it): their pages \
+                 are reported at every sync until a reset reaches them ({n} so far on this VM)"
+            );
+        }
+        if reached != reset {
+            log::debug!(
+                "KVM_RESET_DIRTY_RINGS counted {reset} entries; the rings show {reached} handed back"
+            );
+        }
         log::debug!(
             "reaped {} ring entries; KVM_RESET_DIRTY_RINGS reset {reset} in {} us",
             std::mem::take(&mut st.harvested),
@@ -673,73 +723,36 @@ impl Vm {
         Ok(())
     }
 
-    /// Tells each ring touched since the last reset how far the kernel's
-    /// reset index moved (`Ring::settle`), from the one count the ioctl
-    /// returns for all rings.
-    ///
-    /// Each ring is owed its `lag` (what we marked from the kernel's reset
-    /// index on), and the kernel hands back exactly that unless a vCPU
-    /// overran its ring between harvest and reset. Rings where that may
-    /// have happened are `RISKY` and `reap_all` resets after each, so at
-    /// most one ring is uncertain: it gets what the others do not account
-    /// for. Where that cannot be told (two uncertain rings, or a count out
-    /// of range), every ring is taken as handed back in full: the safe
-    /// side, since handing back again what the kernel already took could
-    /// push its reset index past its dirty index (a wedge for ever), while
-    /// the opposite error only leaves a ring stuck, which `reap_vcpu`
-    /// reports.
-    fn settle(&self, reset: u64, vcpus: &IdMap<Vcpu>, extra: Option<&Ring>) {
-        let rings = || vcpus.values().filter_map(|v| v.ring.as_ref()).chain(extra);
-        let (mut owed, mut touched, mut risky) = (0u64, 0, 0);
-        let (mut one_touched, mut one_risky) = (None, None);
-        for r in rings() {
-            match r.pending() {
-                0 => continue,
-                RISKY => {
-                    risky += 1;
-                    one_risky = Some(r);
-                }
-                _ => one_touched = Some(r),
-            }
-            touched += 1;
-            owed += u64::from(r.lag());
-        }
-        // The one ring that may have fallen short, if it can be told.
-        let uncertain = match (risky, touched) {
-            (1, _) => one_risky,
-            (0, 1) => one_touched,
-            _ => None,
+    /// Re-arms dirty logging on every logged slot (reap lock held): turns
+    /// `KVM_MEM_LOG_DIRTY_PAGES` off and on again, so the kernel
+    /// write-protects every page anew and the next write to any page makes
+    /// a ring entry, including the pages whose entries an overrun lost.
+    /// Needs the lifecycle lock (no `memslot_set` in flight): `false` when
+    /// another thread holds it, and the caller retries at its next reap.
+    fn rearm_logging(&self) -> Result<bool> {
+        let Some(_life) = self.life.try_lock() else {
+            return Ok(false);
         };
-        let short = owed.saturating_sub(reset);
-        let advance = match uncertain {
-            _ if reset == owed => None,
-            Some(u) if reset < owed && short <= u64::from(u.lag()) => {
-                log::warn!(
-                    "KVM_RESET_DIRTY_RINGS handed back {reset} ring entries where {owed} were \
-                     marked: a vCPU overran its ring before the reset (or something else \
-                     touched it); the {short} left are handed back at the next reap"
-                );
-                Some((u, u.lag() - short as u32))
-            }
-            _ => {
-                log::warn!(
-                    "KVM_RESET_DIRTY_RINGS handed back {reset} ring entries where {owed} were \
-                     marked, and which ring is off cannot be told: taking every ring as handed \
-                     back in full"
-                );
-                None
-            }
-        };
-        bump(&self.stats.reset_shortfall, short);
-        for r in rings() {
-            if r.take_pending() == 0 {
-                continue;
-            }
-            match advance {
-                Some((u, a)) if std::ptr::eq(r, u) => r.settle(a),
-                _ => r.settle(r.lag()),
-            }
+        let slots: Vec<KdsMemslot> = self
+            .slots
+            .read()
+            .values()
+            .filter(|s| s.dirty.is_some())
+            .map(|s| s.region)
+            .collect();
+        for m in &slots {
+            let off = KdsMemslot {
+                flags: m.flags & !MEM_LOG_DIRTY_PAGES,
+                ..*m
+            };
+            self.kernel_set(&off, "re-arm logging: log off,")?;
+            self.kernel_set(m, "re-arm logging: log on,")?;
         }
+        log::warn!(
+            "dirty logging re-armed on {} slots after a kernel ring overrun",
+            slots.len()
+        );
+        Ok(true)
     }
 
     /// Harvests every vCPU ring, resets once, publishes. Entries harvested.
@@ -758,14 +771,7 @@ impl Vm {
         let vcpus = self.vcpus.read();
         for v in vcpus.values() {
             if let Some(r) = &v.ring {
-                let h = self.harvest_one(st, &slots, r, false);
-                n += h.entries;
-                if h.risky() {
-                    // Alone with the rings before it (which are owed
-                    // exactly what they marked), so that `settle` can tell
-                    // how far the kernel got on this one.
-                    self.reset(st, &vcpus, None)?;
-                }
+                n += self.harvest_one(st, &slots, r, false).entries;
             }
         }
         drop(vcpus);
@@ -801,34 +807,39 @@ impl Vm {
             bump(&self.stats.ring_full_reaps, 1);
             v.unwedges.store(0, Ordering::Relaxed);
         }
-        let mut undone = 0;
+        let (mut undone, mut give_up) = (0, false);
         if wedged {
             st.overflow = true;
+            st.rearm = true;
             bump(&self.stats.ring_wedges, 1);
-            if v.unwedges.fetch_add(1, Ordering::Relaxed) < MAX_UNWEDGES {
-                undone = ring.unwedge();
-            }
+            // Undone where the ring shows how (`Ring::unwedge`); otherwise
+            // the reset this call owes may free the ring, so the vCPU gets
+            // to try again, at most `MAX_UNWEDGES` times in a row.
+            undone = ring.unwedge();
             if undone > 0 {
                 st.marked += u64::from(undone);
                 bump(&self.stats.ring_recoveries, 1);
             }
+            give_up = v.unwedges.fetch_add(1, Ordering::Relaxed) >= MAX_UNWEDGES;
         }
         let n = self.reap_locked(&mut st, h.entries)?;
+        if give_up {
+            let msg = format!(
+                "kds_reap_vcpu: vCPU {index}'s dirty ring stays wedged: it exited with \
+                 KVM_EXIT_DIRTY_RING_FULL {MAX_UNWEDGES} times in a row with nothing to harvest \
+                 or hand back (the kernel overran the ring and dropped entries). Every \
+                 dirty-logged page was reported dirty; this VM's ring can no longer be trusted: \
+                 fail the migration and fall back to a full resend"
+            );
+            log::error!("{msg}");
+            return Err(Error::new(libc::EOVERFLOW, msg));
+        }
         if wedged && undone > 0 {
             log::warn!(
                 "vCPU {index}'s dirty ring was wedged by a kernel overrun: handed {undone} \
                  never-published entries back to the kernel; every dirty-logged page was \
                  reported dirty"
             );
-        } else if wedged {
-            let msg = format!(
-                "kds_reap_vcpu: vCPU {index}'s dirty ring is wedged: it keeps exiting with \
-                 KVM_EXIT_DIRTY_RING_FULL but holds nothing to harvest (the kernel overran the \
-                 ring and dropped entries). Every dirty-logged page was reported dirty; this \
-                 VM's ring can no longer be trusted: stop the vCPU and fall back to a full resend"
-            );
-            log::error!("{msg}");
-            return Err(Error::new(libc::EOVERFLOW, msg));
         }
         Ok(n)
     }
