@@ -174,7 +174,7 @@ def main():
             accel += f",dirty-ring-size={args.ring_size}"
         trace_events = os.path.join(work, "events")
         with open(trace_events, "w") as f:
-            f.write("kvm_dirty_ring_full\nkvm_dirty_shim_log\n")
+            f.write("kvm_dirty_ring_full\nkvm_dirty_shim_stats\n")
 
         def start(role, extra):
             cmd = [args.qemu, "-accel", accel, "-cpu", "host,-arch-capabilities",
