@@ -160,6 +160,7 @@ def main():
     ap.add_argument("--timeout", type=int, default=180, help="seconds for the migration")
     ap.add_argument("--label", default="")
     ap.add_argument("--keep", help="directory to keep logs in")
+    ap.add_argument("--trace", default="", help="more QEMU trace events, comma separated")
     args = ap.parse_args()
     label = args.label or f"{os.path.basename(os.path.dirname(args.qemu))} {args.mode}"
 
@@ -175,6 +176,7 @@ def main():
         trace_events = os.path.join(work, "events")
         with open(trace_events, "w") as f:
             f.write("kvm_dirty_ring_full\nkvm_dirty_shim_stats\n")
+            f.write("".join(e + "\n" for e in args.trace.split(",") if e))
 
         def start(role, extra):
             cmd = [args.qemu, "-accel", accel, "-cpu", "host,-arch-capabilities",
@@ -209,9 +211,14 @@ def main():
         src.cmd("migrate", uri=f"unix:{sock}")
         status = None
         info = {}
+        trail = []  # (s, MiB remaining, dirty syncs), once a second
         while time.time() - t0 < args.timeout:
             info = src.cmd("query-migrate")
             status = info.get("status")
+            r = info.get("ram", {})
+            if not trail or time.time() - t0 >= trail[-1][0] + 1:
+                trail.append((round(time.time() - t0), r.get("remaining", 0) >> 20,
+                              r.get("dirty-sync-count")))
             if status in ("completed", "failed", "cancelled"):
                 break
             if src_p.poll() is not None:
@@ -225,13 +232,14 @@ def main():
         result["dirty_syncs"] = ram.get("dirty-sync-count")
         result["downtime_ms"] = info.get("downtime")
         if status != "completed":
+            result["remaining_mib_trail"] = trail[-12:]
             src.cmd("migrate_cancel")
             raise RuntimeError(f"migration {status} after {result['migration_s']} s")
         # Wait for the destination to have taken it all in (paused, -S).
         deadline = time.time() + 60
-        while dst.cmd("query-status")["status"] not in ("paused", "postmigrate"):
-            if time.time() > deadline:
-                raise RuntimeError("the destination never finished loading")
+        while (st := dst.cmd("query-status")["status"]) != "paused":
+            if time.time() > deadline or st not in ("inmigrate", "prelaunch"):
+                raise RuntimeError(f"the destination is {st!r} after the migration, not paused")
             time.sleep(0.2)
         # query-migrate on the destination says completed once loaded.
         while dst.cmd("query-migrate").get("status") != "completed":
