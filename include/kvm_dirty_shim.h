@@ -162,7 +162,7 @@ typedef struct KdsStats {
    (Added to abi.md v1) `kds_reap_vcpu` calls that found the ring
    wedged (ring-full exits with nothing to harvest twice in a row);
    every dirty-logged page was reported dirty. Most are undone (see
-   `ring_recoveries`); the others returned `-EOVERFLOW`.
+   `ring_recoveries`); only 1024 in a row return `-EOVERFLOW`.
    */
   uint64_t ring_wedges;
   /*
@@ -184,11 +184,13 @@ typedef struct KdsStats {
    */
   uint64_t reaper_reaps;
   /*
-   (Added to abi.md v1) Entries marked RESET that
-   `KVM_RESET_DIRTY_RINGS` did not count when it returned (a vCPU
+   (Added to abi.md v1) Entries marked RESET that a
+   `KVM_RESET_DIRTY_RINGS` did not reach, summed over resets (a vCPU
    overran its ring before the reset, another reaper on this VM, or an
-   entry the kernel ignored). Never fatal: their pages were reported,
-   and the shim hands them back again at the next reap.
+   entry the kernel ignored); the shim reads how far each reset got
+   from each ring. Never fatal: the pages of such entries are reported
+   at every sync until a reset reaches them, and the shim hands them
+   back again at the next reap.
    */
   uint64_t reset_shortfall;
 } KdsStats;
@@ -344,9 +346,11 @@ int64_t kds_reap(struct KdsVm *vm);
  between; a kernel that overran the ring does this), every dirty-logged
  page is reported dirty and the shim hands the entries the kernel counts
  but never published back to it, so the vCPU can run again (counted in
- `ring_recoveries`); where that is not possible (or after 1024 wedges in a
- row) it returns `-EOVERFLOW`: the ring can no longer be trusted; do not
- re-enter the guest expecting progress. Unknown index: `-EINVAL`.
+ `ring_recoveries`); where that is not possible yet, it returns 0 and the
+ reset it owes may free the ring by the next exit. Only after 1024 wedges
+ in a row does it return `-EOVERFLOW`: the ring can no longer be trusted
+ (every page was reported dirty; fail the migration rather than re-enter
+ the guest expecting progress). Unknown index: `-EINVAL`.
  */
 int64_t kds_reap_vcpu(struct KdsVm *vm, uint32_t vcpu_index);
 

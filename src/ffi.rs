@@ -348,9 +348,11 @@ pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
 /// between; a kernel that overran the ring does this), every dirty-logged
 /// page is reported dirty and the shim hands the entries the kernel counts
 /// but never published back to it, so the vCPU can run again (counted in
-/// `ring_recoveries`); where that is not possible (or after 1024 wedges in a
-/// row) it returns `-EOVERFLOW`: the ring can no longer be trusted; do not
-/// re-enter the guest expecting progress. Unknown index: `-EINVAL`.
+/// `ring_recoveries`); where that is not possible yet, it returns 0 and the
+/// reset it owes may free the ring by the next exit. Only after 1024 wedges
+/// in a row does it return `-EOVERFLOW`: the ring can no longer be trusted
+/// (every page was reported dirty; fail the migration rather than re-enter
+/// the guest expecting progress). Unknown index: `-EINVAL`.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reap_vcpu(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
     ffi_boundary!("kds_reap_vcpu", {

@@ -93,7 +93,7 @@ pub struct KdsStats {
     /// (Added to abi.md v1) `kds_reap_vcpu` calls that found the ring
     /// wedged (ring-full exits with nothing to harvest twice in a row);
     /// every dirty-logged page was reported dirty. Most are undone (see
-    /// `ring_recoveries`); the others returned `-EOVERFLOW`.
+    /// `ring_recoveries`); only 1024 in a row return `-EOVERFLOW`.
     pub ring_wedges: u64,
     /// (Added to abi.md v1) Entries the kernel reset, as returned by
     /// `KVM_RESET_DIRTY_RINGS`. Lower than `entries_reaped` only when the
@@ -107,11 +107,13 @@ pub struct KdsStats {
     /// (Added to abi.md v1) Reaps done by the adaptive reaper thread
     /// (`kds_reaper_start`).
     pub reaper_reaps: u64,
-    /// (Added to abi.md v1) Entries marked RESET that
-    /// `KVM_RESET_DIRTY_RINGS` did not count when it returned (a vCPU
+    /// (Added to abi.md v1) Entries marked RESET that a
+    /// `KVM_RESET_DIRTY_RINGS` did not reach, summed over resets (a vCPU
     /// overran its ring before the reset, another reaper on this VM, or an
-    /// entry the kernel ignored). Never fatal: their pages were reported,
-    /// and the shim hands them back again at the next reap.
+    /// entry the kernel ignored); the shim reads how far each reset got
+    /// from each ring. Never fatal: the pages of such entries are reported
+    /// at every sync until a reset reaches them, and the shim hands them
+    /// back again at the next reap.
     pub reset_shortfall: u64,
 }
 
