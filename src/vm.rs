@@ -127,6 +127,9 @@ struct Stats {
     ring_recoveries: AtomicU64,
     reaper_reaps: AtomicU64,
     reset_shortfall: AtomicU64,
+    /// Not in `KdsStats`: for logging at powers of two only.
+    short_resets: AtomicU64,
+    rearms: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -703,12 +706,15 @@ impl Vm {
         st.marked = unreached;
         if unreached > 0 {
             bump(&self.stats.reset_shortfall, unreached);
-            let n = self.stats.reset_shortfall.load(Ordering::Relaxed);
-            log::warn!(
-                "KVM_RESET_DIRTY_RINGS left {unreached} marked ring entries unreached (a vCPU \
-                 overran its ring before the reset, or something else touched it): their pages \
-                 are reported at every sync until a reset reaches them ({n} so far on this VM)"
-            );
+            let n = self.stats.short_resets.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                log::warn!(
+                    "KVM_RESET_DIRTY_RINGS left {unreached} marked ring entries unreached (a \
+                     vCPU overran its ring before the reset, or something else touched it): \
+                     their pages are reported at every sync until a reset reaches them (short \
+                     reset {n} on this VM; logged at powers of two, see kds_stats)"
+                );
+            }
         }
         if reached != reset {
             log::debug!(
@@ -748,10 +754,14 @@ impl Vm {
             self.kernel_set(&off, "re-arm logging: log off,")?;
             self.kernel_set(m, "re-arm logging: log on,")?;
         }
-        log::warn!(
-            "dirty logging re-armed on {} slots after a kernel ring overrun",
-            slots.len()
-        );
+        let n = self.stats.rearms.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            log::warn!(
+                "dirty logging re-armed on {} slots after a kernel ring overrun (re-arm {n} on \
+                 this VM; logged at powers of two)",
+                slots.len()
+            );
+        }
         Ok(true)
     }
 
