@@ -15,7 +15,7 @@ echo "== cargo test (real /dev/kvm; the checked-in header must match the code)"
 KDS_HEADER_CHECK=1 timeout 1200 cargo test --release
 
 echo "== Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules"
-cargo +nightly miri test --lib
+timeout 1800 cargo +nightly miri test --lib
 
 echo "== demo (1 s per mode; exits non-zero on any lost page)"
 timeout 300 cargo run --release --example demo 1 > target/demo.out
