@@ -269,7 +269,11 @@ int kds_vm_mode(const struct KdsVm *vm);
  outside what the kernel allows (the message gives the limits). If
  `kds_board_init(vm, KDS_BOARD_VGIC_ITS)` came first, this also enables
  the backup bitmap, and is `-ENOTSUP` (ring left off) where the kernel
- lacks it.
+ lacks it. On arm64 it always enables the backup bitmap with the ring
+ (mode `KDS_MODE_RING_WITH_BITMAP`, ITS or not), and is `-ENOTSUP` where
+ the kernel lacks it: arm64 logs a memslot's writes page by page only
+ when the memslot has a dirty bitmap, and loses them in huge-page-backed
+ memory otherwise.
  */
 int kds_dirty_ring_enable(struct KdsVm *vm, uint32_t entries);
 
@@ -281,9 +285,10 @@ int kds_dirty_ring_enable(struct KdsVm *vm, uint32_t entries);
  `KDS_MODE_RING_WITH_BITMAP`); `-ENOTSUP` when the kernel lacks it (the
  mode stays `KDS_MODE_RING`; the VMM must not use the ring with an
  ITS). With the ITS flag after a memslot exists: `-EBUSY`, without
- asking the kernel. Without a ring or without the flag: records the
- choice, returns 0. The same flags twice: 0; different flags: `-EBUSY`.
- Unknown flags: `-EINVAL`.
+ asking the kernel. Without a ring or without the flag, or when the
+ backup bitmap is already on (always so with a ring on arm64): records
+ the choice, returns 0. The same flags twice: 0; different flags:
+ `-EBUSY`. Unknown flags: `-EINVAL`.
  */
 int kds_board_init(struct KdsVm *vm, uint32_t board_flags);
 

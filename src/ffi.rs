@@ -243,7 +243,11 @@ pub extern "C" fn kds_vm_mode(vm: *const KdsVm) -> c_int {
 /// outside what the kernel allows (the message gives the limits). If
 /// `kds_board_init(vm, KDS_BOARD_VGIC_ITS)` came first, this also enables
 /// the backup bitmap, and is `-ENOTSUP` (ring left off) where the kernel
-/// lacks it.
+/// lacks it. On arm64 it always enables the backup bitmap with the ring
+/// (mode `KDS_MODE_RING_WITH_BITMAP`, ITS or not), and is `-ENOTSUP` where
+/// the kernel lacks it: arm64 logs a memslot's writes page by page only
+/// when the memslot has a dirty bitmap, and loses them in huge-page-backed
+/// memory otherwise.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
     ffi_boundary!("kds_dirty_ring_enable", {
@@ -258,9 +262,10 @@ pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
 /// `KDS_MODE_RING_WITH_BITMAP`); `-ENOTSUP` when the kernel lacks it (the
 /// mode stays `KDS_MODE_RING`; the VMM must not use the ring with an
 /// ITS). With the ITS flag after a memslot exists: `-EBUSY`, without
-/// asking the kernel. Without a ring or without the flag: records the
-/// choice, returns 0. The same flags twice: 0; different flags: `-EBUSY`.
-/// Unknown flags: `-EINVAL`.
+/// asking the kernel. Without a ring or without the flag, or when the
+/// backup bitmap is already on (always so with a ring on arm64): records
+/// the choice, returns 0. The same flags twice: 0; different flags:
+/// `-EBUSY`. Unknown flags: `-EINVAL`.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
     ffi_boundary!("kds_board_init", {

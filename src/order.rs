@@ -34,6 +34,11 @@ pub struct Lifecycle {
     pub memslot_created: bool,
     /// A vCPU has been added (ever).
     pub vcpu_added: bool,
+    /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` is enabled.
+    pub backup_bitmap: bool,
+    /// The architecture needs the backup bitmap with every ring
+    /// ([`crate::kvm::RING_NEEDS_SLOT_BITMAP`]).
+    pub ring_always_with_bitmap: bool,
 }
 
 /// What `kds_board_init` must do once the rules allow it.
@@ -59,6 +64,17 @@ impl Lifecycle {
             board: Board::Open,
             memslot_created: false,
             vcpu_added: false,
+            backup_bitmap: false,
+            ring_always_with_bitmap: false,
+        }
+    }
+
+    /// A fresh VM on an architecture that does (`true`) or does not need the
+    /// backup bitmap with every dirty ring.
+    pub const fn for_arch(ring_always_with_bitmap: bool) -> Self {
+        Lifecycle {
+            ring_always_with_bitmap,
+            ..Self::new()
         }
     }
 
@@ -86,9 +102,10 @@ impl Lifecycle {
     }
 
     /// Does enabling the ring now also require the backup bitmap (the board
-    /// already chose an ITS)?
+    /// already chose an ITS, or the architecture needs it with any ring)?
     pub fn ring_needs_backup_bitmap(&self) -> bool {
-        matches!(self.board, Board::Chosen(f) if f & BOARD_VGIC_ITS != 0)
+        self.ring_always_with_bitmap
+            || matches!(self.board, Board::Chosen(f) if f & BOARD_VGIC_ITS != 0)
     }
 
     /// May `kds_board_init(flags)` run now, and what must it do?
@@ -109,7 +126,9 @@ impl Lifecycle {
             Board::Sealed if its => unreachable_its(),
             Board::Sealed => Ok(BoardAction::Record),
             Board::Open if its && self.memslot_created => unreachable_its(),
-            Board::Open if its && self.ring => Ok(BoardAction::EnableBackupBitmap),
+            Board::Open if its && self.ring && !self.backup_bitmap => {
+                Ok(BoardAction::EnableBackupBitmap)
+            }
             Board::Open => Ok(BoardAction::Record),
         }
     }
@@ -182,6 +201,20 @@ mod tests {
         l.board_initialised(BOARD_VGIC_ITS);
         assert!(l.ring_needs_backup_bitmap());
         l.check_ring_enable().unwrap();
+    }
+
+    #[test]
+    fn an_arch_that_needs_the_bitmap_gets_it_with_the_ring() {
+        let mut l = Lifecycle::for_arch(true);
+        assert!(l.ring_needs_backup_bitmap());
+        l.ring = true;
+        l.backup_bitmap = true;
+        // The ITS then has its bitmap already: nothing more to enable.
+        assert_eq!(
+            l.check_board_init(BOARD_VGIC_ITS).unwrap(),
+            BoardAction::Record
+        );
+        assert!(!Lifecycle::for_arch(false).ring_needs_backup_bitmap());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::bitmap::{AtomicBitmap, count_masked, or_masked};
 use crate::error::{Error, Result};
-use crate::kvm::{KvmVm, cap, page_size};
+use crate::kvm::{KvmVm, RING_NEEDS_SLOT_BITMAP, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
 use crate::reaper::{Config as ReaperConfig, Reaper};
 use crate::ring::{ENTRY_SIZE, Harvest, Ring};
@@ -171,7 +171,7 @@ impl Vm {
             ring_entries: AtomicU32::new(0),
             want_manual_protect: AtomicBool::new(true),
             manual_protect: AtomicBool::new(false),
-            life: Mutex::new(Lifecycle::new()),
+            life: Mutex::new(Lifecycle::for_arch(RING_NEEDS_SLOT_BITMAP)),
             reap: Mutex::new(ReapState::default()),
             vcpus: RwLock::new(IdMap::default()),
             slots: RwLock::new(IdMap::default()),
@@ -251,9 +251,15 @@ impl Vm {
         if backup && self.kvm.check_cap(cap::DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
-                "kds_dirty_ring_enable: the board has a vGIC ITS (kds_board_init) but the \
-                 kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: the ring would miss the ITS's \
-                 writes; stay in bitmap mode",
+                if life.ring_always_with_bitmap {
+                    "kds_dirty_ring_enable: the kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, \
+                     and on this architecture a memslot without a dirty bitmap does not log \
+                     writes reliably (arm64 maps it with huge pages): stay in bitmap mode"
+                } else {
+                    "kds_dirty_ring_enable: the board has a vGIC ITS (kds_board_init) but the \
+                     kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: the ring would miss the \
+                     ITS's writes; stay in bitmap mode"
+                },
             ));
         }
         self.kvm.enable_cap(capnr, bytes).map_err(|e| {
@@ -269,6 +275,7 @@ impl Vm {
         log::info!("dirty ring enabled: {entries} entries per vCPU via {name}");
         if backup {
             self.enable_backup_bitmap()?;
+            life.backup_bitmap = true;
         }
         Ok(())
     }
@@ -302,7 +309,10 @@ impl Vm {
         let mut life = self.life.lock();
         match life.check_board_init(flags)? {
             BoardAction::Record => {}
-            BoardAction::EnableBackupBitmap => self.enable_backup_bitmap()?,
+            BoardAction::EnableBackupBitmap => {
+                self.enable_backup_bitmap()?;
+                life.backup_bitmap = true;
+            }
         }
         life.board_initialised(flags);
         log::debug!(
@@ -430,6 +440,7 @@ impl Vm {
         }
         if old.is_none() && !life.memslot_created {
             self.maybe_enable_manual_protect();
+            log::info!("first memslot: the mode is now fixed at {:?}", self.mode());
         }
         // The kernel moves a slot or changes its LOG flag in place; any
         // other change (size, host address, READONLY) is delete + create.
@@ -874,7 +885,9 @@ impl Vm {
         // The backup bitmap (ring-with-bitmap, final stage) is the kernel's
         // own: read it before taking the reap lock.
         let backup = if mode == KdsMode::KDS_MODE_RING_WITH_BITMAP && flags & SYNC_FINAL != 0 {
-            Some(self.kernel_bitmap(&s)?)
+            let bm = self.kernel_bitmap(&s)?;
+            self.log_backup_pages(&s, &bm);
+            Some(bm)
         } else {
             None
         };
@@ -892,6 +905,30 @@ impl Vm {
             flags & SYNC_FINAL != 0
         );
         Ok(n)
+    }
+
+    /// Names (at debug level) the guest-physical pages that the backup
+    /// bitmap held at the final sync: writes made with no vCPU running,
+    /// such as the vGIC ITS saving its tables.
+    fn log_backup_pages(&self, s: &Slot, bm: &[u64]) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let n = count_masked(bm, s.npages);
+        if n == 0 {
+            return;
+        }
+        let gpas: Vec<String> = (0..s.npages)
+            .filter(|&p| bm[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .take(16)
+            .map(|p| format!("{:#x}", s.region.guest_phys_addr + p * self.page_size))
+            .collect();
+        log::debug!(
+            "final sync slot {:#x}: the backup bitmap held {n} pages: {}{}",
+            s.region.slot,
+            gpas.join(" "),
+            if n > 16 { " ..." } else { "" }
+        );
     }
 
     fn logged_slot(&self, slot: u32, nbits: u64) -> Result<Arc<Slot>> {

@@ -79,4 +79,7 @@ tests/arm64/run
 echo "== QEMU 10.0.2 patched to use the shim: QEMU's own migration tests, beside stock QEMU"
 meson-snippet/qemu/build-and-test
 
+echo "== the patched QEMU on arm64: live migration with an in-kernel ITS, in an emulated arm64 KVM host"
+tests/arm64-qemu/run
+
 echo "== all tests passed"
