@@ -5,7 +5,7 @@
 set -eu
 prefix=${1:-/usr/local}
 cd "$(dirname "$0")"
-KDS_HEADER_CHECK=1 cargo build --quiet --release --lib
+cargo build --quiet --release --lib
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 install -D -m 644 target/release/libkvm_dirty_shim.a "$prefix/lib/libkvm_dirty_shim.a"
 install -D -m 644 include/kvm_dirty_shim.h "$prefix/include/kvm_dirty_shim.h"

@@ -10,9 +10,9 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 cargo clippy --all-targets -- -D warnings
 
 echo "== cargo test (real /dev/kvm; the checked-in header must match the code)"
-# KDS_HEADER_CHECK=1: build.rs leaves include/ alone, so tests/header.rs
-# fails on a stale header instead of the build silently refreshing it.
-KDS_HEADER_CHECK=1 timeout 1200 cargo test --release
+# build.rs writes the header into OUT_DIR only; tests/header.rs fails on a
+# stale include/kvm_dirty_shim.h (refresh it with KDS_BLESS_HEADER=1).
+timeout 1200 cargo test --release
 
 echo "== Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules"
 timeout 1800 cargo +nightly miri test --lib
