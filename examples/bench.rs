@@ -32,7 +32,6 @@ mod plot;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kvm_dirty_shim::bitmap::AtomicBitmap;
 use kvm_dirty_shim::*;
 
 fn kernel() -> String {
@@ -101,14 +100,11 @@ fn sync_16g() {
         "kds_sync_slot 16 GiB slot (4M pages), ring mode, nothing dirty: {:.3} ms per call",
         t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
     );
-    let bm = AtomicBitmap::new(pages);
     let mut total = 0.0;
     for _ in 0..reps {
-        bm.set_all();
         out.fill(0);
-        let t = Instant::now();
-        let n = bm.drain_into(&mut out, None);
-        total += t.elapsed().as_secs_f64();
+        let (n, took) = kvm_dirty_shim::bench::drain_full(pages, &mut out);
+        total += took.as_secs_f64();
         assert_eq!(n, pages);
     }
     println!(

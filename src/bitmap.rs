@@ -54,16 +54,6 @@ impl AtomicBitmap {
         })
     }
 
-    /// Number of bits (pages).
-    pub fn len(&self) -> u64 {
-        self.npages
-    }
-
-    /// True for a zero-page bitmap.
-    pub fn is_empty(&self) -> bool {
-        self.npages == 0
-    }
-
     /// Sets bit `page` with a plain load and store: the caller must hold
     /// the lock that serialises every writer of this bitmap (the reap
     /// lock). False (and nothing written) when `page` is out of range.
@@ -80,6 +70,7 @@ impl AtomicBitmap {
     }
 
     /// Is bit `page` set?
+    #[cfg(test)]
     pub fn get(&self, page: u64) -> bool {
         page < self.npages
             && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
@@ -128,6 +119,7 @@ impl AtomicBitmap {
     }
 
     /// Number of set bits.
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.words
             .iter()

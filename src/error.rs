@@ -111,7 +111,8 @@ pub fn last_error_ptr() -> *const libc::c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// The calling thread's last error as an owned string (for Rust callers).
+/// The calling thread's last error as an owned string (the unit tests').
+#[cfg(test)]
 pub fn last_error() -> String {
     LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
 }

@@ -1,9 +1,12 @@
-//! The C ABI (`../shared/abi.md`, version 1): argument checks, the panic
-//! boundary, errno mapping, then one call into the safe layer (`vm`).
+//! The C ABI (`../shared/abi.md`, version 1), a thin skin over the Rust
+//! API ([`DirtyTracker`]): each export checks its pointer arguments
+//! ([`try_ref_from_ptr!`]), runs inside the panic boundary
+//! ([`ffi_boundary!`]), makes one call into the Rust API, and maps the
+//! result to C: `>= 0` or `-errno`, with `kds_last_error()` set to the
+//! export's name and the core's message.
 //!
-//! Every export runs inside [`ffi_boundary!`]: a Rust panic never unwinds
-//! into C; it becomes `-ENOTRECOVERABLE` (or the return type's
-//! [`Fallback`]) with a message in `kds_last_error()`.
+//! A Rust panic never unwinds into C: it becomes `-ENOTRECOVERABLE` (or
+//! the return type's fallback, see [`ToC`]) with a message.
 //!
 //! The exports take raw pointers from C and are safe `extern "C"` fns, as
 //! in rustls-ffi: the pointer contract is the C ABI's (abi.md), NULL is
@@ -12,70 +15,145 @@
 
 use std::ffi::c_int;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::bitmap::words_for;
 use crate::error::{Error, Result, errno_name, last_error_ptr, set_last_error};
 use crate::logger;
+use crate::tracker::DirtyTracker;
 use crate::types::{KDS_ABI_VERSION, KdsMemslot, KdsReaperConfig, KdsStats, KdsVcpuStats};
-use crate::vm::{Kick, Vm};
 
 /// An opaque handle on one VM's dirty tracking.
 pub struct KdsVm {
-    vm: Arc<Vm>,
+    tracker: DirtyTracker,
+    kick: Mutex<Option<Kick>>,
 }
 
-/// What an export returns when a panic was caught.
-pub trait Fallback {
-    /// The value returned to C after a panic.
-    fn panicked() -> Self;
+/// The VMM's "kick every vCPU out of guest mode" callback (`kds_set_kick`).
+#[derive(Clone, Copy)]
+struct Kick {
+    func: extern "C" fn(*mut libc::c_void),
+    opaque: usize,
 }
 
-impl Fallback for i32 {
-    fn panicked() -> Self {
+/// How an export's Rust result becomes its C return value.
+pub trait ToC {
+    /// The C return type.
+    type C;
+    /// A success.
+    fn ok(self) -> Self::C;
+    /// A failure: `errno` is positive.
+    fn err(errno: i32) -> Self::C;
+    /// After a caught panic.
+    fn panicked() -> Self::C;
+}
+
+/// Status returns: 0.
+impl ToC for () {
+    type C = c_int;
+    fn ok(self) -> c_int {
+        0
+    }
+    fn err(errno: i32) -> c_int {
+        -errno
+    }
+    fn panicked() -> c_int {
         -libc::ENOTRECOVERABLE
     }
 }
 
-impl Fallback for i64 {
-    fn panicked() -> Self {
+/// Small non-negative values (an fd, a mode).
+impl ToC for c_int {
+    type C = c_int;
+    fn ok(self) -> c_int {
+        self
+    }
+    fn err(errno: i32) -> c_int {
+        -errno
+    }
+    fn panicked() -> c_int {
+        -libc::ENOTRECOVERABLE
+    }
+}
+
+/// Counts (entries, pages).
+impl ToC for u64 {
+    type C = i64;
+    fn ok(self) -> i64 {
+        self.min(i64::MAX as u64) as i64
+    }
+    fn err(errno: i32) -> i64 {
+        -i64::from(errno)
+    }
+    fn panicked() -> i64 {
         -i64::from(libc::ENOTRECOVERABLE)
     }
 }
 
-impl Fallback for u32 {
-    fn panicked() -> Self {
-        0
-    }
+/// The result of an export that returns nothing (`kds_vm_free`): a failure
+/// is only reported in `kds_last_error()`.
+pub struct Void;
+
+impl ToC for Void {
+    type C = ();
+    fn ok(self) {}
+    fn err(_: i32) {}
+    fn panicked() {}
 }
 
-impl Fallback for () {
-    fn panicked() -> Self {}
-}
-
-/// Runs `body`, turning a panic into the return type's [`Fallback`].
+/// Runs `body` (a block evaluating to `Result<T>`, `T:` [`ToC`]) inside the
+/// panic boundary of export `$name`, and returns its C value. An error's
+/// message gets the export's name in front, in `kds_last_error()`.
 macro_rules! ffi_boundary {
     ($name:literal, $body:block) => {{
         let _guard = crate::ffi::quiet_panics();
-        match catch_unwind(AssertUnwindSafe(|| $body)) {
-            Ok(v) => v,
-            Err(p) => {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                let msg = format!(
-                    "{}: internal error (Rust panic: {what}); the VM's tracking state may be \
-                     inconsistent: report this bug",
-                    $name
-                );
-                log::error!("{msg}");
-                set_last_error(&msg);
-                Fallback::panicked()
-            }
-        }
+        crate::ffi::finish($name, catch_unwind(AssertUnwindSafe(|| $body)))
     }};
+}
+
+/// `&T` from a pointer argument, or an `EINVAL` error naming it when NULL
+/// (as rustls-ffi's `try_ref_from_ptr!`).
+macro_rules! try_ref_from_ptr {
+    ($ptr:ident) => {
+        // SAFETY: a non-NULL pointer argument points to a valid, readable
+        // `T` for the duration of the call (the ABI's contract with the
+        // caller; a KdsVm handle is valid until kds_vm_free).
+        match unsafe { $ptr.as_ref() } {
+            Some(r) => r,
+            None => return Err(Error::inval(concat!(stringify!($ptr), " is NULL"))),
+        }
+    };
+}
+
+/// The C value of a finished export.
+pub(crate) fn finish<T: ToC>(name: &str, r: std::thread::Result<Result<T>>) -> T::C {
+    match r {
+        Ok(Ok(v)) => v.ok(),
+        Ok(Err(e)) => {
+            log::debug!("{name}: {e}");
+            set_last_error(&format!(
+                "{name}: {} (-{})",
+                e.message(),
+                errno_name(e.errno())
+            ));
+            T::err(e.errno())
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let msg = format!(
+                "{name}: internal error (Rust panic: {what}); the VM's tracking state may be \
+                 inconsistent: report this bug"
+            );
+            log::error!("{msg}");
+            set_last_error(&msg);
+            T::panicked()
+        }
+    }
 }
 
 /// Marks the calling thread as inside an export until dropped.
@@ -105,40 +183,25 @@ pub(crate) fn quiet_panics() -> ExportGuard {
     ExportGuard(IN_EXPORT.with(|c| c.replace(true)))
 }
 
-fn fail(e: &Error) -> i32 {
-    log::debug!("{e}");
-    set_last_error(&format!("{} (-{})", e.message(), errno_name(e.errno())));
-    -e.errno()
-}
-
-fn status(r: Result<()>) -> i32 {
-    match r {
-        Ok(()) => 0,
-        Err(e) => fail(&e),
+/// Writes `v` through an out-pointer argument, or fails with `EINVAL`.
+fn write_out<T>(out: *mut T, v: T) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::inval("out is NULL"));
     }
+    // SAFETY: a non-NULL `out` points to a writable `T` (ABI contract).
+    unsafe { out.write(v) };
+    Ok(())
 }
 
-fn count(r: Result<u64>) -> i64 {
-    match r {
-        Ok(n) => n.min(i64::MAX as u64) as i64,
-        Err(e) => i64::from(fail(&e)),
+fn new_handle(out: *mut *mut KdsVm, make: impl FnOnce() -> Result<DirtyTracker>) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::inval("out is NULL"));
     }
-}
-
-fn vm_ref<'a>(vm: *const KdsVm, func: &str) -> Result<&'a Vm> {
-    vm_arc(vm, func).map(|v| &**v)
-}
-
-fn vm_arc<'a>(vm: *const KdsVm, func: &str) -> Result<&'a Arc<Vm>> {
-    // SAFETY: a non-NULL handle comes from kds_vm_create/kds_vm_adopt and
-    // is valid until kds_vm_free (the ABI's contract with the caller).
-    unsafe { vm.as_ref() }
-        .map(|h| &h.vm)
-        .ok_or_else(|| Error::inval(format!("{func}: the KdsVm handle is NULL")))
-}
-
-fn null(func: &str, what: &str) -> Error {
-    Error::inval(format!("{func}: {what} is NULL"))
+    let h = Box::into_raw(Box::new(KdsVm {
+        tracker: make()?,
+        kick: Mutex::new(None),
+    }));
+    write_out(out, h)
 }
 
 /// The `KDS_ABI_VERSION` of the library linked in.
@@ -155,29 +218,13 @@ pub extern "C" fn kds_last_error() -> *const libc::c_char {
     last_error_ptr()
 }
 
-fn store_vm(out: *mut *mut KdsVm, func: &str, make: impl FnOnce() -> Result<Vm>) -> i32 {
-    if out.is_null() {
-        return fail(&null(func, "out"));
-    }
-    match make() {
-        Ok(vm) => {
-            let h = Box::into_raw(Box::new(KdsVm { vm: Arc::new(vm) }));
-            // SAFETY: `out` is non-NULL and, per the ABI, points to a
-            // writable `KdsVm *`.
-            unsafe { out.write(h) };
-            0
-        }
-        Err(e) => fail(&e),
-    }
-}
-
 /// Opens `/dev/kvm` and creates a VM (`KVM_CREATE_VM` with
 /// `machine_type`, 0 on x86). The shim owns the VM fd and closes it in
 /// `kds_vm_free`. On success `*out` is the new handle.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_int {
     ffi_boundary!("kds_vm_create", {
-        store_vm(out, "kds_vm_create", || Vm::create(machine_type))
+        new_handle(out, || DirtyTracker::create(machine_type))
     })
 }
 
@@ -188,7 +235,13 @@ pub extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_in
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
     ffi_boundary!("kds_vm_adopt", {
-        store_vm(out, "kds_vm_adopt", || Vm::adopt(vm_fd))
+        if vm_fd < 0 {
+            return Err(Error::inval(format!("bad VM fd {vm_fd}")));
+        }
+        // SAFETY: not -1; the fd is only duplicated (F_DUPFD_CLOEXEC)
+        // during the call, and a closed one is reported as EBADF.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd) };
+        new_handle(out, || DirtyTracker::adopt(&fd))
     })
 }
 
@@ -200,14 +253,11 @@ pub extern "C" fn kds_vm_free(vm: *mut KdsVm) {
     ffi_boundary!("kds_vm_free", {
         if !vm.is_null() {
             // SAFETY: a non-NULL handle came from Box::into_raw in
-            // store_vm and is freed exactly once (the caller's contract).
-            let h = unsafe { Box::from_raw(vm) };
-            // The reaper thread holds the last other reference: join it
-            // so that the VM is dropped here, not behind the caller's back.
-            if let Err(e) = h.vm.reaper_stop() {
-                fail(&e);
-            }
+            // new_handle and is freed exactly once (the caller's contract).
+            // Dropping the tracker stops its reaper and frees everything.
+            drop(unsafe { Box::from_raw(vm) });
         }
+        Ok(Void)
     })
 }
 
@@ -216,10 +266,8 @@ pub extern "C" fn kds_vm_free(vm: *mut KdsVm) {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vm_fd(vm: *const KdsVm) -> c_int {
     ffi_boundary!("kds_vm_fd", {
-        match vm_ref(vm, "kds_vm_fd") {
-            Ok(v) => v.fd(),
-            Err(e) => fail(&e),
-        }
+        let v = try_ref_from_ptr!(vm);
+        Ok(std::os::fd::AsRawFd::as_raw_fd(&v.tracker.vm_fd()))
     })
 }
 
@@ -228,10 +276,8 @@ pub extern "C" fn kds_vm_fd(vm: *const KdsVm) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vm_mode(vm: *const KdsVm) -> c_int {
     ffi_boundary!("kds_vm_mode", {
-        match vm_ref(vm, "kds_vm_mode") {
-            Ok(v) => v.mode() as i32,
-            Err(e) => fail(&e),
-        }
+        let v = try_ref_from_ptr!(vm);
+        Ok(v.tracker.mode() as c_int)
     })
 }
 
@@ -251,7 +297,7 @@ pub extern "C" fn kds_vm_mode(vm: *const KdsVm) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
     ffi_boundary!("kds_dirty_ring_enable", {
-        status(vm_ref(vm, "kds_dirty_ring_enable").and_then(|v| v.dirty_ring_enable(entries)))
+        try_ref_from_ptr!(vm).tracker.enable_dirty_ring(entries)
     })
 }
 
@@ -269,7 +315,7 @@ pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
     ffi_boundary!("kds_board_init", {
-        status(vm_ref(vm, "kds_board_init").and_then(|v| v.board_init(board_flags)))
+        try_ref_from_ptr!(vm).tracker.board_init(board_flags)
     })
 }
 
@@ -287,7 +333,7 @@ pub extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_set_manual_protect(vm: *mut KdsVm, enable: bool) -> c_int {
     ffi_boundary!("kds_set_manual_protect", {
-        status(vm_ref(vm, "kds_set_manual_protect").and_then(|v| v.set_manual_protect(enable)))
+        try_ref_from_ptr!(vm).tracker.set_manual_protect(enable)
     })
 }
 
@@ -303,14 +349,11 @@ pub extern "C" fn kds_set_manual_protect(vm: *mut KdsVm, enable: bool) -> c_int 
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_memslot_set(vm: *mut KdsVm, m: *const KdsMemslot) -> c_int {
     ffi_boundary!("kds_memslot_set", {
-        let r = vm_ref(vm, "kds_memslot_set").and_then(|v| {
-            // SAFETY: a non-NULL `m` points to a KdsMemslot (ABI contract).
-            let m = unsafe { m.as_ref() }.ok_or_else(|| null("kds_memslot_set", "m"))?;
-            // SAFETY: the caller promises the host range stays mapped while
-            // the slot exists (ABI contract, documented above).
-            unsafe { v.memslot_set(m) }
-        });
-        status(r)
+        let v = try_ref_from_ptr!(vm);
+        let m = try_ref_from_ptr!(m);
+        // SAFETY: the caller promises the host range stays mapped while
+        // the slot exists (ABI contract, documented above).
+        unsafe { v.tracker.set_memslot(m) }
     })
 }
 
@@ -321,7 +364,14 @@ pub extern "C" fn kds_memslot_set(vm: *mut KdsVm, m: *const KdsMemslot) -> c_int
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) -> c_int {
     ffi_boundary!("kds_vcpu_add", {
-        status(vm_ref(vm, "kds_vcpu_add").and_then(|v| v.vcpu_add(vcpu_fd, vcpu_index)))
+        let v = try_ref_from_ptr!(vm);
+        if vcpu_fd < 0 {
+            return Err(Error::inval(format!("bad vCPU fd {vcpu_fd}")));
+        }
+        // SAFETY: the fd is only used to map the vCPU's ring during the
+        // call (a bad one fails that mmap).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vcpu_fd) };
+        v.tracker.add_vcpu(&fd, vcpu_index)
     })
 }
 
@@ -330,7 +380,7 @@ pub extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) 
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vcpu_remove(vm: *mut KdsVm, vcpu_index: u32) -> c_int {
     ffi_boundary!("kds_vcpu_remove", {
-        status(vm_ref(vm, "kds_vcpu_remove").and_then(|v| v.vcpu_remove(vcpu_index)))
+        try_ref_from_ptr!(vm).tracker.remove_vcpu(vcpu_index)
     })
 }
 
@@ -341,9 +391,7 @@ pub extern "C" fn kds_vcpu_remove(vm: *mut KdsVm, vcpu_index: u32) -> c_int {
 /// counts a `ring_overflows` and reports every dirty-logged page dirty.
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
-    ffi_boundary!("kds_reap", {
-        count(vm_ref(vm, "kds_reap").and_then(|v| v.reap()))
-    })
+    ffi_boundary!("kds_reap", { try_ref_from_ptr!(vm).tracker.reap() })
 }
 
 /// The same as `kds_reap` for one vCPU: call it on
@@ -361,7 +409,7 @@ pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reap_vcpu(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
     ffi_boundary!("kds_reap_vcpu", {
-        count(vm_ref(vm, "kds_reap_vcpu").and_then(|v| v.reap_vcpu(vcpu_index)))
+        try_ref_from_ptr!(vm).tracker.reap_vcpu(vcpu_index)
     })
 }
 
@@ -382,21 +430,19 @@ pub extern "C" fn kds_sync_slot(
     flags: u32,
 ) -> i64 {
     ffi_boundary!("kds_sync_slot", {
-        let r = vm_ref(vm, "kds_sync_slot").and_then(|v| {
-            if bitmap.is_null() {
-                return Err(null("kds_sync_slot", "bitmap"));
-            }
-            let words = words_for(nbits);
-            if words > (isize::MAX as usize) / 8 {
-                return Err(Error::inval("kds_sync_slot: nbits is impossibly large"));
-            }
-            // SAFETY: a non-NULL `bitmap` holds `nbits` bits, rounded up to
-            // whole uint64_t words (ABI contract); no other reference to it
-            // exists during the call.
-            let out = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
-            v.sync_slot(slot, out, nbits, flags)
-        });
-        count(r)
+        let v = try_ref_from_ptr!(vm);
+        if bitmap.is_null() {
+            return Err(Error::inval("bitmap is NULL"));
+        }
+        let words = words_for(nbits);
+        if words > (isize::MAX as usize) / 8 {
+            return Err(Error::inval("nbits is impossibly large"));
+        }
+        // SAFETY: a non-NULL `bitmap` holds `nbits` bits, rounded up to
+        // whole uint64_t words (ABI contract); no other reference to it
+        // exists during the call.
+        let out = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
+        v.tracker.sync_slot_bits(slot, out, nbits, flags)
     })
 }
 
@@ -412,12 +458,12 @@ pub extern "C" fn kds_set_kick(
     opaque: *mut libc::c_void,
 ) -> c_int {
     ffi_boundary!("kds_set_kick", {
-        status(vm_ref(vm, "kds_set_kick").map(|v| {
-            v.set_kick(kick_all.map(|func| Kick {
-                func,
-                opaque: opaque as usize,
-            }))
-        }))
+        let v = try_ref_from_ptr!(vm);
+        *v.kick.lock() = kick_all.map(|func| Kick {
+            func,
+            opaque: opaque as usize,
+        });
+        Ok(())
     })
 }
 
@@ -427,7 +473,15 @@ pub extern "C" fn kds_set_kick(
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
     ffi_boundary!("kds_flush", {
-        count(vm_ref(vm, "kds_flush").and_then(|v| v.flush()))
+        let v = try_ref_from_ptr!(vm);
+        let Some(k) = *v.kick.lock() else {
+            return Err(Error::busy(
+                "no kick callback: call kds_set_kick first (hardware dirty buffers such as \
+                 Intel PML reach the rings only when vCPUs leave guest mode)",
+            ));
+        };
+        // Called with no shim lock held: the VMM's kick may block.
+        v.tracker.flush(|| (k.func)(k.opaque as *mut libc::c_void))
     })
 }
 
@@ -446,12 +500,11 @@ pub extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reaper_start(vm: *mut KdsVm, cfg: *const KdsReaperConfig) -> c_int {
     ffi_boundary!("kds_reaper_start", {
-        status(vm_arc(vm, "kds_reaper_start").and_then(|v| {
-            // SAFETY: a non-NULL `cfg` points to a readable KdsReaperConfig
-            // (ABI contract); it is copied, not kept.
-            let c = unsafe { cfg.as_ref() }.copied().unwrap_or_default();
-            v.reaper_start(&c)
-        }))
+        let v = try_ref_from_ptr!(vm);
+        // SAFETY: a non-NULL `cfg` points to a readable KdsReaperConfig
+        // (ABI contract); it is copied, not kept.
+        let c = unsafe { cfg.as_ref() }.copied().unwrap_or_default();
+        v.tracker.start_reaper(&c)
     })
 }
 
@@ -461,7 +514,7 @@ pub extern "C" fn kds_reaper_start(vm: *mut KdsVm, cfg: *const KdsReaperConfig) 
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_reaper_stop(vm: *mut KdsVm) -> c_int {
     ffi_boundary!("kds_reaper_stop", {
-        status(vm_ref(vm, "kds_reaper_stop").and_then(|v| v.reaper_stop()))
+        try_ref_from_ptr!(vm).tracker.stop_reaper()
     })
 }
 
@@ -469,14 +522,8 @@ pub extern "C" fn kds_reaper_stop(vm: *mut KdsVm) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_stats(vm: *const KdsVm, out: *mut KdsStats) -> c_int {
     ffi_boundary!("kds_stats", {
-        status(vm_ref(vm, "kds_stats").and_then(|v| {
-            if out.is_null() {
-                return Err(null("kds_stats", "out"));
-            }
-            // SAFETY: non-NULL `out` points to a writable KdsStats.
-            unsafe { out.write(v.stats()) };
-            Ok(())
-        }))
+        let v = try_ref_from_ptr!(vm);
+        write_out(out, v.tracker.stats())
     })
 }
 
@@ -489,15 +536,11 @@ pub extern "C" fn kds_vcpu_stats(
     out: *mut KdsVcpuStats,
 ) -> c_int {
     ffi_boundary!("kds_vcpu_stats", {
-        status(vm_ref(vm, "kds_vcpu_stats").and_then(|v| {
-            if out.is_null() {
-                return Err(null("kds_vcpu_stats", "out"));
-            }
-            let s = v.vcpu_stats(vcpu_index)?;
-            // SAFETY: non-NULL `out` points to a writable KdsVcpuStats.
-            unsafe { out.write(s) };
-            Ok(())
-        }))
+        let v = try_ref_from_ptr!(vm);
+        if out.is_null() {
+            return Err(Error::inval("out is NULL"));
+        }
+        write_out(out, v.tracker.vcpu_stats(vcpu_index)?)
     })
 }
 
@@ -513,11 +556,11 @@ pub extern "C" fn kds_set_logger(
 ) -> c_int {
     ffi_boundary!("kds_set_logger", {
         if logger::set(log, opaque as usize, max_level) {
-            0
+            Ok(())
         } else {
-            fail(&Error::busy(
-                "kds_set_logger: another logger of the Rust `log` crate is installed in this \
-                 process; the library's records go there",
+            Err(Error::busy(
+                "another logger of the Rust `log` crate is installed in this process; the \
+                 library's records go there",
             ))
         }
     })
@@ -532,7 +575,7 @@ mod tests {
             if n > 0 {
                 panic!("deliberate panic {n}");
             }
-            7
+            Ok(7u64)
         })
     }
 

@@ -91,7 +91,7 @@ impl KvmVm {
     /// Wraps a duplicate of the caller's VM fd.
     pub fn adopt(vm_fd: RawFd) -> Result<Self> {
         if vm_fd < 0 {
-            return Err(Error::inval(format!("kds_vm_adopt: bad VM fd {vm_fd}")));
+            return Err(Error::inval(format!("bad VM fd {vm_fd}")));
         }
         // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads its integer arguments; a
         // bad fd is reported as EBADF.
@@ -120,7 +120,7 @@ impl KvmVm {
         // 1; a socket or a plain file does not (dropping `vm` closes the dup).
         if vm.check_cap(kvm_bindings::KVM_CAP_USER_MEMORY) <= 0 {
             return Err(Error::inval(format!(
-                "kds_vm_adopt: fd {vm_fd} is not a KVM VM fd (KVM_CHECK_EXTENSION failed)"
+                "fd {vm_fd} is not a KVM VM fd (KVM_CHECK_EXTENSION failed)"
             )));
         }
         Ok(vm)

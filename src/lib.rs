@@ -1,27 +1,49 @@
-//! kvm-dirty-shim: KVM dirty-page tracking for live migration, behind a C
-//! ABI (`include/kvm_dirty_shim.h`, contract in `../shared/abi.md`).
+//! kvm-dirty-shim: KVM dirty-page tracking for live migration (dirty
+//! rings, the ring's backup bitmap, `KVM_GET_DIRTY_LOG`), for VMMs in Rust
+//! and in C.
 //!
-//! Modules, one job each:
-//! - [`kvm`]: the kernel interface (VM fd, the ioctls kvm-ioctls lacks);
-//! - [`order`]: the board-init ordering state machine;
-//! - [`ring`]: one vCPU's mapped dirty ring and its harvest;
-//! - [`bitmap`]: the shim's per-slot atomic bitmaps;
-//! - [`reaper`]: the optional adaptive reaper thread;
-//! - [`vm`]: the safe core tying them together;
-//! - [`ffi`]: the thin C ABI layer; [`logger`]: `log` to the C callback.
+//! - Rust VMMs use [`DirtyTracker`]: one VM's tracking, its memslots and
+//!   vCPUs, reaping, syncing into the caller's bitmaps, the adaptive
+//!   reaper, counters. `examples/rust_vmm.rs` is a whole VMM on it.
+//! - C VMMs use the `kds_*` functions of `include/kvm_dirty_shim.h` (the
+//!   contract is `../shared/abi.md`), a thin skin over the same API.
+//!
+//! Inside, one job per module (all private): `kvm` (the kernel
+//! interface: the VM fd, the ioctls kvm-ioctls lacks), `order` (the
+//! board-init ordering state machine), `ring` (one vCPU's mapped ring and
+//! its harvest), `bitmap` (the per-slot atomic bitmaps), `reaper` (the
+//! adaptive reaper thread), `vm` (the core tying them together), `tracker`
+//! (the public API), `ffi` (the C ABI), `logger` (`log` to the C
+//! callback).
 
-pub mod bitmap;
-pub mod error;
-pub mod ffi;
-pub mod kvm;
-pub mod logger;
-pub mod order;
-pub mod reaper;
-pub mod ring;
-pub mod types;
-pub mod vm;
+mod bitmap;
+mod error;
+mod ffi;
+mod kvm;
+mod logger;
+mod order;
+mod reaper;
+mod ring;
+mod tracker;
+mod types;
+mod vm;
 
 pub use error::{Error, Result};
 pub use ffi::*;
+pub use tracker::DirtyTracker;
 pub use types::*;
-pub use vm::Vm;
+
+/// For `examples/bench.rs` only: the cost of draining a full bitmap.
+#[doc(hidden)]
+pub mod bench {
+    /// Drains a bitmap of `pages` pages, every bit set, into `out`
+    /// (`pages / 64` words, zeroed by the caller); returns the pages and
+    /// the time the drain alone took.
+    pub fn drain_full(pages: u64, out: &mut [u64]) -> (u64, std::time::Duration) {
+        let bm = crate::bitmap::AtomicBitmap::new(pages);
+        bm.set_all();
+        let t = std::time::Instant::now();
+        let n = bm.drain_into(out, None);
+        (n, t.elapsed())
+    }
+}

@@ -81,20 +81,18 @@ impl Lifecycle {
     /// May the dirty ring be enabled now?
     pub fn check_ring_enable(&self) -> Result<()> {
         if self.ring {
-            return Err(Error::busy(
-                "kds_dirty_ring_enable: the dirty ring is already enabled on this VM",
-            ));
+            return Err(Error::busy("the dirty ring is already enabled on this VM"));
         }
         if self.memslot_created {
             return Err(Error::busy(
-                "kds_dirty_ring_enable after kds_memslot_set: enable the ring at accelerator \
+                "the dirty ring after a memslot (kds_memslot_set): enable the ring at accelerator \
                  init, before the first memslot (a ring enabled later leaves the memslots' \
                  kernel bitmaps allocated and unused)",
             ));
         }
         if self.vcpu_added {
             return Err(Error::busy(
-                "kds_dirty_ring_enable after kds_vcpu_add: enable the ring before creating \
+                "the dirty ring after a vCPU (kds_vcpu_add): enable the ring before creating \
                  and adding any vCPU",
             ));
         }
@@ -112,7 +110,7 @@ impl Lifecycle {
     pub fn check_board_init(&self, flags: u32) -> Result<BoardAction> {
         if flags & !BOARD_KNOWN != 0 {
             return Err(Error::inval(format!(
-                "kds_board_init: unknown board flags {:#x} (known: KDS_BOARD_VGIC_ITS)",
+                "unknown board flags {:#x} (known: KDS_BOARD_VGIC_ITS)",
                 flags & !BOARD_KNOWN
             )));
         }
@@ -120,7 +118,7 @@ impl Lifecycle {
         match self.board {
             Board::Chosen(prev) if prev == flags => Ok(BoardAction::Record),
             Board::Chosen(prev) => Err(Error::busy(format!(
-                "kds_board_init: the board was already initialised with flags {prev:#x}; \
+                "the board was already initialised with flags {prev:#x}; \
                  it cannot change to {flags:#x}"
             ))),
             Board::Sealed if its => unreachable_its(),
@@ -149,7 +147,7 @@ impl Lifecycle {
 
 fn unreachable_its() -> Result<BoardAction> {
     Err(Error::busy(
-        "kds_board_init(KDS_BOARD_VGIC_ITS) after kds_memslot_set: call kds_board_init as \
+        "the vGIC ITS after a memslot (kds_memslot_set): call the board hook as \
          soon as the board picks the ITS, before the first memslot; memslots created first \
          sealed the board as having no ITS (their dirty logging would have no backup bitmap \
          and saving the ITS tables would crash older kernels)",

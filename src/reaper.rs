@@ -45,7 +45,7 @@ impl Config {
         let max = or(c.max_interval_us, 50_000);
         if pct > 90 || min > max || max > 10_000_000 {
             return Err(Error::inval(format!(
-                "kds_reaper_start: high_water_pct {pct} (1..=90), min_interval_us {min} and \
+                "high_water_pct {pct} (1..=90), min_interval_us {min} and \
                  max_interval_us {max} (min <= max <= 10 s) are out of range"
             )));
         }
@@ -74,7 +74,7 @@ impl Reaper {
             .map_err(|e| {
                 Error::new(
                     e.raw_os_error().unwrap_or(libc::EAGAIN),
-                    format!("kds_reaper_start: could not start the reaper thread: {e}"),
+                    format!("could not start the reaper thread: {e}"),
                 )
             })?;
         log::info!(

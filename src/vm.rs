@@ -2,7 +2,7 @@
 //! rings, reaping, syncing). The C ABI layer (`ffi`) is a thin wrapper.
 //!
 //! Locks, always taken in this order, never the other way round:
-//! `life` -> `reap` -> (`vcpus` | `slots`), `kick` alone.
+//! `life` -> `reap` -> (`vcpus` | `slots`).
 //! - `life` serialises the lifecycle calls (ring enable, board hook,
 //!   memslots, vCPU add/remove) and holds the ordering state machine.
 //! - `reap` serialises harvesting and owns every ring's fetch index and the
@@ -136,15 +136,6 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The VMM's "kick every vCPU out of guest mode" callback.
-#[derive(Clone, Copy)]
-pub struct Kick {
-    /// The function.
-    pub func: extern "C" fn(*mut libc::c_void),
-    /// Its argument, passed back untouched.
-    pub opaque: usize,
-}
-
 /// One VM's dirty tracking.
 pub struct Vm {
     kvm: KvmVm,
@@ -158,7 +149,6 @@ pub struct Vm {
     vcpus: RwLock<IdMap<Vcpu>>,
     slots: RwLock<IdMap<Slot>>,
     stats: Stats,
-    kick: Mutex<Option<Kick>>,
     reaper: Mutex<Option<Reaper>>,
 }
 
@@ -176,7 +166,6 @@ impl Vm {
             vcpus: RwLock::new(IdMap::default()),
             slots: RwLock::new(IdMap::default()),
             stats: Stats::default(),
-            kick: Mutex::new(None),
             reaper: Mutex::new(None),
         }
     }
@@ -229,7 +218,7 @@ impl Vm {
         } else {
             return Err(Error::new(
                 libc::ENOTSUP,
-                "kds_dirty_ring_enable: the kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL \
+                "the kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL \
                  nor KVM_CAP_DIRTY_LOG_RING: stay in bitmap mode",
             ));
         };
@@ -241,7 +230,7 @@ impl Vm {
         let bytes = u64::from(entries) * ENTRY_SIZE;
         if !entries.is_power_of_two() || bytes < min_bytes || bytes > max_bytes {
             return Err(Error::inval(format!(
-                "kds_dirty_ring_enable: {entries} entries is not allowed: the size must be a \
+                "{entries} entries is not allowed: the size must be a \
                  power of two from {} to {} entries on this kernel",
                 min_bytes / ENTRY_SIZE,
                 max_bytes / ENTRY_SIZE
@@ -252,11 +241,11 @@ impl Vm {
             return Err(Error::new(
                 libc::ENOTSUP,
                 if life.ring_always_with_bitmap {
-                    "kds_dirty_ring_enable: the kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, \
+                    "the kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, \
                      and on this architecture a memslot without a dirty bitmap does not log \
                      writes reliably (arm64 maps it with huge pages): stay in bitmap mode"
                 } else {
-                    "kds_dirty_ring_enable: the board has a vGIC ITS (kds_board_init) but the \
+                    "the board has a vGIC ITS (kds_board_init) but the \
                      kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: the ring would miss the \
                      ITS's writes; stay in bitmap mode"
                 },
@@ -284,7 +273,7 @@ impl Vm {
         if self.kvm.check_cap(cap::DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
-                "kds_board_init(KDS_BOARD_VGIC_ITS): the kernel reports \
+                "the vGIC ITS (KDS_BOARD_VGIC_ITS): the kernel reports \
                  KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 0, so the ITS's writes could not be \
                  tracked with the dirty ring: do not use the ring with an ITS on this kernel \
                  (create the VM without kds_dirty_ring_enable)",
@@ -328,13 +317,13 @@ impl Vm {
         let life = self.life.lock();
         if life.memslot_created {
             return Err(Error::busy(
-                "kds_set_manual_protect after kds_memslot_set: choose before the first memslot",
+                "manual protect after a memslot: choose before the first memslot",
             ));
         }
         if enable && self.kvm.check_cap(cap::MANUAL_DIRTY_LOG_PROTECT2) <= 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
-                "kds_set_manual_protect: the kernel lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+                "the kernel lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
             ));
         }
         self.want_manual_protect.store(enable, Ordering::Relaxed);
@@ -408,7 +397,7 @@ impl Vm {
         let known = MEM_LOG_DIRTY_PAGES | MEM_READONLY;
         if m.flags & !known != 0 {
             return Err(Error::inval(format!(
-                "kds_memslot_set: unknown flags {:#x} (known: KDS_MEM_LOG_DIRTY_PAGES, \
+                "unknown flags {:#x} (known: KDS_MEM_LOG_DIRTY_PAGES, \
                  KDS_MEM_READONLY)",
                 m.flags & !known
             )));
@@ -419,7 +408,7 @@ impl Vm {
             && m.userspace_addr.is_multiple_of(ps))
         {
             return Err(Error::inval(format!(
-                "kds_memslot_set: slot {:#x}: guest_phys_addr {:#x}, userspace_addr {:#x} and \
+                "slot {:#x}: guest_phys_addr {:#x}, userspace_addr {:#x} and \
                  memory_size {:#x} must be multiples of the page size {ps}",
                 m.slot, m.guest_phys_addr, m.userspace_addr, m.memory_size
             )));
@@ -430,7 +419,7 @@ impl Vm {
             let Some(old) = old else {
                 return Err(Error::new(
                     libc::ENOENT,
-                    format!("kds_memslot_set: delete of unknown slot {:#x}", m.slot),
+                    format!("delete of unknown slot {:#x}", m.slot),
                 ));
             };
             self.kernel_set(m, "delete")?;
@@ -453,26 +442,27 @@ impl Vm {
         // must leave the VM as it was, not abort the VMM.
         let npages = m.memory_size / ps;
         let keep_bits = !recreate && old.as_ref().is_some_and(|o| o.dirty.is_some());
-        let fresh =
-            if m.flags & MEM_LOG_DIRTY_PAGES != 0 && !keep_bits {
-                Some(Arc::new(AtomicBitmap::try_new(npages).ok_or_else(|| {
-                Error::new(
-                    libc::ENOMEM,
-                    format!(
-                        "kds_memslot_set: slot {:#x}: cannot allocate the shim's dirty bitmap \
+        let fresh = if m.flags & MEM_LOG_DIRTY_PAGES != 0 && !keep_bits {
+            Some(Arc::new(AtomicBitmap::try_new(npages).ok_or_else(
+                || {
+                    Error::new(
+                        libc::ENOMEM,
+                        format!(
+                            "slot {:#x}: cannot allocate the shim's dirty bitmap \
                          of {npages} pages ({} bytes): out of memory; nothing was changed",
-                        m.slot,
-                        npages.div_ceil(64) * 8
-                    ),
-                )
-            })?))
-            } else {
-                None
-            };
+                            m.slot,
+                            npages.div_ceil(64) * 8
+                        ),
+                    )
+                },
+            )?))
+        } else {
+            None
+        };
         self.slots.write().try_reserve(1).map_err(|_| {
             Error::new(
                 libc::ENOMEM,
-                "kds_memslot_set: out of memory for the slot table; nothing was changed",
+                "out of memory for the slot table; nothing was changed",
             )
         })?;
         if let Some(o) = old.as_ref().filter(|_| recreate) {
@@ -529,13 +519,13 @@ impl Vm {
     /// Registers a vCPU fd; in ring modes maps its ring.
     pub fn vcpu_add(&self, vcpu_fd: i32, index: u32) -> Result<()> {
         if vcpu_fd < 0 {
-            return Err(Error::inval(format!("kds_vcpu_add: bad vCPU fd {vcpu_fd}")));
+            return Err(Error::inval(format!("bad vCPU fd {vcpu_fd}")));
         }
         let mut life = self.life.lock();
         if self.vcpus.read().contains_key(&index) {
             return Err(Error::new(
                 libc::EEXIST,
-                format!("kds_vcpu_add: vCPU index {index} is already registered"),
+                format!("vCPU index {index} is already registered"),
             ));
         }
         let entries = self.ring_entries();
@@ -846,7 +836,7 @@ impl Vm {
         let n = self.reap_locked(&mut st, h.entries)?;
         if give_up {
             let msg = format!(
-                "kds_reap_vcpu: vCPU {index}'s dirty ring stays wedged: it exited with \
+                "vCPU {index}'s dirty ring stays wedged: it exited with \
                  KVM_EXIT_DIRTY_RING_FULL {MAX_UNWEDGES} times in a row with nothing to harvest \
                  or hand back (the kernel overran the ring and dropped entries). Every \
                  dirty-logged page was reported dirty; this VM's ring can no longer be trusted: \
@@ -871,7 +861,7 @@ impl Vm {
         let nbits = nbits.min(out.len() as u64 * 64);
         if flags & !SYNC_FINAL != 0 {
             return Err(Error::inval(format!(
-                "kds_sync_slot: unknown flags {:#x} (known: KDS_SYNC_FINAL)",
+                "unknown flags {:#x} (known: KDS_SYNC_FINAL)",
                 flags & !SYNC_FINAL
             )));
         }
@@ -935,21 +925,21 @@ impl Vm {
         let s = self.slot(slot).ok_or_else(|| {
             Error::new(
                 libc::ENOENT,
-                format!("kds_sync_slot: unknown slot {slot:#x} (not created by kds_memslot_set)"),
+                format!("unknown slot {slot:#x} (no such memslot)"),
             )
         })?;
         if s.dirty.is_none() {
             return Err(Error::new(
                 libc::ENOENT,
                 format!(
-                    "kds_sync_slot: slot {slot:#x} does not have KDS_MEM_LOG_DIRTY_PAGES: turn \
+                    "slot {slot:#x} does not have KDS_MEM_LOG_DIRTY_PAGES: turn \
                      dirty logging on with kds_memslot_set first"
                 ),
             ));
         }
         if nbits < s.npages {
             return Err(Error::inval(format!(
-                "kds_sync_slot: bitmap too small for slot {slot:#x}: it has {} pages, the \
+                "bitmap too small for slot {slot:#x}: it has {} pages, the \
                  bitmap {nbits} bits",
                 s.npages,
             )));
@@ -979,25 +969,6 @@ impl Vm {
         Ok(bm)
     }
 
-    /// Sets (or with `None` clears) the kick callback.
-    pub fn set_kick(&self, kick: Option<Kick>) {
-        *self.kick.lock() = kick;
-    }
-
-    /// Kicks every vCPU out of guest mode, then reaps.
-    pub fn flush(&self) -> Result<u64> {
-        let kick = *self.kick.lock();
-        let Some(k) = kick else {
-            return Err(Error::busy(
-                "kds_flush without a kick callback: call kds_set_kick first (hardware dirty \
-                 buffers such as Intel PML reach the rings only when vCPUs leave guest mode)",
-            ));
-        };
-        // Called without any shim lock held: the VMM's kick may block.
-        (k.func)(k.opaque as *mut libc::c_void);
-        self.reap()
-    }
-
     /// Starts the adaptive reaper thread (see `reaper`). `EBUSY` when one
     /// runs, `ENOTSUP` without a dirty ring.
     pub fn reaper_start(self: &Arc<Self>, cfg: &KdsReaperConfig) -> Result<()> {
@@ -1005,14 +976,14 @@ impl Vm {
         if !self.mode().has_ring() {
             return Err(Error::new(
                 libc::ENOTSUP,
-                "kds_reaper_start: this VM has no dirty ring (bitmap mode): there is nothing to \
+                "this VM has no dirty ring (bitmap mode): there is nothing to \
                  reap; enable the ring with kds_dirty_ring_enable first",
             ));
         }
         let mut r = self.reaper.lock();
         if r.is_some() {
             return Err(Error::busy(
-                "kds_reaper_start: the reaper already runs; kds_reaper_stop it first",
+                "the reaper already runs; kds_reaper_stop it first",
             ));
         }
         *r = Some(Reaper::start(Arc::clone(self), cfg)?);
@@ -1029,7 +1000,7 @@ impl Vm {
         {
             return Err(Error::new(
                 libc::EDEADLK,
-                "kds_reaper_stop from the reaper thread itself (a logger callback?): it would \
+                "stopping the reaper from the reaper thread itself (a logger callback?): it would \
                  wait for itself; call it from another thread",
             ));
         }
