@@ -21,6 +21,10 @@ echo "== demo (1 s per mode; exits non-zero on any lost page)"
 timeout 300 cargo run --release --example demo 1 > target/demo.out
 tail -n 3 target/demo.out
 
+echo "== the example Rust VMM (the Rust API only; 2 vCPUs; exits non-zero on any lost page)"
+timeout 300 cargo run --release --example rust_vmm 10 > target/rust_vmm.out
+tail -n 3 target/rust_vmm.out
+
 echo "== C tests (meson): plain, then AddressSanitizer + UndefinedBehaviorSanitizer"
 build=target/meson
 rm -rf "$build"
