@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use kvm_dirty_shim::*;
+use kvm_ioctls::VcpuExit;
 
 const RING: u32 = 4096;
 
@@ -294,22 +295,40 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
     let vm = TestVm::new(Some(RING));
     let pages = 16384;
     let (mut c, mut v) = vm.guest(pages, 8000, 17);
-    // The reaper pauses so that the vCPU still fills its ring at times: a
-    // round (8000 stores) takes about 110 ms here, so with a 50 ms pause
-    // the reaper kept up and one CI run saw no ring-full exit at all; with
-    // 200 ms most rounds fill the ring before the reaper's next reap.
-    let (full, _) = with_reaper(vm.h, Duration::from_millis(200), || {
-        let mut full = 0;
-        for it in 1..=15 {
-            vm.set_iteration(0, it);
-            let r = v.run_round(vm.h);
-            full += r.ring_full_exits;
-            assert!(!r.wedged);
-            let (changed, _, lost) = c.check(vm.h, 0);
-            assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
+    // Driven, not paced: nothing reaps while the vCPU runs, so every round
+    // (8000 stores on 16384 pages, ~6,600 distinct pages) fills the
+    // 4096-entry ring; on each ring-full exit a second thread's kds_reap
+    // and this thread's kds_reap_vcpu start together, released by one
+    // barrier.
+    let mut full = 0;
+    for it in 1..=15 {
+        vm.set_iteration(0, it);
+        for exits in 0.. {
+            assert!(exits < 100_000, "round {it} did not end");
+            match v.fd.run().expect("KVM_RUN") {
+                VcpuExit::IoOut(0x10, _) => break,
+                VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => {
+                    full += 1;
+                    let go = std::sync::Barrier::new(2);
+                    let h = vm.h;
+                    let (by_reaper, by_vcpu) = std::thread::scope(|sc| {
+                        let reaper = sc.spawn(|| {
+                            go.wait();
+                            kds_reap(h.get())
+                        });
+                        go.wait();
+                        let n = kds_reap_vcpu(h.get(), 0);
+                        (reaper.join().unwrap(), n)
+                    });
+                    assert!(by_reaper >= 0, "kds_reap: {by_reaper}: {}", last_error());
+                    assert!(by_vcpu >= 0, "kds_reap_vcpu: {by_vcpu}: {}", last_error());
+                }
+                other => panic!("unexpected exit {other:?}"),
+            }
         }
-        full
-    });
+        let (changed, _, lost) = c.check(vm.h, 0);
+        assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
+    }
     let s = vm.stats();
     assert_eq!(s.entries_reaped, vcpu_stats(vm.h, 0).entries_reaped);
     assert!(
