@@ -168,6 +168,9 @@ impl Ring {
     /// decisions, never for harvesting.
     pub fn fill(&self) -> u32 {
         let f = self.fetch.load(Ordering::Relaxed);
+        // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY
+        // (kvm_dirty_gfn_set_dirtied); only the flags are read here, and a
+        // stale answer only delays the reaper's decision by one check.
         let dirty =
             |k: u32| self.flags(f.wrapping_add(k)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0;
         if !dirty(0) {
@@ -235,8 +238,12 @@ impl Ring {
             // The hot loop: nothing but the entries in it.
             while fetch.wrapping_sub(kreset) < entries {
                 let flags = mem.flags(fetch);
-                // Acquire: pairs with the kernel's release of DIRTY, so slot
-                // and offset below are the values written before it.
+                // Acquire: pairs with kvm_dirty_ring_push(), which writes
+                // slot and offset and then releases DIRTY
+                // (kvm_dirty_gfn_set_dirtied: smp_store_release). Relaxed
+                // here, a CPU could read slot/offset of the entry's previous
+                // lap while seeing the new DIRTY: a page from another lap
+                // would be reported and this lap's page lost.
                 if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
                     break;
                 }
@@ -252,8 +259,12 @@ impl Ring {
                     )
                 };
                 sink(slot, offset);
-                // Release: our reads of slot/offset happen before the kernel
-                // can see RESET and recycle the entry.
+                // Release: pairs with kvm_dirty_ring_reset(), which reads
+                // the flags with acquire (kvm_dirty_gfn_harvested) before it
+                // clears the entry and lets kvm_dirty_ring_push() reuse it.
+                // Relaxed here, the RESET could become visible before our
+                // reads of slot/offset complete, and the kernel's next push
+                // into this entry could change what we read.
                 flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
                 fetch = fetch.wrapping_add(1);
             }
@@ -337,6 +348,11 @@ impl Ring {
         let k = self.kreset.load(Ordering::Relaxed);
         let lag = self.lag();
         let mem = self.mem();
+        // Acquire pairs with kvm_dirty_ring_reset()'s clearing of each entry
+        // it reached (kvm_dirty_gfn_set_invalid) as seen after the ioctl
+        // returned (the syscall orders it anyway), and with a later push's
+        // release of DIRTY into the same entry, so that an entry the kernel
+        // reused is never taken for one it did not reach.
         let flags = |j: u32| mem.flags(k.wrapping_add(j)).load(Ordering::Acquire);
         let reached = (0..lag).rev().find(|&j| flags(j) == 0).map_or(0, |j| j + 1);
         let mut settled = Settled {
@@ -347,9 +363,13 @@ impl Ring {
         for j in reached..lag {
             if flags(j) & DIRTY_GFN_F_RESET != 0 {
                 let e = mem.entry(k.wrapping_add(j));
-                // SAFETY: in-bounds entry (see `entry`); the entry is
-                // ours (RESET, not handed back), so the kernel does not
-                // write its slot and offset; volatile reads only.
+                // SAFETY: in-bounds entry (see `entry`); volatile reads of
+                // plain integers, so a concurrent kernel write cannot make
+                // them undefined. The entry is ours (RESET, not handed
+                // back): a correct kernel does not write it until its reset
+                // reaches it; one that overruns the ring may, and then the
+                // value read is another lap's page, which the overrun path
+                // covers by reporting every page.
                 let (slot, offset) = unsafe {
                     (
                         ptr::read_volatile(ptr::addr_of!((*e).slot)),
@@ -388,12 +408,16 @@ impl Ring {
         let mut i = from;
         while i != to {
             let flags = self.flags(i);
-            // Acquire, as every read of the kernel's flags.
+            // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY:
+            // an entry pushed meanwhile is seen as DIRTY (an overrun), never
+            // as the half-written entry before it.
             let f = flags.load(Ordering::Acquire);
             if f & DIRTY_GFN_F_RESET == 0 {
                 overrun |= f & DIRTY_GFN_F_DIRTY != 0;
-                // Release, as for harvested entries (nothing of the entry
-                // is read: its page is reported with every other).
+                // Release pairs with kvm_dirty_ring_reset()'s acquire
+                // (kvm_dirty_gfn_harvested), as for harvested entries.
+                // Nothing of the entry is read here (its page is reported
+                // with every other), so only the mark itself is ordered.
                 flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
                 marked += 1;
             }
@@ -430,6 +454,8 @@ impl Ring {
         if !ring_full && !self.suspect.load(Ordering::Relaxed) {
             return 0;
         }
+        // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY; the
+        // re-read below depends on it (see there).
         let Some(d) = (1..room).find(|&d| {
             self.flags(fetch.wrapping_add(d)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
         }) else {
@@ -448,7 +474,8 @@ impl Ring {
             return 0;
         }
         for j in 0..d {
-            // Release, as for harvested entries (the kernel reads acquire).
+            // Release pairs with kvm_dirty_ring_reset()'s acquire of the
+            // flags (kvm_dirty_gfn_harvested), as for harvested entries.
             self.flags(fetch.wrapping_add(j))
                 .store(DIRTY_GFN_F_RESET, Ordering::Release);
         }
@@ -480,6 +507,8 @@ impl Ring {
     pub fn unwedge(&self) -> u32 {
         let m = self.entries.saturating_sub(MAX_RSVD_ENTRIES);
         let fetch = self.fetch.load(Ordering::Relaxed);
+        // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY: a
+        // ring with any entry being published is not wedged.
         if m == 0
             || self.lag() != 0
             || (0..self.entries).any(|j| {
@@ -489,7 +518,8 @@ impl Ring {
             return 0;
         }
         for j in 0..m {
-            // Release, as for harvested entries (the kernel reads acquire).
+            // Release pairs with kvm_dirty_ring_reset()'s acquire of the
+            // flags (kvm_dirty_gfn_harvested), as for harvested entries.
             self.flags(fetch.wrapping_add(j))
                 .store(DIRTY_GFN_F_RESET, Ordering::Release);
         }
