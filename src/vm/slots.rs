@@ -1,0 +1,157 @@
+//! The memslot table: `KVM_SET_USER_MEMORY_REGION` through the shim, with
+//! the shim's per-slot bitmaps kept in step.
+
+use super::*;
+
+impl Vm {
+    pub(super) fn region(m: &KdsMemslot) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: m.slot,
+            flags: m.flags,
+            guest_phys_addr: m.guest_phys_addr,
+            memory_size: m.memory_size,
+            userspace_addr: m.userspace_addr,
+        }
+    }
+
+    pub(super) fn kernel_set(&self, m: &KdsMemslot, what: &str) -> Result<()> {
+        // SAFETY: the C caller promises (ABI) that the host range of the
+        // slot stays mapped while the slot exists; a deletion passes size 0.
+        unsafe { self.kvm.set_memslot(&Self::region(m)) }.map_err(|e| {
+            Error::sys(
+                &format!("KVM_SET_USER_MEMORY_REGION ({what} slot {:#x})", m.slot),
+                &e,
+                "check the slot id, the address ranges (no overlap) and the slot limit",
+            )
+        })
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: create, move, resize, change flags or
+    /// delete (size 0) a memslot, keeping the shim's bitmaps in step.
+    ///
+    /// # Safety
+    /// `m.userspace_addr .. + m.memory_size` must be memory of this process
+    /// that stays mapped while the slot exists.
+    pub unsafe fn memslot_set(&self, m: &KdsMemslot) -> Result<()> {
+        let known = MEM_LOG_DIRTY_PAGES | MEM_READONLY;
+        if m.flags & !known != 0 {
+            return Err(Error::inval(format!(
+                "unknown flags {:#x} (known: KDS_MEM_LOG_DIRTY_PAGES, \
+                 KDS_MEM_READONLY)",
+                m.flags & !known
+            )));
+        }
+        let ps = self.page_size;
+        if !(m.memory_size.is_multiple_of(ps)
+            && m.guest_phys_addr.is_multiple_of(ps)
+            && m.userspace_addr.is_multiple_of(ps))
+        {
+            return Err(Error::inval(format!(
+                "slot {:#x}: guest_phys_addr {:#x}, userspace_addr {:#x} and \
+                 memory_size {:#x} must be multiples of the page size {ps}",
+                m.slot, m.guest_phys_addr, m.userspace_addr, m.memory_size
+            )));
+        }
+        let mut life = self.life.lock();
+        let old = self.slot(m.slot);
+        if m.memory_size == 0 {
+            let Some(old) = old else {
+                return Err(Error::new(
+                    libc::ENOENT,
+                    format!("delete of unknown slot {:#x}", m.slot),
+                ));
+            };
+            self.kernel_set(m, "delete")?;
+            self.slots.write().remove(&m.slot);
+            log::debug!("slot {:#x} deleted ({} pages)", m.slot, old.npages);
+            return Ok(());
+        }
+        if old.is_none() && !life.memslot_created {
+            self.maybe_enable_manual_protect();
+            log::info!("first memslot: the mode is now fixed at {:?}", self.mode());
+        }
+        // The kernel moves a slot or changes its LOG flag in place; any
+        // other change (size, host address, READONLY) is delete + create.
+        let recreate = old.as_ref().is_some_and(|o| {
+            o.region.memory_size != m.memory_size
+                || o.region.userspace_addr != m.userspace_addr
+                || (o.region.flags ^ m.flags) & MEM_READONLY != 0
+        });
+        // Allocate before touching the kernel: out of memory (RLIMIT_AS, say)
+        // must leave the VM as it was, not abort the VMM.
+        let npages = m.memory_size / ps;
+        let keep_bits = !recreate && old.as_ref().is_some_and(|o| o.dirty.is_some());
+        let fresh = if m.flags & MEM_LOG_DIRTY_PAGES != 0 && !keep_bits {
+            Some(Arc::new(AtomicBitmap::try_new(npages).ok_or_else(
+                || {
+                    Error::new(
+                        libc::ENOMEM,
+                        format!(
+                            "slot {:#x}: cannot allocate the shim's dirty bitmap \
+                         of {npages} pages ({} bytes): out of memory; nothing was changed",
+                            m.slot,
+                            npages.div_ceil(64) * 8
+                        ),
+                    )
+                },
+            )?))
+        } else {
+            None
+        };
+        self.slots.write().try_reserve(1).map_err(|_| {
+            Error::new(
+                libc::ENOMEM,
+                "out of memory for the slot table; nothing was changed",
+            )
+        })?;
+        if let Some(o) = old.as_ref().filter(|_| recreate) {
+            let del = KdsMemslot {
+                memory_size: 0,
+                ..o.region
+            };
+            self.kernel_set(&del, "delete for resize of")?;
+        }
+        if let Err(e) = self.kernel_set(m, if old.is_some() { "update" } else { "create" }) {
+            if recreate {
+                // The old slot is gone from the kernel: forget it too.
+                self.slots.write().remove(&m.slot);
+            }
+            return Err(e);
+        }
+        // Under the reap lock: no publish into the old bitmap can slip in
+        // between copying its bits and replacing it.
+        let _reap = self.reap.lock();
+        let old_dirty = old.as_ref().and_then(|o| o.dirty.clone());
+        let dirty = if m.flags & MEM_LOG_DIRTY_PAGES == 0 {
+            None
+        } else {
+            match (old_dirty, fresh) {
+                // Same pages (a move or an unrelated flag change): keep the bits.
+                (Some(b), _) if keep_bits => Some(b),
+                // Resized: carry the bits of the pages that remain.
+                (Some(b), Some(n)) => {
+                    n.or_from(&b);
+                    Some(n)
+                }
+                (_, n) => n,
+            }
+        };
+        self.slots.write().insert(
+            m.slot,
+            Arc::new(Slot {
+                region: *m,
+                npages,
+                dirty,
+            }),
+        );
+        life.memslot_created();
+        log::debug!(
+            "slot {:#x}: gpa {:#x}, {} pages, flags {:#x}",
+            m.slot,
+            m.guest_phys_addr,
+            npages,
+            m.flags
+        );
+        Ok(())
+    }
+}

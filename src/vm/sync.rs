@@ -1,0 +1,151 @@
+//! Syncing into the caller's bitmaps (rings, `KVM_GET_DIRTY_LOG`, the
+//! backup bitmap at the final stage) and the counters.
+
+use super::*;
+
+impl Vm {
+    /// ORs into `out` (`nbits` valid bits) every page of `slot` dirtied
+    /// since its previous sync. Returns the number of pages reported.
+    pub fn sync_slot(&self, slot: u32, out: &mut [u64], nbits: u64, flags: u32) -> Result<u64> {
+        let nbits = nbits.min(out.len() as u64 * 64);
+        if flags & !SYNC_FINAL != 0 {
+            return Err(Error::inval(format!(
+                "unknown flags {:#x} (known: KDS_SYNC_FINAL)",
+                flags & !SYNC_FINAL
+            )));
+        }
+        let s = self.logged_slot(slot, nbits)?;
+        let mode = self.mode();
+        if !mode.has_ring() {
+            let n = or_masked(out, &self.kernel_bitmap(&s)?, s.npages);
+            log::debug!("sync slot {slot:#x}: {n} pages reported (KVM_GET_DIRTY_LOG)");
+            return Ok(n);
+        }
+        // The backup bitmap (ring-with-bitmap, final stage) is the kernel's
+        // own: read it before taking the reap lock.
+        let backup = if mode == KdsMode::KDS_MODE_RING_WITH_BITMAP && flags & SYNC_FINAL != 0 {
+            let bm = self.kernel_bitmap(&s)?;
+            self.log_backup_pages(&s, &bm);
+            Some(bm)
+        } else {
+            None
+        };
+        // Reap and drain under one hold of the reap lock: every entry
+        // harvested before this call (by any thread) is published before we
+        // drain, and the bitmaps have a single writer at a time.
+        let mut st = self.reap.lock();
+        self.reap_all(&mut st)?;
+        // Look the slot up again: the reap published into the current one.
+        let s = self.logged_slot(slot, nbits)?;
+        let dirty = s.dirty.as_ref().expect("logged slot has a bitmap");
+        let n = dirty.drain_into(out, backup.as_deref());
+        log::debug!(
+            "sync slot {slot:#x}: {n} pages reported (final: {})",
+            flags & SYNC_FINAL != 0
+        );
+        Ok(n)
+    }
+
+    /// Names (at debug level) the guest-physical pages that the backup
+    /// bitmap held at the final sync: writes made with no vCPU running,
+    /// such as the vGIC ITS saving its tables.
+    pub(super) fn log_backup_pages(&self, s: &Slot, bm: &[u64]) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let n = count_masked(bm, s.npages);
+        if n == 0 {
+            return;
+        }
+        let gpas: Vec<String> = (0..s.npages)
+            .filter(|&p| bm[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .take(16)
+            .map(|p| format!("{:#x}", s.region.guest_phys_addr + p * self.page_size))
+            .collect();
+        log::debug!(
+            "final sync slot {:#x}: the backup bitmap held {n} pages: {}{}",
+            s.region.slot,
+            gpas.join(" "),
+            if n > 16 { " ..." } else { "" }
+        );
+    }
+
+    pub(super) fn logged_slot(&self, slot: u32, nbits: u64) -> Result<Arc<Slot>> {
+        let s = self.slot(slot).ok_or_else(|| {
+            Error::new(
+                libc::ENOENT,
+                format!("unknown slot {slot:#x} (no such memslot)"),
+            )
+        })?;
+        if s.dirty.is_none() {
+            return Err(Error::new(
+                libc::ENOENT,
+                format!(
+                    "slot {slot:#x} does not have KDS_MEM_LOG_DIRTY_PAGES: turn \
+                     dirty logging on with kds_memslot_set first"
+                ),
+            ));
+        }
+        if nbits < s.npages {
+            return Err(Error::inval(format!(
+                "bitmap too small for slot {slot:#x}: it has {} pages, the \
+                 bitmap {nbits} bits",
+                s.npages,
+            )));
+        }
+        Ok(s)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` (then `KVM_CLEAR_DIRTY_LOG` of exactly what it
+    /// reported, under manual protect) for one slot.
+    pub(super) fn kernel_bitmap(&self, s: &Slot) -> Result<Vec<u64>> {
+        let slot = s.region.slot;
+        let mut bm = self
+            .kvm
+            .get_dirty_log(slot, s.region.memory_size)
+            .map_err(|e| {
+                Error::sys(
+                    &format!("KVM_GET_DIRTY_LOG (slot {slot:#x})"),
+                    &e,
+                    "is dirty logging on for this slot?",
+                )
+            })?;
+        bump(&self.stats.bitmap_syncs, 1);
+        if self.manual_protect() && bm.iter().any(|&w| w != 0) {
+            self.kvm.clear_dirty_log(slot, s.npages, &mut bm)?;
+        }
+        bump(&self.stats.pages_from_bitmap, count_masked(&bm, s.npages));
+        Ok(bm)
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> KdsStats {
+        let s = &self.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        KdsStats {
+            entries_reaped: g(&s.entries_reaped),
+            ring_resets: g(&s.ring_resets),
+            ring_full_reaps: g(&s.ring_full_reaps),
+            bitmap_syncs: g(&s.bitmap_syncs),
+            pages_from_bitmap: g(&s.pages_from_bitmap),
+            invalid_entries: g(&s.invalid_entries),
+            harvest_ns: g(&s.harvest_ns),
+            reset_ns: g(&s.reset_ns),
+            ring_overflows: g(&s.ring_overflows),
+            ring_wedges: g(&s.ring_wedges),
+            entries_reset: g(&s.entries_reset),
+            ring_recoveries: g(&s.ring_recoveries),
+            reaper_reaps: g(&s.reaper_reaps),
+            reset_shortfall: g(&s.reset_shortfall),
+        }
+    }
+
+    /// Counters of one vCPU.
+    pub fn vcpu_stats(&self, index: u32) -> Result<KdsVcpuStats> {
+        let v = self.vcpu(index)?;
+        Ok(KdsVcpuStats {
+            entries_reaped: v.ring.as_ref().map_or(0, |r| r.harvested()),
+            ring_full_reaps: v.ring_full_reaps.load(Ordering::Relaxed),
+        })
+    }
+}
