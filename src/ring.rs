@@ -76,6 +76,33 @@ pub struct Ring {
     /// A harvest found the ring completely full: the kernel may have
     /// overrun it and left a hole at our fetch index (see `skip_hole`).
     suspect: AtomicBool,
+    /// Wedge detection across ring-full reaps (see `after_ring_full`).
+    wedge: WedgeWatch,
+}
+
+/// Wedges undone in a row before a ring-full reap gives up (`EOVERFLOW`).
+pub(crate) const MAX_UNWEDGES: u32 = 1024;
+
+/// What `after_ring_full` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wedge {
+    /// The ring-full reap made progress (or is the first without any).
+    No,
+    /// The vCPU exited ring-full twice with nothing harvested or handed
+    /// back between: the kernel overran the ring. `give_up` after
+    /// `MAX_UNWEDGES` in a row.
+    Yes { give_up: bool },
+}
+
+/// The state behind `Ring::after_ring_full`: the ring's harvested total
+/// at the previous ring-full reap, whether that reap found nothing, and
+/// the wedges seen in a row. Under the reap lock; atomics keep `Ring`
+/// `Sync`.
+#[derive(Default)]
+struct WedgeWatch {
+    last_total: AtomicU64,
+    last_empty: AtomicBool,
+    in_a_row: AtomicU32,
 }
 
 // SAFETY: the mapping is process-wide memory; every access goes through
@@ -147,7 +174,30 @@ impl Ring {
             kreset: AtomicU32::new(0),
             harvested: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
+            wedge: WedgeWatch::default(),
         })
+    }
+
+    /// Called by the reap for a ring-full exit, after its harvest `h`:
+    /// is the ring wedged? Wedged means this reap and the previous one got
+    /// nothing that would let the vCPU run (no entry harvested, skipped or
+    /// handed back, and no other thread harvested this ring in between).
+    /// A harvest that finds entries ends a run of wedges.
+    pub(crate) fn after_ring_full(&self, h: &Harvest) -> Wedge {
+        let w = &self.wedge;
+        let total = self.harvested();
+        let prev_total = w.last_total.swap(total, Ordering::Relaxed);
+        let empty = h.entries == 0 && h.skipped == 0 && h.repaired == 0;
+        let prev_empty = w.last_empty.swap(empty, Ordering::Relaxed);
+        if h.entries > 0 {
+            w.in_a_row.store(0, Ordering::Relaxed);
+        }
+        if empty && prev_empty && prev_total == total {
+            let give_up = w.in_a_row.fetch_add(1, Ordering::Relaxed) >= MAX_UNWEDGES;
+            Wedge::Yes { give_up }
+        } else {
+            Wedge::No
+        }
     }
 
     /// Number of entries.
@@ -564,6 +614,7 @@ mod tests {
             kreset: AtomicU32::new(0),
             harvested: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
+            wedge: WedgeWatch::default(),
         }
     }
 

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::kvm::{KvmVm, RING_NEEDS_SLOT_BITMAP, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
 use crate::reaper::{Config as ReaperConfig, Reaper};
-use crate::ring::{ENTRY_SIZE, Harvest, Ring};
+use crate::ring::{ENTRY_SIZE, Harvest, MAX_UNWEDGES, Ring, Wedge};
 use crate::types::{
     KDS_BOARD_VGIC_ITS, KDS_MEM_LOG_DIRTY_PAGES as MEM_LOG_DIRTY_PAGES,
     KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode,
@@ -40,12 +40,6 @@ mod reap;
 mod slots;
 mod sync;
 mod vcpus;
-
-/// Wedges in a row (ring-full exits with nothing harvested or handed back)
-/// after which `reap_vcpu` gives up with `EOVERFLOW`: each either hands
-/// back most of a lap or lets the reset it owes free the ring, but a VMM
-/// must never spin.
-const MAX_UNWEDGES: u32 = 1024;
 
 /// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
 pub(crate) const RING_MAX_ENTRIES_DEFAULT: u64 = 65536;
@@ -88,12 +82,6 @@ struct Slot {
 struct Vcpu {
     ring: Option<Ring>,
     ring_full_reaps: AtomicU64,
-    /// Ring-wedge detection (see `reap_vcpu`): the ring's harvested total
-    /// at the previous `reap_vcpu`, and whether that call found nothing.
-    last_full_total: AtomicU64,
-    last_full_empty: AtomicBool,
-    /// Wedges undone in a row (reset by a harvest that finds entries).
-    unwedges: AtomicU32,
 }
 
 /// What the next `KVM_RESET_DIRTY_RINGS` owes (guarded by `Vm::reap`).

@@ -245,20 +245,13 @@ impl Vm {
         let t = Instant::now();
         let h = self.harvest_one(&mut st, &self.slots.read(), ring, true);
         bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
-        let total = ring.harvested();
-        let prev_total = v.last_full_total.swap(total, Ordering::Relaxed);
-        // Nothing harvested and nothing handed back again: the kernel got
-        // nothing from this call that would let the vCPU run.
-        let empty = h.entries == 0 && h.skipped == 0 && h.repaired == 0;
-        let prev_empty = v.last_full_empty.swap(empty, Ordering::Relaxed);
-        let wedged = empty && prev_empty && prev_total == total;
+        let wedge = ring.after_ring_full(&h);
         if h.entries > 0 {
             bump(&v.ring_full_reaps, 1);
             bump(&self.stats.ring_full_reaps, 1);
-            v.unwedges.store(0, Ordering::Relaxed);
         }
         let (mut undone, mut give_up) = (0, false);
-        if wedged {
+        if let Wedge::Yes { give_up: g } = wedge {
             st.overflow = true;
             st.rearm = true;
             bump(&self.stats.ring_wedges, 1);
@@ -270,7 +263,7 @@ impl Vm {
                 st.marked += u64::from(undone);
                 bump(&self.stats.ring_recoveries, 1);
             }
-            give_up = v.unwedges.fetch_add(1, Ordering::Relaxed) >= MAX_UNWEDGES;
+            give_up = g;
         }
         let n = self.reap_locked(&mut st, h.entries)?;
         if give_up {
@@ -284,7 +277,7 @@ impl Vm {
             log::error!("{msg}");
             return Err(Error::new(libc::EOVERFLOW, msg));
         }
-        if wedged && undone > 0 {
+        if wedge != Wedge::No && undone > 0 {
             log::warn!(
                 "vCPU {index}'s dirty ring was wedged by a kernel overrun: handed {undone} \
                  never-published entries back to the kernel; every dirty-logged page was \

@@ -24,9 +24,6 @@ impl Vm {
         let v = Arc::new(Vcpu {
             ring,
             ring_full_reaps: AtomicU64::new(0),
-            last_full_total: AtomicU64::new(0),
-            last_full_empty: AtomicBool::new(false),
-            unwedges: AtomicU32::new(0),
         });
         self.vcpus.write().insert(index, v);
         life.vcpu_added = true;
