@@ -17,6 +17,7 @@
 //! callback).
 
 mod bitmap;
+mod counters;
 mod error;
 mod ffi;
 mod kvm;

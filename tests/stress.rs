@@ -23,19 +23,6 @@ const PAGES: u64 = 8192;
 /// 4,200 pages a round.
 const MIN_ROUNDS: u32 = 10;
 
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Mappings of vCPU fds (rings and kvm_run).
-fn vcpu_maps() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("kvm-vcpu"))
-        .count()
-}
-
 /// `r` is 0 (or positive) or one of `allowed`.
 #[track_caller]
 fn ok_or(r: i64, allowed: &[i32], what: &str) {

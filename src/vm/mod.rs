@@ -25,6 +25,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use parking_lot::{Mutex, RwLock};
 
 use crate::bitmap::{AtomicBitmap, count_masked, or_masked};
+use crate::counters::{Counters, stat};
 use crate::error::{Error, Result};
 use crate::kvm::{KvmVm, RING_NEEDS_SLOT_BITMAP, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
@@ -104,23 +105,9 @@ struct ReapState {
     harvested: u64,
 }
 
+/// Counts behind the log's powers of two (not in `KdsStats`).
 #[derive(Default)]
-struct Stats {
-    entries_reaped: AtomicU64,
-    ring_resets: AtomicU64,
-    ring_full_reaps: AtomicU64,
-    bitmap_syncs: AtomicU64,
-    pages_from_bitmap: AtomicU64,
-    invalid_entries: AtomicU64,
-    harvest_ns: AtomicU64,
-    reset_ns: AtomicU64,
-    ring_overflows: AtomicU64,
-    ring_wedges: AtomicU64,
-    entries_reset: AtomicU64,
-    ring_recoveries: AtomicU64,
-    reaper_reaps: AtomicU64,
-    reset_shortfall: AtomicU64,
-    /// Not in `KdsStats`: for logging at powers of two only.
+struct LogCounts {
     short_resets: AtomicU64,
     rearms: AtomicU64,
 }
@@ -141,7 +128,8 @@ pub struct Vm {
     reap: Mutex<ReapState>,
     vcpus: RwLock<IdMap<Vcpu>>,
     slots: RwLock<IdMap<Slot>>,
-    stats: Stats,
+    stats: Counters,
+    log_counts: LogCounts,
     reaper: Mutex<Option<Reaper>>,
 }
 
@@ -158,7 +146,8 @@ impl Vm {
             reap: Mutex::new(ReapState::default()),
             vcpus: RwLock::new(IdMap::default()),
             slots: RwLock::new(IdMap::default()),
-            stats: Stats::default(),
+            stats: Counters::default(),
+            log_counts: LogCounts::default(),
             reaper: Mutex::new(None),
         }
     }

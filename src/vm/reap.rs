@@ -34,13 +34,13 @@ impl Vm {
         st.marked += h.entries + h.skipped + h.repaired;
         st.harvested += h.entries;
         if invalid > 0 {
-            bump(&self.stats.invalid_entries, invalid);
+            self.stats.add(stat!(invalid_entries), invalid);
             log::warn!(
                 "{invalid} ring entries named an unknown slot or an offset past its end: skipped"
             );
         }
         if h.skipped > 0 {
-            let n = self.stats.ring_recoveries.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = self.stats.add(stat!(ring_recoveries), 1);
             if n.is_power_of_two() {
                 log::warn!(
                     "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
@@ -53,7 +53,7 @@ impl Vm {
         if h.full {
             st.overflow = true;
             st.rearm = true;
-            let n = self.stats.ring_overflows.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = self.stats.add(stat!(ring_overflows), 1);
             // A vCPU that keeps overrunning its ring does so at every reap:
             // the log says so at powers of two, kds_stats every time.
             if n.is_power_of_two() {
@@ -81,7 +81,7 @@ impl Vm {
     /// under it after a successful reset (`marked` back to 0), so that holds even
     /// when a reset fails: the next reap or sync retries it first.
     pub(super) fn reap_locked(&self, st: &mut ReapState, harvested: u64) -> Result<u64> {
-        bump(&self.stats.entries_reaped, harvested);
+        self.stats.add(stat!(entries_reaped), harvested);
         self.reset(st, &self.vcpus.read(), None)?;
         if st.overflow {
             // Re-protect first, then report everything: a write before the
@@ -122,10 +122,11 @@ impl Vm {
         }
         let t = Instant::now();
         let r = self.kvm.reset_dirty_rings();
-        bump(&self.stats.reset_ns, t.elapsed().as_nanos() as u64);
-        bump(&self.stats.ring_resets, 1);
+        self.stats
+            .add(stat!(reset_ns), t.elapsed().as_nanos() as u64);
+        self.stats.add(stat!(ring_resets), 1);
         let reset = r?;
-        bump(&self.stats.entries_reset, reset);
+        self.stats.add(stat!(entries_reset), reset);
         let slots = self.slots.read();
         let (mut reached, mut unreached) = (0u64, 0u64);
         let rings = vcpus.values().filter_map(|v| v.ring.as_ref()).chain(extra);
@@ -145,8 +146,8 @@ impl Vm {
         drop(slots);
         st.marked = unreached;
         if unreached > 0 {
-            bump(&self.stats.reset_shortfall, unreached);
-            let n = self.stats.short_resets.fetch_add(1, Ordering::Relaxed) + 1;
+            self.stats.add(stat!(reset_shortfall), unreached);
+            let n = self.log_counts.short_resets.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 log::warn!(
                     "KVM_RESET_DIRTY_RINGS left {unreached} marked ring entries unreached (a \
@@ -194,7 +195,7 @@ impl Vm {
             self.kernel_set(&off, "re-arm logging: log off,")?;
             self.kernel_set(m, "re-arm logging: log on,")?;
         }
-        let n = self.stats.rearms.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.log_counts.rearms.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             log::warn!(
                 "dirty logging re-armed on {} slots after a kernel ring overrun (re-arm {n} on \
@@ -226,7 +227,8 @@ impl Vm {
         }
         drop(vcpus);
         drop(slots);
-        bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
+        self.stats
+            .add(stat!(harvest_ns), t.elapsed().as_nanos() as u64);
         self.reap_locked(st, n)
     }
 
@@ -244,24 +246,25 @@ impl Vm {
         let mut st = self.reap.lock();
         let t = Instant::now();
         let h = self.harvest_one(&mut st, &self.slots.read(), ring, true);
-        bump(&self.stats.harvest_ns, t.elapsed().as_nanos() as u64);
+        self.stats
+            .add(stat!(harvest_ns), t.elapsed().as_nanos() as u64);
         let wedge = ring.after_ring_full(&h);
         if h.entries > 0 {
             bump(&v.ring_full_reaps, 1);
-            bump(&self.stats.ring_full_reaps, 1);
+            self.stats.add(stat!(ring_full_reaps), 1);
         }
         let (mut undone, mut give_up) = (0, false);
         if let Wedge::Yes { give_up: g } = wedge {
             st.overflow = true;
             st.rearm = true;
-            bump(&self.stats.ring_wedges, 1);
+            self.stats.add(stat!(ring_wedges), 1);
             // Undone where the ring shows how (`Ring::unwedge`); otherwise
             // the reset this call owes may free the ring, so the vCPU gets
             // to try again, at most `MAX_UNWEDGES` times in a row.
             undone = ring.unwedge();
             if undone > 0 {
                 st.marked += u64::from(undone);
-                bump(&self.stats.ring_recoveries, 1);
+                self.stats.add(stat!(ring_recoveries), 1);
             }
             give_up = g;
         }
@@ -344,7 +347,7 @@ impl Vm {
 
     /// `reap`, counted as the reaper thread's.
     pub(crate) fn reap_by_reaper(&self) -> Result<u64> {
-        bump(&self.stats.reaper_reaps, 1);
+        self.stats.add(stat!(reaper_reaps), 1);
         self.reap()
     }
 }

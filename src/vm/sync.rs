@@ -110,34 +110,18 @@ impl Vm {
                     "is dirty logging on for this slot?",
                 )
             })?;
-        bump(&self.stats.bitmap_syncs, 1);
+        self.stats.add(stat!(bitmap_syncs), 1);
         if self.manual_protect() && bm.iter().any(|&w| w != 0) {
             self.kvm.clear_dirty_log(slot, s.npages, &mut bm)?;
         }
-        bump(&self.stats.pages_from_bitmap, count_masked(&bm, s.npages));
+        self.stats
+            .add(stat!(pages_from_bitmap), count_masked(&bm, s.npages));
         Ok(bm)
     }
 
     /// Counters since creation.
     pub fn stats(&self) -> KdsStats {
-        let s = &self.stats;
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        KdsStats {
-            entries_reaped: g(&s.entries_reaped),
-            ring_resets: g(&s.ring_resets),
-            ring_full_reaps: g(&s.ring_full_reaps),
-            bitmap_syncs: g(&s.bitmap_syncs),
-            pages_from_bitmap: g(&s.pages_from_bitmap),
-            invalid_entries: g(&s.invalid_entries),
-            harvest_ns: g(&s.harvest_ns),
-            reset_ns: g(&s.reset_ns),
-            ring_overflows: g(&s.ring_overflows),
-            ring_wedges: g(&s.ring_wedges),
-            entries_reset: g(&s.entries_reset),
-            ring_recoveries: g(&s.ring_recoveries),
-            reaper_reaps: g(&s.reaper_reaps),
-            reset_shortfall: g(&s.reset_shortfall),
-        }
+        self.stats.snapshot()
     }
 
     /// Counters of one vCPU.

@@ -455,3 +455,17 @@ pub fn raw_memslot(vm: &VmFd, r: kvm_userspace_memory_region) {
     // SAFETY: the tests keep the memory mapped while the slot exists.
     unsafe { vm.set_user_memory_region(r) }.expect("KVM_SET_USER_MEMORY_REGION");
 }
+
+/// Open fds of this process.
+pub fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Mappings of vCPU fds (rings and kvm_run).
+pub fn vcpu_maps() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("kvm-vcpu"))
+        .count()
+}

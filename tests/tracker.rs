@@ -1,0 +1,99 @@
+//! The Rust API (`DirtyTracker`) on the real kernel: the ordering rules are
+//! the C ABI's, and dropping a tracker with its reaper running gives back
+//! the reaper thread, every ring mapping and its VM fd.
+
+mod common;
+
+use common::*;
+use kvm_dirty_shim::{DirtyTracker, KDS_MEM_LOG_DIRTY_PAGES, KdsMemslot, KdsReaperConfig};
+use kvm_ioctls::Kvm;
+
+/// fds, mappings and threads are counted per process: the tests of this
+/// file take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Threads named "kds-reaper" in this process.
+fn reapers() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "kds-reaper")
+        .count()
+}
+
+#[test]
+fn dropping_a_tracker_stops_its_reaper_and_frees_everything() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    let mem = Mem::new(1 << 20);
+    let fds0 = fds();
+    let t = DirtyTracker::adopt(&vm).unwrap();
+    t.enable_dirty_ring(4096).unwrap();
+    t.board_init(0).unwrap();
+    // The kernel wants the ring enabled before any vCPU exists.
+    let vcpus: Vec<_> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
+    let maps0 = vcpu_maps();
+    let m = KdsMemslot {
+        slot: 0,
+        flags: KDS_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: mem.len as u64,
+        userspace_addr: mem.addr(),
+    };
+    // SAFETY: `mem` outlives the tracker.
+    unsafe { t.set_memslot(&m) }.unwrap();
+    for (i, v) in vcpus.iter().enumerate() {
+        t.add_vcpu(v, i as u32).unwrap();
+    }
+    t.start_reaper(&KdsReaperConfig::default()).unwrap();
+    assert_eq!(
+        fds(),
+        fds0 + 1 + 2,
+        "the tracker's duplicate of the VM fd, 2 vCPU fds"
+    );
+    assert_eq!(vcpu_maps(), maps0 + 2, "one ring per vCPU");
+    // The new thread names itself once it runs: wait for that, bounded.
+    let t0 = std::time::Instant::now();
+    while reapers() == 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::yield_now();
+    }
+    assert_eq!(reapers(), 1, "the reaper thread");
+    drop(t);
+    assert_eq!(fds(), fds0 + 2, "VM fd not closed");
+    assert_eq!(vcpu_maps(), maps0, "rings not unmapped");
+    assert_eq!(reapers(), 0, "reaper thread still running");
+}
+
+#[test]
+fn the_ordering_rules_are_the_c_abis() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    let t = DirtyTracker::adopt(&vm).unwrap();
+    let mem = Mem::new(1 << 16);
+    let m = KdsMemslot {
+        slot: 0,
+        flags: KDS_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: mem.len as u64,
+        userspace_addr: mem.addr(),
+    };
+    // SAFETY: `mem` outlives the tracker.
+    unsafe { t.set_memslot(&m) }.unwrap();
+    let e = t.enable_dirty_ring(4096).unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    assert!(e.message().contains("before the first memslot"), "{e}");
+    // The core's messages do not carry C function names in front.
+    assert!(!e.message().starts_with("kds_"), "{e}");
+    let e = t
+        .board_init(kvm_dirty_shim::KDS_BOARD_VGIC_ITS)
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    let mut bits = vec![0u64; 1];
+    assert_eq!(t.sync_slot(0, &mut bits, false).unwrap(), 0);
+    assert_eq!(
+        t.sync_slot(9, &mut bits, false).unwrap_err().errno(),
+        libc::ENOENT
+    );
+}
