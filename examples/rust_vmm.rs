@@ -20,95 +20,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kvm_dirty_shim::{DirtyTracker, KDS_MEM_LOG_DIRTY_PAGES, KdsMemslot, KdsReaperConfig};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
-/// The guest: stores `stores` times to pages of its region, then `out 0x10`.
-const GUEST: &[u8] = include_bytes!("../guest/guest.bin");
+// The guest's bytes, guest memory and the guest's start registers (no shim).
+#[path = "../guest/host.rs"]
+mod host;
+use host::{GUEST, Mem, setup_regs};
+
 const PAGE: u64 = 4096;
 const CODE_PAGES: u64 = 8;
 const VCPUS: u32 = 2;
 const PAGES: u64 = 8192; // 32 MiB per vCPU
 const STORES: u32 = 6000;
 const RING: u32 = 4096;
-
-/// Guest memory: an anonymous mapping, unmapped on drop.
-struct Mem {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mem {
-    fn new(len: usize) -> Mem {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap {len} bytes");
-        Mem { ptr: p.cast(), len }
-    }
-
-    fn read_u32(&self, off: u64) -> u32 {
-        assert!(off as usize + 4 <= self.len);
-        // SAFETY: in bounds; the guest may write it concurrently, hence the
-        // volatile read of a plain u32 (only read while its vCPU is out).
-        unsafe { std::ptr::read_volatile(self.ptr.add(off as usize).cast::<u32>()) }
-    }
-
-    fn write_u32(&self, off: u64, v: u32) {
-        assert!(off as usize + 4 <= self.len);
-        // SAFETY: in bounds, and written only while the vCPUs are out.
-        unsafe { std::ptr::write_volatile(self.ptr.add(off as usize).cast::<u32>(), v) }
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: our mapping; no slot refers to it any more (the tracker
-        // and the VM are dropped first).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-// SAFETY: plain process memory; the VMM reads and writes it only while the
-// vCPUs that use it are stopped (between rounds).
-unsafe impl Sync for Mem {}
-
-/// 32-bit protected mode, flat segments, no paging; ESI = the mailbox.
-fn setup_regs(fd: &VcpuFd, mailbox: u64, stack: u64) {
-    let mut sregs = fd.get_sregs().expect("KVM_GET_SREGS");
-    let mut seg = sregs.cs;
-    seg.base = 0;
-    seg.limit = 0xffff_ffff;
-    seg.g = 1;
-    seg.db = 1;
-    seg.present = 1;
-    seg.s = 1;
-    seg.l = 0;
-    seg.dpl = 0;
-    seg.type_ = 0xb;
-    seg.selector = 0x8;
-    sregs.cs = seg;
-    seg.type_ = 0x3;
-    seg.selector = 0x10;
-    sregs.ds = seg;
-    sregs.es = seg;
-    sregs.ss = seg;
-    sregs.fs = seg;
-    sregs.gs = seg;
-    sregs.cr0 |= 1;
-    fd.set_sregs(&sregs).expect("KVM_SET_SREGS");
-    let mut regs = fd.get_regs().expect("KVM_GET_REGS");
-    regs.rip = 0;
-    regs.rflags = 2;
-    regs.rsi = mailbox;
-    regs.rsp = stack;
-    fd.set_regs(&regs).expect("KVM_SET_REGS");
-}
 
 fn main() {
     let rounds: u32 = std::env::args()

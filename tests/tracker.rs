@@ -12,6 +12,17 @@ use kvm_ioctls::Kvm;
 /// file take turns.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Slot 0 at guest-physical 0 over `mem`, dirty-logged.
+fn logged_slot0(mem: &Mem) -> KdsMemslot {
+    KdsMemslot {
+        slot: 0,
+        flags: KDS_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: mem.len as u64,
+        userspace_addr: mem.addr(),
+    }
+}
+
 /// Threads named "kds-reaper" in this process.
 fn reapers() -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -34,13 +45,7 @@ fn dropping_a_tracker_stops_its_reaper_and_frees_everything() {
     // The kernel wants the ring enabled before any vCPU exists.
     let vcpus: Vec<_> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
     let maps0 = vcpu_maps();
-    let m = KdsMemslot {
-        slot: 0,
-        flags: KDS_MEM_LOG_DIRTY_PAGES,
-        guest_phys_addr: 0,
-        memory_size: mem.len as u64,
-        userspace_addr: mem.addr(),
-    };
+    let m = logged_slot0(&mem);
     // SAFETY: `mem` outlives the tracker.
     unsafe { t.set_memslot(&m) }.unwrap();
     for (i, v) in vcpus.iter().enumerate() {
@@ -72,13 +77,7 @@ fn the_ordering_rules_are_the_c_abis() {
     let vm = kvm.create_vm().unwrap();
     let t = DirtyTracker::adopt(&vm).unwrap();
     let mem = Mem::new(1 << 16);
-    let m = KdsMemslot {
-        slot: 0,
-        flags: KDS_MEM_LOG_DIRTY_PAGES,
-        guest_phys_addr: 0,
-        memory_size: mem.len as u64,
-        userspace_addr: mem.addr(),
-    };
+    let m = logged_slot0(&mem);
     // SAFETY: `mem` outlives the tracker.
     unsafe { t.set_memslot(&m) }.unwrap();
     let e = t.enable_dirty_ring(4096).unwrap_err();
