@@ -27,6 +27,7 @@
 #include <sys/klog.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -113,8 +114,6 @@ static void print_matching(const char *path, const char *needle)
 int main(void)
 {
     mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
-    mount("proc", "/proc", "proc", 0, NULL);
-    mount("sysfs", "/sys", "sysfs", 0, NULL);
     int con = open("/dev/console", O_RDWR);
     if (con >= 0) {
         dup2(con, 0);
@@ -122,6 +121,13 @@ int main(void)
         dup2(con, 2);
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
+    /* The initramfs holds only /init: make the mount points first. */
+    mkdir("/proc", 0755);
+    mkdir("/sys", 0755);
+    if (mount("proc", "/proc", "proc", 0, NULL) != 0 ||
+        mount("sysfs", "/sys", "sysfs", 0, NULL) != 0) {
+        printf("guest: mount /proc or /sys: %s\n", strerror(errno));
+    }
 
     ncpus = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (ncpus < 1 || ncpus > MAX_CPUS) {
