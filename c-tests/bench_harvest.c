@@ -126,9 +126,9 @@ static void bench(uint32_t ring, uint32_t nvcpus, int ncpus)
             full += tvcpu_round(&t, &shim[i]);
         }
         KdsStats a, b;
-        kds_stats(t.vm, &a);
+        kds_stats_get(t.vm, &a, sizeof(KdsStats));
         int64_t n = kds_reap(t.vm);
-        kds_stats(t.vm, &b);
+        kds_stats_get(t.vm, &b, sizeof(KdsStats));
         if (n < 0) {
             die("kds_reap");
         }

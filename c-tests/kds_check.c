@@ -46,9 +46,9 @@ void checker_free(struct checker *c)
 uint64_t checker_check(struct checker *c, KdsVm *vm, uint32_t flags)
 {
     memset(c->bitmap, 0, (c->pages + 63) / 64 * sizeof(uint64_t));
-    int64_t n = kds_sync_slot(vm, c->slot, c->bitmap, c->pages, flags);
+    int64_t n = kds_memslot_sync(vm, c->slot, c->bitmap, c->pages, flags);
     if (n < 0) {
-        die("kds_sync_slot");
+        die("kds_memslot_sync");
     }
     uint64_t lost = 0;
     for (uint64_t p = 0; p < c->pages; p++) {

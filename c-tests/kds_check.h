@@ -2,7 +2,7 @@
  * The architecture-neutral half of the C test harness: failure counting,
  * anonymous memory, and the no-loss check (a shadow of the first word of
  * every page; every page whose word changed must have been reported by
- * kds_sync_slot). Used by the x86 tests here and the arm64 tests.
+ * kds_memslot_sync). Used by the x86 tests here and the arm64 tests.
  */
 #ifndef KDS_CHECK_H
 #define KDS_CHECK_H

@@ -40,8 +40,8 @@ void tvm_init(struct tvm *t, uint32_t ring_entries, int manual_protect)
     if (kds_board_init(t->vm, 0) != 0) {
         die("kds_board_init");
     }
-    if (manual_protect >= 0 && kds_set_manual_protect(t->vm, manual_protect != 0) != 0) {
-        die("kds_set_manual_protect");
+    if (manual_protect >= 0 && kds_manual_protect_set(t->vm, manual_protect != 0) != 0) {
+        die("kds_manual_protect_set");
     }
     t->code = map_anon(CODE_PAGES * PAGE);
     load_guest(t->code);
@@ -65,8 +65,8 @@ void tvm_set_slot(struct tvm *t, uint32_t slot, uint64_t gpa, void *mem, uint64_
         .memory_size = size,
         .userspace_addr = (uint64_t)(uintptr_t)mem,
     };
-    if (kds_memslot_set(t->vm, &m) != 0) {
-        die("kds_memslot_set");
+    if (kds_memslot_update(t->vm, &m, sizeof(KdsMemslot)) != 0) {
+        die("kds_memslot_update");
     }
 }
 
@@ -164,12 +164,12 @@ long tvcpu_round(struct tvm *t, struct tvcpu *v)
             break;
         case KVM_EXIT_DIRTY_RING_FULL: {
             full++;
-            int64_t n = kds_reap_vcpu(t->vm, v->index);
+            int64_t n = kds_vcpu_reap(t->vm, v->index);
             if (n == -EOVERFLOW) {
                 return -1;
             }
             if (n < 0) {
-                die("kds_reap_vcpu");
+                die("kds_vcpu_reap");
             }
             continue;
         }

@@ -49,8 +49,8 @@ void tvm_vcpu(struct tvm *t, struct tvcpu *v, uint32_t id);
 void tvm_vcpu_unregistered(struct tvm *t, struct tvcpu *v, uint32_t id);
 void tvm_mailbox(struct tvm *t, uint32_t id, uint64_t gpa, uint64_t pages, uint32_t stores, uint32_t seed);
 void tvm_iteration(struct tvm *t, uint32_t id, uint32_t it);
-/* Runs one guest round; handles ring-full exits with kds_reap_vcpu.
- * Returns the ring-full exits, or -1 when kds_reap_vcpu reported a wedge. */
+/* Runs one guest round; handles ring-full exits with kds_vcpu_reap.
+ * Returns the ring-full exits, or -1 when kds_vcpu_reap reported a wedge. */
 long tvcpu_round(struct tvm *t, struct tvcpu *v);
 void tvcpu_free(struct tvcpu *v);
 

@@ -40,7 +40,7 @@ static void ordering(void)
         CHECK(strstr(kds_last_error(), "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP") != NULL, "msg");
         CHECK(kds_vm_mode(vm) == KDS_MODE_RING, "mode stays ring");
     }
-    CHECK(kds_memslot_set(vm, &m) == 0, "memslot");
+    CHECK(kds_memslot_update(vm, &m, sizeof(KdsMemslot)) == 0, "memslot");
     /* The memslot sealed the board as "no ITS"; the ring is too late now. */
     EXPECT(kds_board_init(vm, KDS_BOARD_VGIC_ITS), EBUSY);
     CHECK(strstr(kds_last_error(), "before the first memslot") != NULL, "msg names the order");
@@ -52,25 +52,25 @@ static void ordering(void)
     CHECK(kds_vcpu_add(vm, vcpu, 0) == 0, "vcpu_add");
     EXPECT(kds_vcpu_add(vm, vcpu, 0), EEXIST);
     EXPECT(kds_vcpu_add(vm, -1, 1), EINVAL);
-    EXPECT(kds_reap_vcpu(vm, 7), EINVAL);
+    EXPECT(kds_vcpu_reap(vm, 7), EINVAL);
     EXPECT(kds_vcpu_remove(vm, 7), EINVAL);
 
     /* Bad memslots and syncs. */
     KdsMemslot bad = m;
     bad.slot = 2;
     bad.guest_phys_addr = 0x100001;
-    EXPECT(kds_memslot_set(vm, &bad), EINVAL);
+    EXPECT(kds_memslot_update(vm, &bad, sizeof(KdsMemslot)), EINVAL);
     bad.guest_phys_addr = 0x100000;
     bad.memory_size = 100;
-    EXPECT(kds_memslot_set(vm, &bad), EINVAL);
+    EXPECT(kds_memslot_update(vm, &bad, sizeof(KdsMemslot)), EINVAL);
     bad.memory_size = 0;
     bad.slot = 9;
-    EXPECT(kds_memslot_set(vm, &bad), ENOENT);
+    EXPECT(kds_memslot_update(vm, &bad, sizeof(KdsMemslot)), ENOENT);
     uint64_t bm[1] = { 0 };
-    EXPECT(kds_sync_slot(vm, 1, bm, 15, 0), EINVAL);   /* 16 pages, 15 bits */
-    EXPECT(kds_sync_slot(vm, 1, NULL, 64, 0), EINVAL);
-    EXPECT(kds_sync_slot(vm, 5, bm, 64, 0), ENOENT);
-    CHECK(kds_sync_slot(vm, 1, bm, 16, 0) == 0, "sync");
+    EXPECT(kds_memslot_sync(vm, 1, bm, 15, 0), EINVAL);   /* 16 pages, 15 bits */
+    EXPECT(kds_memslot_sync(vm, 1, NULL, 64, 0), EINVAL);
+    EXPECT(kds_memslot_sync(vm, 5, bm, 64, 0), ENOENT);
+    CHECK(kds_memslot_sync(vm, 1, bm, 16, 0) == 0, "sync");
     EXPECT(kds_flush(vm), EBUSY);                       /* no kick set */
     kds_vm_free(vm);
     close(vcpu);
@@ -80,9 +80,9 @@ static void ordering(void)
     /* Ring after a memslot. */
     fd = vm_fd_new(&kvm);
     CHECK(kds_vm_adopt(fd, &vm) == 0, "adopt");
-    CHECK(kds_memslot_set(vm, &m) == 0, "memslot");
+    CHECK(kds_memslot_update(vm, &m, sizeof(KdsMemslot)) == 0, "memslot");
     EXPECT(kds_dirty_ring_enable(vm, 4096), EBUSY);
-    EXPECT(kds_set_manual_protect(vm, 1), EBUSY);
+    EXPECT(kds_manual_protect_set(vm, 1), EBUSY);
     kds_vm_free(vm);
     close(fd);
     close(kvm);
@@ -98,16 +98,16 @@ static void nulls(void)
     EXPECT(kds_vm_mode(NULL), EINVAL);
     EXPECT(kds_dirty_ring_enable(NULL, 4096), EINVAL);
     EXPECT(kds_board_init(NULL, 0), EINVAL);
-    EXPECT(kds_memslot_set(NULL, &m), EINVAL);
+    EXPECT(kds_memslot_update(NULL, &m, sizeof(KdsMemslot)), EINVAL);
     EXPECT(kds_vcpu_add(NULL, 0, 0), EINVAL);
     EXPECT(kds_vcpu_remove(NULL, 0), EINVAL);
     EXPECT(kds_reap(NULL), EINVAL);
-    EXPECT(kds_reap_vcpu(NULL, 0), EINVAL);
-    EXPECT(kds_sync_slot(NULL, 0, bm, 64, 0), EINVAL);
-    EXPECT(kds_set_kick(NULL, NULL, NULL), EINVAL);
+    EXPECT(kds_vcpu_reap(NULL, 0), EINVAL);
+    EXPECT(kds_memslot_sync(NULL, 0, bm, 64, 0), EINVAL);
+    EXPECT(kds_kick_set(NULL, NULL, NULL), EINVAL);
     EXPECT(kds_flush(NULL), EINVAL);
-    EXPECT(kds_stats(NULL, &s), EINVAL);
-    EXPECT(kds_vcpu_stats(NULL, 0, &vs), EINVAL);
+    EXPECT(kds_stats_get(NULL, &s, sizeof(KdsStats)), EINVAL);
+    EXPECT(kds_vcpu_stats_get(NULL, 0, &vs, sizeof(KdsVcpuStats)), EINVAL);
     EXPECT(kds_vm_create(0, NULL), EINVAL);
     EXPECT(kds_vm_adopt(-1, NULL), EINVAL);
     kds_vm_free(NULL);
@@ -140,12 +140,12 @@ static void logger(int level, const char *msg, void *opaque)
 
 static void logging(void)
 {
-    CHECK(kds_set_logger(logger, &records, 5) == 0, "kds_set_logger");
+    CHECK(kds_logger_set(logger, &records, 5) == 0, "kds_logger_set");
     struct tvm t;
     tvm_init(&t, 4096, -1);
     tvm_free(&t);
     CHECK(records > 0 && opaque_ok, "log records reached the callback (%d)", records);
-    CHECK(kds_set_logger(NULL, NULL, 0) == 0, "logger off");
+    CHECK(kds_logger_set(NULL, NULL, 0) == 0, "logger off");
     int before = records;
     tvm_init(&t, 4096, -1);
     tvm_free(&t);

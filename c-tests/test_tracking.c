@@ -30,7 +30,7 @@ static void rounds(const char *name, uint32_t ring, int manual, uint64_t pages,
         CHECK(lost == 0, "%s round %u: %llu pages lost", name, it, (unsigned long long)lost);
     }
     KdsStats s;
-    CHECK(kds_stats(t.vm, &s) == 0, "kds_stats");
+    CHECK(kds_stats_get(t.vm, &s, sizeof s) == (int)sizeof s, "kds_stats_get");
     CHECK(c.changed > (uint64_t)stores, "%s: the guest dirtied pages (%llu)", name,
           (unsigned long long)c.changed);
     if (ring) {

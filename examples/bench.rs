@@ -2,14 +2,14 @@
 //! 1. harvest cost per ring entry (ring reads + publishing into the shim's
 //!    bitmaps) on rings filled by the real guest, beside the kernel's
 //!    `KVM_RESET_DIRTY_RINGS` cost per entry: 1k, 4k and 16k entries;
-//! 2. `kds_sync_slot` on a 16 GiB slot (4M pages): the whole call with
+//! 2. `kds_memslot_sync` on a 16 GiB slot (4M pages): the whole call with
 //!    nothing dirty, and the move of the bits when the shim holds all 4M;
 //! 3. reapers: 2 vCPUs dirtying as fast as they can for 10 s on 4k-entry
 //!    rings with (a) no reaper thread, (b) a fixed 1 s reaper like QEMU's,
 //!    (c) the adaptive reaper: ring-full exits, overflows, pages per second
 //!    and loss (checked after every guest round).
 //!
-//! 4. `kds_sync_slot` throughput in every mode (ring: bits the shim holds;
+//! 4. `kds_memslot_sync` throughput in every mode (ring: bits the shim holds;
 //!    bitmap: `KVM_GET_DIRTY_LOG`, with and without manual protect's
 //!    `KVM_CLEAR_DIRTY_LOG`) on 1, 4 and 16 GiB slots with 0.1, 1 and 10 %
 //!    of the pages dirtied by the guest;
@@ -94,10 +94,10 @@ fn sync_16g() {
     let reps = 50;
     let t = Instant::now();
     for _ in 0..reps {
-        assert_eq!(kds_sync_slot(vm.vm(), 1, out.as_mut_ptr(), pages, 0), 0);
+        assert_eq!(kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0), 0);
     }
     println!(
-        "kds_sync_slot 16 GiB slot (4M pages), ring mode, nothing dirty: {:.3} ms per call",
+        "kds_memslot_sync 16 GiB slot (4M pages), ring mode, nothing dirty: {:.3} ms per call",
         t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
     );
     let mut total = 0.0;
@@ -108,7 +108,7 @@ fn sync_16g() {
         assert_eq!(n, pages);
     }
     println!(
-        "bits moved by kds_sync_slot's drain, 16 GiB slot, all 4M pages dirty: {:.3} ms per sync",
+        "bits moved by kds_memslot_sync's drain, 16 GiB slot, all 4M pages dirty: {:.3} ms per sync",
         total * 1e3 / f64::from(reps)
     );
 }
@@ -131,7 +131,10 @@ fn reapers(kind: ReaperKind, secs: u64) {
         vcpus.push(vm.guest_on(id, PAGES, STORES, 1000 + id));
     }
     if kind == ReaperKind::Adaptive {
-        assert_eq!(kds_reaper_start(vm.vm(), std::ptr::null()), 0);
+        assert_eq!(
+            kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+            0
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let t = Instant::now();
@@ -167,7 +170,7 @@ fn reapers(kind: ReaperKind, secs: u64) {
         _ => run(),
     };
     let el = t.elapsed().as_secs_f64();
-    assert_eq!(kds_reaper_stop(vm.vm()), 0);
+    assert_eq!(kds_reaper_disable(vm.vm()), 0);
     let s = vm.stats();
     println!(
         "reaper {:<9} 2 vCPUs, 4096-entry rings, {el:.1} s: {full:>6} ring-full exits, \
@@ -209,7 +212,7 @@ fn big_vm(mode: Mode, bytes: u64) -> (TestVm, Mem, common::Vcpu) {
     let vm = match mode {
         Mode::Ring => TestVm::new(Some(65536)),
         m => TestVm::new_with(None, |h| {
-            assert_eq!(kds_set_manual_protect(h, m == Mode::BitmapClear), 0)
+            assert_eq!(kds_manual_protect_set(h, m == Mode::BitmapClear), 0)
         }),
     };
     let mem = Mem::new(bytes as usize);
@@ -235,7 +238,7 @@ fn timed_sync(vm: &TestVm, out: &mut [u64], pages: u64) -> (u64, f64) {
         assert!(kds_reap(vm.vm()) >= 0);
     }
     let t = Instant::now();
-    let n = kds_sync_slot(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
+    let n = kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
     let el = t.elapsed().as_secs_f64();
     assert!(n >= 0, "{}", last_error());
     (n as u64, el)
@@ -260,7 +263,7 @@ fn sync_modes() {
                 }
                 println!(
                     "sync {:<40} {gib:>2} GiB slot, {pct:>4}% stores ({:>6} pages reported): \
-                     {:>7.3} ms per kds_sync_slot, {:>7.1} M dirty bits/s, {:>6.1} G bits \
+                     {:>7.3} ms per kds_memslot_sync, {:>7.1} M dirty bits/s, {:>6.1} G bits \
                      scanned/s",
                     mode.name(),
                     n / 3,
@@ -296,7 +299,7 @@ fn rounds() {
                 if mode == Mode::Ring {
                     assert!(kds_reap(vm.vm()) >= 0);
                 }
-                let n = kds_sync_slot(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
+                let n = kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
                 assert!(n > 0, "{n}: {}", last_error());
                 reported += n as u64;
@@ -306,7 +309,7 @@ fn rounds() {
         }
         println!(
             "migration round, {DIRTY} stores, guest {:>5} MiB: ring (kds_reap + \
-             kds_sync_slot) {:>7.3} ms for {} pages, bitmap (kds_sync_slot: \
+             kds_memslot_sync) {:>7.3} ms for {} pages, bitmap (kds_memslot_sync: \
              KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG) {:>7.3} ms for {} pages",
             bytes >> 20,
             cost[0],

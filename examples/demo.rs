@@ -72,7 +72,7 @@ fn run(mode: &str, ring: Option<u32>, secs: f64) -> u64 {
     }
     if wedged {
         println!(
-            "{mode}: the kernel overran the ring so far that it wedged; kds_reap_vcpu \
+            "{mode}: the kernel overran the ring so far that it wedged; kds_vcpu_reap \
              reported it (-EOVERFLOW) and marked every page dirty: nothing lost, ring mode ends"
         );
     }

@@ -2,7 +2,7 @@
 //! in the layout of `KVM_GET_DIRTY_LOG` (bit `i % 64` of word `i / 64`).
 //!
 //! Writers: the reap path publishes (`set_locked`, `set_all`) and
-//! `kds_sync_slot` drains (`drain_into`), both with the VM's reap lock
+//! `kds_memslot_sync` drains (`drain_into`), both with the VM's reap lock
 //! held, so no two writers ever race. That is what lets the hot path use a
 //! plain load and store instead of a locked read-modify-write (measured:
 //! the `lock or` was most of the per-entry cost). The words stay atomic so

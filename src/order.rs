@@ -85,7 +85,7 @@ impl Lifecycle {
         }
         if self.memslot_created {
             return Err(Error::busy(
-                "the dirty ring after a memslot (kds_memslot_set): enable the ring at accelerator \
+                "the dirty ring after a memslot (kds_memslot_update): enable the ring at accelerator \
                  init, before the first memslot (a ring enabled later leaves the memslots' \
                  kernel bitmaps allocated and unused)",
             ));
@@ -147,7 +147,7 @@ impl Lifecycle {
 
 fn unreachable_its() -> Result<BoardAction> {
     Err(Error::busy(
-        "the vGIC ITS after a memslot (kds_memslot_set): call the board hook as \
+        "the vGIC ITS after a memslot (kds_memslot_update): call the board hook as \
          soon as the board picks the ITS, before the first memslot; memslots created first \
          sealed the board as having no ITS (their dirty logging would have no backup bitmap \
          and saving the ITS tables would crash older kernels)",

@@ -1,4 +1,4 @@
-//! The adaptive reaper (`kds_reaper_start`): a thread inside the library
+//! The adaptive reaper (`kds_reaper_enable`): a thread inside the library
 //! that reaps by ring fill level instead of on a fixed period.
 //!
 //! Each check measures every vCPU ring's fill without a syscall

@@ -8,7 +8,7 @@ use kvm_dirty_shim::*;
 
 fn bitmap_rounds(manual: bool) {
     let vm = TestVm::new_with(None, |h| {
-        assert_eq!(kds_set_manual_protect(h, manual), 0, "{}", last_error());
+        assert_eq!(kds_manual_protect_set(h, manual), 0, "{}", last_error());
     });
     assert_eq!(kds_vm_mode(vm.vm()), KdsMode::KDS_MODE_BITMAP as i32);
     let pages = 4096;
@@ -45,7 +45,7 @@ fn bitmap_mode_without_manual_protect() {
 #[test]
 fn manual_protect_choice_comes_before_memslots() {
     let vm = TestVm::new(None);
-    assert_eq!(kds_set_manual_protect(vm.vm(), false), -libc::EBUSY);
+    assert_eq!(kds_manual_protect_set(vm.vm(), false), -libc::EBUSY);
     assert!(last_error().contains("before the first memslot"));
 }
 

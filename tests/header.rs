@@ -21,9 +21,9 @@ fn checked_in_header_matches_the_code() {
     for needed in [
         "#ifndef KVM_DIRTY_SHIM_H",
         "extern \"C\" {",
-        "#define KDS_ABI_VERSION 1",
+        "#define KDS_ABI_VERSION 2",
         "typedef struct KdsVm KdsVm;",
-        "int64_t kds_sync_slot(",
+        "int64_t kds_memslot_sync(",
     ] {
         assert!(generated.contains(needed), "header lacks {needed:?}");
     }

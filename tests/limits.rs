@@ -50,11 +50,13 @@ fn vm_size() -> u64 {
 }
 
 fn slot_count(vm: &TestVm) -> usize {
-    // Every dirty-logged slot the shim knows answers kds_sync_slot with 0
+    // Every dirty-logged slot the shim knows answers kds_memslot_sync with 0
     // or more (the code slot 0 is not dirty-logged).
     let mut bm = [0u64; 1];
     (0..40000u32)
-        .filter(|&s| kds_sync_slot(vm.vm(), s, bm.as_mut_ptr(), 64, 0) != -i64::from(libc::ENOENT))
+        .filter(|&s| {
+            kds_memslot_sync(vm.vm(), s, bm.as_mut_ptr(), 64, 0) != -i64::from(libc::ENOENT)
+        })
         .count()
 }
 
@@ -79,7 +81,7 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
         memory_size: huge.len as u64,
         userspace_addr: huge.addr(),
     };
-    let r_slot = kds_memslot_set(vm.vm(), &big);
+    let r_slot = kds_memslot_update(vm.vm(), &big, size_of::<KdsMemslot>());
     let msg_slot = last_error();
     set_limit(libc::RLIMIT_AS, saved.rlim_cur, saved.rlim_max);
     assert_eq!(r_vcpu, -libc::ENOMEM, "{msg_vcpu}");
@@ -88,10 +90,13 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
     assert!(msg_slot.contains("out of memory"), "{msg_slot}");
     // State unchanged: vCPU 0 unknown, slot 5 unknown; then both work.
     let mut st = KdsVcpuStats::default();
-    assert_eq!(kds_vcpu_stats(vm.vm(), 0, &mut st), -libc::EINVAL);
+    assert_eq!(
+        kds_vcpu_stats_get(vm.vm(), 0, &mut st, size_of::<KdsVcpuStats>()),
+        -libc::ENOENT
+    );
     let mut bm = [0u64; 1];
     assert_eq!(
-        kds_sync_slot(vm.vm(), 5, bm.as_mut_ptr(), 64, 0),
+        kds_memslot_sync(vm.vm(), 5, bm.as_mut_ptr(), 64, 0),
         -i64::from(libc::ENOENT)
     );
     assert_eq!(
@@ -106,7 +111,12 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
         memory_size: 256 << 30,
         ..big
     };
-    assert_eq!(kds_memslot_set(vm.vm(), &smaller), 0, "{}", last_error());
+    assert_eq!(
+        kds_memslot_update(vm.vm(), &smaller, size_of::<KdsMemslot>()),
+        0,
+        "{}",
+        last_error()
+    );
     eprintln!("RLIMIT_AS: kds_vcpu_add (ring mmap) and a 4 TiB slot -ENOMEM, then fine");
     drop(vm);
 
@@ -161,7 +171,7 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
             memory_size: size,
             userspace_addr: page.addr(),
         };
-        kds_memslot_set(vm.vm(), &m)
+        kds_memslot_update(vm.vm(), &m, size_of::<KdsMemslot>())
     };
     // Slot 0 is the test VM's code slot: fill 1 .. nr - 1.
     for s in 1..nr {

@@ -1,4 +1,4 @@
-//! `kds_set_logger`: the library's `log` records reach the C callback
+//! `kds_logger_set`: the library's `log` records reach the C callback
 //! (process-wide, so this is its own test binary).
 
 mod common;
@@ -22,7 +22,7 @@ extern "C" fn sink(level: i32, msg: *const libc::c_char, opaque: *mut libc::c_vo
 
 #[test]
 fn records_reach_the_callback_and_respect_the_level() {
-    assert_eq!(kds_set_logger(Some(sink), 42 as *mut libc::c_void, 4), 0);
+    assert_eq!(kds_logger_set(Some(sink), 42 as *mut libc::c_void, 4), 0);
     let vm = TestVm::new(Some(4096)); // info: ring enabled; debug: slots
     {
         let r = RECORDS.lock();
@@ -47,7 +47,7 @@ fn records_reach_the_callback_and_respect_the_level() {
     );
 
     // Errors only: the debug records stop.
-    assert_eq!(kds_set_logger(Some(sink), 42 as *mut libc::c_void, 1), 0);
+    assert_eq!(kds_logger_set(Some(sink), 42 as *mut libc::c_void, 1), 0);
     RECORDS.lock().clear();
     assert!(kds_dirty_ring_enable(vm.vm(), 4096) < 0);
     let m = Mem::new(4096);
@@ -55,7 +55,7 @@ fn records_reach_the_callback_and_respect_the_level() {
     assert!(RECORDS.lock().is_empty(), "{:?}", RECORDS.lock());
 
     // NULL turns logging off.
-    assert_eq!(kds_set_logger(None, std::ptr::null_mut(), 5), 0);
+    assert_eq!(kds_logger_set(None, std::ptr::null_mut(), 5), 0);
     let _vm2 = TestVm::new(Some(4096));
     assert!(RECORDS.lock().is_empty());
 }

@@ -149,7 +149,7 @@ impl Run {
                     memory_size: m.len as u64,
                     userspace_addr: m.addr(),
                 };
-                let r = kds_memslot_set(self.h, &s);
+                let r = kds_memslot_update(self.h, &s, size_of::<KdsMemslot>());
                 if r == 0 {
                     self.mem.push(m);
                 }
@@ -161,13 +161,13 @@ impl Run {
                         slot: 99,
                         ..KdsMemslot::default()
                     };
-                    return i64::from(kds_memslot_set(self.h, &s));
+                    return i64::from(kds_memslot_update(self.h, &s, size_of::<KdsMemslot>()));
                 };
                 let s = KdsMemslot {
                     slot: 10 + last as u32,
                     ..KdsMemslot::default()
                 };
-                let r = kds_memslot_set(self.h, &s);
+                let r = kds_memslot_update(self.h, &s, size_of::<KdsMemslot>());
                 if r == 0 {
                     self.mem.pop();
                 }

@@ -58,13 +58,17 @@ fn ring_after_memslot_or_vcpu_or_twice_is_ebusy() {
     let mem = Mem::new(1 << 16);
     let (_k, h) = new_vm();
     assert_eq!(
-        kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)),
+        kds_memslot_update(
+            h.0,
+            &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES),
+            size_of::<KdsMemslot>()
+        ),
         0
     );
     refused(
         kds_dirty_ring_enable(h.0, 4096).into(),
         EBUSY,
-        &["kds_memslot_set", "before the first memslot"],
+        &["kds_memslot_update", "before the first memslot"],
     );
     assert_eq!(kds_vm_mode(h.0), KdsMode::KDS_MODE_BITMAP as i32);
     kds_vm_free(h.0);
@@ -152,7 +156,11 @@ fn memslot_before_board_hook_seals_the_board() {
             assert_eq!(kds_dirty_ring_enable(h.0, 4096), 0);
         }
         assert_eq!(
-            kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)),
+            kds_memslot_update(
+                h.0,
+                &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES),
+                size_of::<KdsMemslot>()
+            ),
             0
         );
         refused(
@@ -200,22 +208,31 @@ fn null_handles_and_pointers_are_einval() {
         ),
         ("kds_board_init", kds_board_init(n, 0).into()),
         (
-            "kds_set_manual_protect",
-            kds_set_manual_protect(n, true).into(),
+            "kds_manual_protect_set",
+            kds_manual_protect_set(n, true).into(),
         ),
-        ("kds_memslot_set", kds_memslot_set(n, &m).into()),
+        (
+            "kds_memslot_update",
+            kds_memslot_update(n, &m, size_of::<KdsMemslot>()).into(),
+        ),
         ("kds_vcpu_add", kds_vcpu_add(n, 3, 0).into()),
         ("kds_vcpu_remove", kds_vcpu_remove(n, 0).into()),
         ("kds_reap", kds_reap(n)),
-        ("kds_reap_vcpu", kds_reap_vcpu(n, 0)),
+        ("kds_vcpu_reap", kds_vcpu_reap(n, 0)),
         (
-            "kds_sync_slot",
-            kds_sync_slot(n, 0, bm.as_mut_ptr(), 256, 0),
+            "kds_memslot_sync",
+            kds_memslot_sync(n, 0, bm.as_mut_ptr(), 256, 0),
         ),
-        ("kds_set_kick", kds_set_kick(n, None, n.cast()).into()),
+        ("kds_kick_set", kds_kick_set(n, None, n.cast()).into()),
         ("kds_flush", kds_flush(n)),
-        ("kds_stats", kds_stats(n, &mut st).into()),
-        ("kds_vcpu_stats", kds_vcpu_stats(n, 0, &mut vst).into()),
+        (
+            "kds_stats_get",
+            kds_stats_get(n, &mut st, size_of::<KdsStats>()).into(),
+        ),
+        (
+            "kds_vcpu_stats_get",
+            kds_vcpu_stats_get(n, 0, &mut vst, size_of::<KdsVcpuStats>()).into(),
+        ),
         ("kds_vm_create", kds_vm_create(0, ptr::null_mut()).into()),
         ("kds_vm_adopt", kds_vm_adopt(3, ptr::null_mut()).into()),
     ];
@@ -225,15 +242,23 @@ fn null_handles_and_pointers_are_einval() {
     kds_vm_free(n); // a no-op
 
     let (_k, h) = new_vm();
-    refused(kds_memslot_set(h.0, ptr::null()).into(), EINVAL, &["NULL"]);
-    refused(kds_stats(h.0, ptr::null_mut()).into(), EINVAL, &["NULL"]);
     refused(
-        kds_vcpu_stats(h.0, 0, ptr::null_mut()).into(),
+        kds_memslot_update(h.0, ptr::null(), size_of::<KdsMemslot>()).into(),
         EINVAL,
         &["NULL"],
     );
     refused(
-        kds_sync_slot(h.0, 0, ptr::null_mut(), 64, 0),
+        kds_stats_get(h.0, ptr::null_mut(), size_of::<KdsStats>()).into(),
+        EINVAL,
+        &["NULL"],
+    );
+    refused(
+        kds_vcpu_stats_get(h.0, 0, ptr::null_mut(), size_of::<KdsVcpuStats>()).into(),
+        EINVAL,
+        &["NULL"],
+    );
+    refused(
+        kds_memslot_sync(h.0, 0, ptr::null_mut(), 64, 0),
         EINVAL,
         &["NULL"],
     );
@@ -265,27 +290,33 @@ fn bad_memslots() {
     ];
     for c in cases {
         refused(
-            kds_memslot_set(h.0, &c).into(),
+            kds_memslot_update(h.0, &c, size_of::<KdsMemslot>()).into(),
             EINVAL,
-            &["kds_memslot_set"],
+            &["kds_memslot_update"],
         );
     }
     refused(
-        kds_memslot_set(
+        kds_memslot_update(
             h.0,
             &KdsMemslot {
                 slot: 9,
                 ..Default::default()
             },
+            size_of::<KdsMemslot>(),
         )
         .into(),
         ENOENT,
         &["unknown slot"],
     );
-    assert_eq!(kds_memslot_set(h.0, &good), 0, "{}", last_error());
+    assert_eq!(
+        kds_memslot_update(h.0, &good, size_of::<KdsMemslot>()),
+        0,
+        "{}",
+        last_error()
+    );
     // The kernel's own refusal (overlapping slot) is reported with its errno.
     let overlap = KdsMemslot { slot: 2, ..good };
-    let r = kds_memslot_set(h.0, &overlap);
+    let r = kds_memslot_update(h.0, &overlap, size_of::<KdsMemslot>());
     assert_eq!(r, -libc::EEXIST, "{}", last_error());
     assert!(last_error().contains("KVM_SET_USER_MEMORY_REGION"));
     assert!(last_error().contains("EEXIST"));
@@ -297,27 +328,31 @@ fn bad_syncs() {
     let mem = Mem::new(1 << 16); // 16 pages
     let (_k, h) = new_vm();
     assert_eq!(
-        kds_memslot_set(h.0, &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES)),
+        kds_memslot_update(
+            h.0,
+            &slot(&mem, 1, 0, KDS_MEM_LOG_DIRTY_PAGES),
+            size_of::<KdsMemslot>()
+        ),
         0
     );
     let mut bm = [0u64; 1];
     refused(
-        kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 15, 0),
+        kds_memslot_sync(h.0, 1, bm.as_mut_ptr(), 15, 0),
         EINVAL,
         &["too small", "16 pages"],
     );
     refused(
-        kds_sync_slot(h.0, 7, bm.as_mut_ptr(), 64, 0),
+        kds_memslot_sync(h.0, 7, bm.as_mut_ptr(), 64, 0),
         ENOENT,
         &["unknown slot"],
     );
     refused(
-        kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 64, 1 << 4),
+        kds_memslot_sync(h.0, 1, bm.as_mut_ptr(), 64, 1 << 4),
         EINVAL,
         &["unknown flags"],
     );
     assert_eq!(
-        kds_sync_slot(h.0, 1, bm.as_mut_ptr(), 16, 0),
+        kds_memslot_sync(h.0, 1, bm.as_mut_ptr(), 16, 0),
         0,
         "{}",
         last_error()
@@ -347,18 +382,18 @@ fn bad_vcpus() {
         &["already registered"],
     );
     refused(
-        kds_reap_vcpu(h.0, 5),
-        EINVAL,
+        kds_vcpu_reap(h.0, 5),
+        ENOENT,
         &["unknown vCPU index 5", "kds_vcpu_add"],
     );
-    refused(kds_vcpu_remove(h.0, 5).into(), EINVAL, &["unknown vCPU"]);
+    refused(kds_vcpu_remove(h.0, 5).into(), ENOENT, &["unknown vCPU"]);
     let mut s = KdsVcpuStats::default();
     refused(
-        kds_vcpu_stats(h.0, 5, &mut s).into(),
-        EINVAL,
+        kds_vcpu_stats_get(h.0, 5, &mut s, size_of::<KdsVcpuStats>()).into(),
+        ENOENT,
         &["unknown vCPU"],
     );
-    assert_eq!(kds_reap_vcpu(h.0, 0), 0);
+    assert_eq!(kds_vcpu_reap(h.0, 0), 0);
     kds_vm_free(h.0);
 }
 

@@ -1,4 +1,4 @@
-//! The adaptive reaper thread (`kds_reaper_start`/`kds_reaper_stop`) on the
+//! The adaptive reaper thread (`kds_reaper_start`/`kds_reaper_disable`) on the
 //! real kernel: it reaps while the guest runs, nothing is lost, and every
 //! misuse is refused with its errno.
 
@@ -20,7 +20,12 @@ fn the_reaper_reaps_a_busy_guest_and_loses_nothing() {
         min_interval_us: 100,
         max_interval_us: 20_000,
     };
-    assert_eq!(kds_reaper_start(vm.vm(), &cfg), 0, "{}", last_error());
+    assert_eq!(
+        kds_reaper_enable(vm.vm(), &cfg, size_of::<KdsReaperConfig>()),
+        0,
+        "{}",
+        last_error()
+    );
     let mut full = 0;
     for it in 1..=40 {
         vm.set_iteration(0, it);
@@ -30,7 +35,7 @@ fn the_reaper_reaps_a_busy_guest_and_loses_nothing() {
         let (changed, _, lost) = c.check(vm.h, 0);
         assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
     }
-    assert_eq!(kds_reaper_stop(vm.vm()), 0);
+    assert_eq!(kds_reaper_disable(vm.vm()), 0);
     let s = vm.stats();
     assert!(s.reaper_reaps > 0, "the reaper never reaped: {s:?}");
     // The entries it harvested are part of the total, and the stop left
@@ -48,31 +53,52 @@ fn the_reaper_reaps_a_busy_guest_and_loses_nothing() {
 #[test]
 fn reaper_misuse_is_refused() {
     let vm = TestVm::new(Some(RING));
-    assert_eq!(kds_reaper_stop(vm.vm()), 0, "stop without start is a no-op");
+    assert_eq!(
+        kds_reaper_disable(vm.vm()),
+        0,
+        "stop without start is a no-op"
+    );
     for (pct, min, max) in [(91, 0, 0), (0, 2000, 1000), (0, 0, 20_000_000)] {
         let cfg = KdsReaperConfig {
             high_water_pct: pct,
             min_interval_us: min,
             max_interval_us: max,
         };
-        assert_eq!(kds_reaper_start(vm.vm(), &cfg), -libc::EINVAL);
+        assert_eq!(
+            kds_reaper_enable(vm.vm(), &cfg, size_of::<KdsReaperConfig>()),
+            -libc::EINVAL
+        );
         assert!(last_error().contains("out of range"), "{}", last_error());
     }
-    assert_eq!(kds_reaper_start(vm.vm(), std::ptr::null()), 0);
-    assert_eq!(kds_reaper_start(vm.vm(), std::ptr::null()), -libc::EBUSY);
-    assert_eq!(kds_reaper_stop(vm.vm()), 0);
-    assert_eq!(kds_reaper_start(vm.vm(), std::ptr::null()), 0, "restart");
     assert_eq!(
-        kds_reaper_start(std::ptr::null_mut(), std::ptr::null()),
+        kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        0
+    );
+    assert_eq!(
+        kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        -libc::EBUSY
+    );
+    assert_eq!(kds_reaper_disable(vm.vm()), 0);
+    assert_eq!(
+        kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        0,
+        "restart"
+    );
+    assert_eq!(
+        kds_reaper_enable(
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            size_of::<KdsReaperConfig>()
+        ),
         -libc::EINVAL
     );
-    assert_eq!(kds_reaper_stop(std::ptr::null_mut()), -libc::EINVAL);
+    assert_eq!(kds_reaper_disable(std::ptr::null_mut()), -libc::EINVAL);
     // Dropping the TestVm frees the VM with the reaper running: kds_vm_free
     // stops it.
 
     let bitmap = TestVm::new(None);
     assert_eq!(
-        kds_reaper_start(bitmap.vm(), std::ptr::null()),
+        kds_reaper_enable(bitmap.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
         -libc::ENOTSUP
     );
     assert!(last_error().contains("bitmap mode"), "{}", last_error());

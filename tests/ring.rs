@@ -157,7 +157,7 @@ fn corrupted_ring_entries_are_skipped_and_counted() {
     let n = kds_reap(vm.vm());
     assert_eq!(n, bogus.len() as i64 + 1, "{}", last_error());
     assert_eq!(vm.stats().invalid_entries, bogus.len() as u64);
-    let r = kds_sync_slot(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0);
+    let r = kds_memslot_sync(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0);
     assert_eq!(r, 1, "only the valid entry is reported");
     assert_eq!(c.bitmap[0], 1 << 5);
     // Nothing else was touched: the guest memory is still all zero.
@@ -176,7 +176,12 @@ fn slot_deleted_with_entries_pending() {
         slot: 1,
         ..Default::default()
     };
-    assert_eq!(kds_memslot_set(vm.vm(), &del), 0, "{}", last_error());
+    assert_eq!(
+        kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()),
+        0,
+        "{}",
+        last_error()
+    );
     let n = kds_reap(vm.vm());
     assert!(n > 0, "the entries were still in the ring: {n}");
     assert_eq!(vm.stats().invalid_entries, n as u64);
@@ -203,7 +208,7 @@ fn vcpu_remove_harvests_what_is_left() {
     assert!(changed > 300);
     assert_eq!(lost, 0);
     assert_eq!(kds_vcpu_remove(vm.vm(), 0), -libc::EINVAL);
-    assert_eq!(kds_reap_vcpu(vm.vm(), 0), -i64::from(libc::EINVAL));
+    assert_eq!(kds_vcpu_reap(vm.vm(), 0), -i64::from(libc::EINVAL));
 }
 
 #[test]
@@ -218,7 +223,7 @@ fn logging_toggled_and_slot_moved() {
     v.run_round(vm.h);
     // Not logged: sync refuses.
     assert_eq!(
-        kds_sync_slot(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0),
+        kds_memslot_sync(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0),
         -i64::from(libc::ENOENT)
     );
     assert!(last_error().contains("KDS_MEM_LOG_DIRTY_PAGES"));
@@ -260,13 +265,13 @@ fn flush_calls_the_kick_then_reaps() {
     }
     let vm = TestVm::new(Some(RING));
     assert_eq!(kds_flush(vm.vm()), -i64::from(libc::EBUSY));
-    assert!(last_error().contains("kds_set_kick"));
+    assert!(last_error().contains("kds_kick_set"));
     let pages = 256;
     let (_c, mut v) = vm.guest(pages, 100, 1);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
     assert_eq!(
-        kds_set_kick(vm.vm(), Some(kick), 0x1234 as *mut libc::c_void),
+        kds_kick_set(vm.vm(), Some(kick), 0x1234 as *mut libc::c_void),
         0
     );
     let n = kds_flush(vm.vm());
@@ -288,7 +293,7 @@ fn create_owns_its_fd() {
 
 #[test]
 fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
-    // Two harvesters on one ring: the vCPU thread (kds_reap_vcpu on every
+    // Two harvesters on one ring: the vCPU thread (kds_vcpu_reap on every
     // ring-full exit) and a reaper thread (kds_reap in a loop). Nothing may
     // be lost and nothing harvested twice: the kernel resets exactly what
     // was harvested (plus any overrun hole it left, see README).
@@ -298,7 +303,7 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
     // Driven, not paced: nothing reaps while the vCPU runs, so every round
     // (8000 stores on 16384 pages, ~6,600 distinct pages) fills the
     // 4096-entry ring; on each ring-full exit a second thread's kds_reap
-    // and this thread's kds_reap_vcpu start together, released by one
+    // and this thread's kds_vcpu_reap start together, released by one
     // barrier.
     let mut full = 0;
     for it in 1..=15 {
@@ -317,11 +322,11 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
                             kds_reap(h.get())
                         });
                         go.wait();
-                        let n = kds_reap_vcpu(h.get(), 0);
+                        let n = kds_vcpu_reap(h.get(), 0);
                         (reaper.join().unwrap(), n)
                     });
                     assert!(by_reaper >= 0, "kds_reap: {by_reaper}: {}", last_error());
-                    assert!(by_vcpu >= 0, "kds_reap_vcpu: {by_vcpu}: {}", last_error());
+                    assert!(by_vcpu >= 0, "kds_vcpu_reap: {by_vcpu}: {}", last_error());
                 }
                 other => panic!("unexpected exit {other:?}"),
             }

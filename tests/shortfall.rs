@@ -39,7 +39,7 @@ extern "C" fn rogue(_level: i32, msg: *const libc::c_char, _: *mut libc::c_void)
 
 #[test]
 fn a_reset_that_counts_less_is_counted_not_fatal() {
-    assert_eq!(kds_set_logger(Some(rogue), std::ptr::null_mut(), 2), 0);
+    assert_eq!(kds_logger_set(Some(rogue), std::ptr::null_mut(), 2), 0);
     let vm = TestVm::new(Some(RING));
     let (mut c, mut v) = vm.guest(64, 40, 5);
     let ring = map_ring(&v.fd, RING);
@@ -54,7 +54,10 @@ fn a_reset_that_counts_less_is_counted_not_fatal() {
         slot: 1,
         ..KdsMemslot::default()
     };
-    assert_eq!(kds_memslot_set(vm.vm(), &del), 0);
+    assert_eq!(
+        kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()),
+        0
+    );
     AT.store(vcpu_stats(vm.h, 0).entries_reaped as u32, Ordering::Relaxed);
     RING_PTR.store(ring.ptr as usize, Ordering::Relaxed);
     let before = vm.stats();

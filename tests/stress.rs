@@ -86,8 +86,8 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                         vm.set_iteration(v.index, it);
                         assert!(!v.run_round(vm.h).wedged, "vCPU {} wedged", v.index);
                         let mut sh = s.lock();
-                        let n = kds_sync_slot(vm.vm(), c.slot, sh.as_mut_ptr(), PAGES, 0);
-                        ok_or(n, &[], "kds_sync_slot (checker)");
+                        let n = kds_memslot_sync(vm.vm(), c.slot, sh.as_mut_ptr(), PAGES, 0);
+                        ok_or(n, &[], "kds_memslot_sync (checker)");
                         c.bitmap.copy_from_slice(&sh);
                         sh.fill(0);
                         drop(sh);
@@ -116,12 +116,12 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                 while !stop.load(Ordering::Relaxed) {
                     for (i, s) in shared.iter().enumerate() {
                         let mut sh = s.lock();
-                        let n = kds_sync_slot(vm.vm(), 1 + i as u32, sh.as_mut_ptr(), PAGES, 0);
-                        ok_or(n, &[], "kds_sync_slot (sync thread)");
+                        let n = kds_memslot_sync(vm.vm(), 1 + i as u32, sh.as_mut_ptr(), PAGES, 0);
+                        ok_or(n, &[], "kds_memslot_sync (sync thread)");
                     }
                     for slot in [3, 10, 11, 12, 13] {
-                        let n = kds_sync_slot(vm.vm(), slot, scratch.as_mut_ptr(), 65536, 0);
-                        ok_or(n, &[libc::ENOENT], "kds_sync_slot (other slots)");
+                        let n = kds_memslot_sync(vm.vm(), slot, scratch.as_mut_ptr(), 65536, 0);
+                        ok_or(n, &[libc::ENOENT], "kds_memslot_sync (other slots)");
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -146,7 +146,11 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                                 slot,
                                 ..KdsMemslot::default()
                             };
-                            ok_or(kds_memslot_set(vm.vm(), &del).into(), &[], "delete");
+                            ok_or(
+                                kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()).into(),
+                                &[],
+                                "delete",
+                            );
                             drop(old);
                             churned.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -163,7 +167,11 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                         memory_size: m.len as u64,
                         userspace_addr: m.addr(),
                     };
-                    ok_or(kds_memslot_set(vm.vm(), &s).into(), &[], "create/resize");
+                    ok_or(
+                        kds_memslot_update(vm.vm(), &s, size_of::<KdsMemslot>()).into(),
+                        &[],
+                        "create/resize",
+                    );
                     drop(old);
                     mems[i] = Some(m);
                     churned.fetch_add(1, Ordering::Relaxed);
@@ -174,7 +182,11 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                             slot: 10 + i as u32,
                             ..KdsMemslot::default()
                         };
-                        ok_or(kds_memslot_set(vm.vm(), &del).into(), &[], "delete");
+                        ok_or(
+                            kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()).into(),
+                            &[],
+                            "delete",
+                        );
                     }
                 }
             });
@@ -191,7 +203,11 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                         memory_size: toggled.len as u64,
                         userspace_addr: toggled.addr(),
                     };
-                    ok_or(kds_memslot_set(vm.vm(), &s).into(), &[], "toggle");
+                    ok_or(
+                        kds_memslot_update(vm.vm(), &s, size_of::<KdsMemslot>()).into(),
+                        &[],
+                        "toggle",
+                    );
                     toggles.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(1));
                 }

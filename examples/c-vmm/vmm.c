@@ -100,8 +100,8 @@ static void *vcpu_main(void *arg)
             break;
         case KVM_EXIT_DIRTY_RING_FULL:
             atomic_fetch_add(&ring_full_exits, 1);
-            if (kds_reap_vcpu(vm, 0) < 0) {
-                fprintf(stderr, "vmm: kds_reap_vcpu: %s\n", kds_last_error());
+            if (kds_vcpu_reap(vm, 0) < 0) {
+                fprintf(stderr, "vmm: kds_vcpu_reap: %s\n", kds_last_error());
                 atomic_store(&stop, 1);
             }
             break;
@@ -150,7 +150,7 @@ int main(int argc, char **argv)
     fclose(f);
     KdsMemslot m0 = { 0, 0, 0, 8 * PAGE, (uintptr_t)code };
     KdsMemslot m1 = { 1, KDS_MEM_LOG_DIRTY_PAGES, TEST_GPA, PAGES * PAGE, (uintptr_t)mem };
-    if (kds_memslot_set(vm, &m0) < 0 || kds_memslot_set(vm, &m1) < 0) fail("kds_memslot_set");
+    if (kds_memslot_update(vm, &m0, sizeof(KdsMemslot)) < 0 || kds_memslot_update(vm, &m1, sizeof(KdsMemslot)) < 0) fail("kds_memslot_set");
 
     if ((vcpufd = ioctl(vmfd, KVM_CREATE_VCPU, 0)) < 0) fail("KVM_CREATE_VCPU");
     if (kds_vcpu_add(vm, vcpufd, 0) < 0) fail("kds_vcpu_add");
@@ -161,7 +161,7 @@ int main(int argc, char **argv)
 
     struct sigaction sa = { .sa_handler = on_sigusr1 }; /* no SA_RESTART */
     sigaction(SIGUSR1, &sa, NULL);
-    kds_set_kick(vm, kick_all, NULL);
+    kds_kick_set(vm, kick_all, NULL);
     pthread_create(&vcpu_thread, NULL, vcpu_main, NULL);
 
     static uint64_t seen[PAGES / 64], bm[PAGES / 64];
@@ -170,8 +170,8 @@ int main(int argc, char **argv)
         usleep(200 * 1000);
         int64_t flushed = kds_flush(vm);        /* kick + reap */
         memset(bm, 0, sizeof(bm));
-        int64_t n = kds_sync_slot(vm, 1, bm, PAGES, 0);
-        if (flushed < 0 || n < 0) fail("kds_flush/kds_sync_slot");
+        int64_t n = kds_memslot_sync(vm, 1, bm, PAGES, 0);
+        if (flushed < 0 || n < 0) fail("kds_flush/kds_memslot_sync");
         for (size_t i = 0; i < PAGES / 64; i++) seen[i] |= bm[i];
         reported += (uint64_t)n;
         printf("t=%.1fs: flush harvested %lld entries, sync reported %lld pages, "
@@ -183,8 +183,8 @@ int main(int argc, char **argv)
     kick_all(NULL);
     pthread_join(vcpu_thread, NULL);
     memset(bm, 0, sizeof(bm));
-    int64_t n = kds_sync_slot(vm, 1, bm, PAGES, KDS_SYNC_FINAL); /* vCPU stopped */
-    if (n < 0) fail("final kds_sync_slot");
+    int64_t n = kds_memslot_sync(vm, 1, bm, PAGES, KDS_SYNC_FINAL); /* vCPU stopped */
+    if (n < 0) fail("final kds_memslot_sync");
     reported += (uint64_t)n;
     uint64_t written = 0, missed = 0;
     for (uint64_t p = 0; p < PAGES; p++) {
@@ -196,8 +196,8 @@ int main(int argc, char **argv)
     }
     KdsStats s;
     KdsVcpuStats vs;
-    kds_stats(vm, &s);
-    kds_vcpu_stats(vm, 0, &vs);
+    kds_stats_get(vm, &s, sizeof(KdsStats));
+    kds_vcpu_stats_get(vm, 0, &vs, sizeof(KdsVcpuStats));
     printf("tracked: %llu page reports; %llu pages ever written, %llu never reported; "
            "%llu ring entries (%llu from vCPU 0), %llu resets, %llu ring-full reaps, "
            "%llu overflows\n", (unsigned long long)reported, (unsigned long long)written,

@@ -7,7 +7,7 @@
 //!
 //! Checked after every call: no panic escaped (`-ENOTRECOVERABLE`), the
 //! return is non-negative or a documented negative errno (with a message),
-//! `kds_stats` counters never go down, and a sync never reports a page
+//! `kds_stats_get` counters never go down, and a sync never reports a page
 //! outside the slot nor writes past the bitmap it was given.
 #![no_main]
 
@@ -155,7 +155,7 @@ struct Run {
 impl Run {
     fn stats_monotone(&mut self) {
         let mut s = KdsStats::default();
-        assert_eq!(kds_stats(self.h, &mut s), 0);
+        assert!(kds_stats_get(self.h, &mut s, size_of::<KdsStats>()) >= 0);
         let (a, b) = (self.stats, s);
         let pairs = [
             (a.entries_reaped, b.entries_reaped),
@@ -174,7 +174,7 @@ impl Run {
             (a.reset_shortfall, b.reset_shortfall),
         ];
         for (i, (x, y)) in pairs.iter().enumerate() {
-            assert!(y >= x, "kds_stats field {i} went down: {a:?} -> {b:?}");
+            assert!(y >= x, "kds_stats_get field {i} went down: {a:?} -> {b:?}");
         }
         self.stats = s;
     }
@@ -227,8 +227,8 @@ impl Run {
                     memory_size: pages * PAGE,
                     userspace_addr: host() + region * SLOT_PAGES * PAGE,
                 };
-                let r = kds_memslot_set(h, &m);
-                check(r.into(), "kds_memslot_set");
+                let r = kds_memslot_update(h, &m, size_of::<KdsMemslot>());
+                check(r.into(), "kds_memslot_update");
                 if r == 0 {
                     self.slots.insert(id, pages);
                 }
@@ -238,8 +238,8 @@ impl Run {
                     slot: self.slot_id(inp.u8()),
                     ..KdsMemslot::default()
                 };
-                let r = kds_memslot_set(h, &m);
-                check(r.into(), "kds_memslot_set (delete)");
+                let r = kds_memslot_update(h, &m, size_of::<KdsMemslot>());
+                check(r.into(), "kds_memslot_update (delete)");
                 if r == 0 {
                     self.slots.remove(&m.slot);
                 }
@@ -273,7 +273,7 @@ impl Run {
                 "kds_vcpu_remove",
             ),
             7 => check(kds_reap(h), "kds_reap"),
-            8 => check(kds_reap_vcpu(h, u32::from(inp.u8()) % 6), "kds_reap_vcpu"),
+            8 => check(kds_vcpu_reap(h, u32::from(inp.u8()) % 6), "kds_vcpu_reap"),
             9 | 10 => {
                 let slot = self.slot_id(inp.u8());
                 let nbits = u64::from(inp.u16()) % 200;
@@ -283,8 +283,8 @@ impl Run {
                 let mut buf = vec![0u64; words + 2];
                 buf[words] = CANARY;
                 buf[words + 1] = CANARY;
-                let r = kds_sync_slot(h, slot, buf.as_mut_ptr(), nbits, flags);
-                check(r, "kds_sync_slot");
+                let r = kds_memslot_sync(h, slot, buf.as_mut_ptr(), nbits, flags);
+                check(r, "kds_memslot_sync");
                 assert_eq!(buf[words..], [CANARY, CANARY], "sync wrote past the bitmap");
                 if r >= 0 {
                     let pages = *self.slots.get(&slot).expect("sync of a slot never created");
@@ -302,18 +302,18 @@ impl Run {
             11 => {
                 if inp.u8() & 1 == 0 {
                     check(
-                        kds_set_kick(h, Some(kick), std::ptr::null_mut()).into(),
+                        kds_kick_set(h, Some(kick), std::ptr::null_mut()).into(),
                         "kick",
                     );
                 } else {
-                    check(kds_set_kick(h, None, std::ptr::null_mut()).into(), "kick");
+                    check(kds_kick_set(h, None, std::ptr::null_mut()).into(), "kick");
                 }
                 check(kds_flush(h), "kds_flush");
             }
             12 => {
                 let mut v = KdsVcpuStats::default();
                 check(
-                    kds_vcpu_stats(h, u32::from(inp.u8()) % 6, &mut v).into(),
+                    kds_vcpu_stats_get(h, u32::from(inp.u8()) % 6, &mut v, size_of::<KdsVcpuStats>()).into(),
                     "vcpu_stats",
                 );
                 check(kds_vm_mode(h).into(), "kds_vm_mode");
@@ -324,9 +324,9 @@ impl Run {
                     min_interval_us: 100,
                     max_interval_us: 100 + u32::from(inp.u8()) * 10,
                 };
-                check(kds_reaper_start(h, &c).into(), "kds_reaper_start");
+                check(kds_reaper_enable(h, &c, size_of::<KdsReaperConfig>()).into(), "kds_reaper_start");
             }
-            14 => check(kds_reaper_stop(h).into(), "kds_reaper_stop"),
+            14 => check(kds_reaper_disable(h).into(), "kds_reaper_disable"),
             _ => {
                 // A hostile kernel: an arbitrary entry in a mapped ring.
                 let i = usize::from(inp.u8()) % VCPUS;

@@ -45,7 +45,7 @@ impl Vm {
                 log::warn!(
                     "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
                      the ring; the ring works again (recovery {n} on this VM; logged at powers \
-                     of two, see kds_stats)",
+                     of two, see kds_stats_get)",
                     h.skipped
                 );
             }
@@ -55,12 +55,12 @@ impl Vm {
             st.rearm = true;
             let n = self.stats.add(stat!(ring_overflows), 1);
             // A vCPU that keeps overrunning its ring does so at every reap:
-            // the log says so at powers of two, kds_stats every time.
+            // the log says so at powers of two, kds_stats_get every time.
             if n.is_power_of_two() {
                 log::error!(
                     "dirty ring found completely full ({} entries): the kernel may have dropped \
                      entries; reporting every dirty-logged page dirty. Reap more often \
-                     (overflow {n} on this VM; logged at powers of two, see kds_stats).",
+                     (overflow {n} on this VM; logged at powers of two, see kds_stats_get).",
                     ring.entries()
                 );
             }
@@ -153,7 +153,7 @@ impl Vm {
                     "KVM_RESET_DIRTY_RINGS left {unreached} marked ring entries unreached (a \
                      vCPU overran its ring before the reset, or something else touched it): \
                      their pages are reported at every sync until a reset reaches them (short \
-                     reset {n} on this VM; logged at powers of two, see kds_stats)"
+                     reset {n} on this VM; logged at powers of two, see kds_stats_get)"
                 );
             }
         }
@@ -304,7 +304,7 @@ impl Vm {
         let mut r = self.reaper.lock();
         if r.is_some() {
             return Err(Error::busy(
-                "the reaper already runs; kds_reaper_stop it first",
+                "the reaper already runs; kds_reaper_disable it first",
             ));
         }
         *r = Some(Reaper::start(Arc::clone(self), cfg)?);

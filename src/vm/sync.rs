@@ -82,7 +82,7 @@ impl Vm {
                 libc::ENOENT,
                 format!(
                     "slot {slot:#x} does not have KDS_MEM_LOG_DIRTY_PAGES: turn \
-                     dirty logging on with kds_memslot_set first"
+                     dirty logging on with kds_memslot_update first"
                 ),
             ));
         }

@@ -57,7 +57,8 @@ impl Vm {
 }
 
 fn unknown_vcpu(index: u32) -> Error {
-    Error::inval(format!(
-        "unknown vCPU index {index}: register it with kds_vcpu_add first"
-    ))
+    Error::new(
+        libc::ENOENT,
+        format!("unknown vCPU index {index}: register it with kds_vcpu_add first"),
+    )
 }

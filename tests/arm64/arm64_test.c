@@ -92,7 +92,7 @@ static void avm_init(struct avm *a, int ring, uint32_t board)
     a->code = map_anon(CODE_PAGES * page);
     memcpy(a->code, guest_arm64_start, (size_t)(guest_arm64_end - guest_arm64_start));
     KdsMemslot m = { 0, 0, RAM_BASE, CODE_PAGES * page, (uint64_t)(uintptr_t)a->code };
-    if (kds_memslot_set(a->vm, &m) != 0) {
+    if (kds_memslot_update(a->vm, &m, sizeof(KdsMemslot)) != 0) {
         die("kds_memslot_set code");
     }
 }
@@ -107,7 +107,7 @@ static void avm_free(struct avm *a)
 static void set_slot(struct avm *a, uint32_t slot, uint64_t gpa, void *mem, uint64_t size)
 {
     KdsMemslot m = { slot, KDS_MEM_LOG_DIRTY_PAGES, gpa, size, (uint64_t)(uintptr_t)mem };
-    if (kds_memslot_set(a->vm, &m) != 0) {
+    if (kds_memslot_update(a->vm, &m, sizeof(KdsMemslot)) != 0) {
         die("kds_memslot_set");
     }
 }
@@ -178,12 +178,12 @@ static long round_run(struct avm *a, struct avcpu *v)
             die("KVM_RUN exit");
         }
         full++;
-        int64_t n = kds_reap_vcpu(a->vm, 0);
+        int64_t n = kds_vcpu_reap(a->vm, 0);
         if (n == -EOVERFLOW) {
             return -1;
         }
         if (n < 0) {
-            die("kds_reap_vcpu");
+            die("kds_vcpu_reap");
         }
     }
     die("guest round over 120 s");
@@ -238,13 +238,13 @@ static void track(const char *name, int ring, uint64_t pages, uint32_t stores, i
         CHECK(lost == 0, "%s round %d: %llu lost", name, it, (unsigned long long)lost);
     }
     KdsStats s;
-    kds_stats(a.vm, &s);
+    kds_stats_get(a.vm, &s, sizeof(KdsStats));
     CHECK(c.changed >= stores, "the guest dirtied pages (%llu)", (unsigned long long)c.changed);
     /* On arm64 the ring always comes with the backup bitmap. */
     CHECK(kds_vm_mode(a.vm) == (ring ? KDS_MODE_RING_WITH_BITMAP : KDS_MODE_BITMAP), "mode %d",
           kds_vm_mode(a.vm));
     if (want_full) {
-        CHECK(full > 0 && s.ring_full_reaps > 0, "a ring-full exit reaped by kds_reap_vcpu");
+        CHECK(full > 0 && s.ring_full_reaps > 0, "a ring-full exit reaped by kds_vcpu_reap");
     }
     printf("  %s: %llu pages changed, %llu reported, %llu lost, %ld ring-full exits, "
            "%llu overflows, %llu wedges\n", name, (unsigned long long)c.changed,
@@ -322,11 +322,11 @@ static void its_save_tables(void)
     CHECK(written > 0, "the ITS wrote guest memory");
     CHECK(kds_reap(a.vm) == 0, "no ring entry for the ITS's writes");
     memset(c.bitmap, 0, (pages + 63) / 64 * 8);
-    int64_t n = kds_sync_slot(a.vm, 1, c.bitmap, pages, 0);
+    int64_t n = kds_memslot_sync(a.vm, 1, c.bitmap, pages, 0);
     CHECK(n == 0, "a sync without KDS_SYNC_FINAL leaves the backup bitmap alone (%lld)", (long long)n);
     /* Final sync: exactly the pages the ITS wrote. */
     memset(c.bitmap, 0, (pages + 63) / 64 * 8);
-    n = kds_sync_slot(a.vm, 1, c.bitmap, pages, KDS_SYNC_FINAL);
+    n = kds_memslot_sync(a.vm, 1, c.bitmap, pages, KDS_SYNC_FINAL);
     uint64_t lost = 0, extra = 0;
     for (uint64_t p = 0; p < pages; p++) {
         int dirty = (c.bitmap[p / 64] >> (p % 64)) & 1;
@@ -337,7 +337,7 @@ static void its_save_tables(void)
           "final sync reported %lld pages, the ITS wrote %llu (lost %llu, extra %llu)",
           (long long)n, (unsigned long long)written, (unsigned long long)lost,
           (unsigned long long)extra);
-    printf("  ITS: wrote %llu pages with no vCPU running; kds_sync_slot(FINAL) reported %lld, "
+    printf("  ITS: wrote %llu pages with no vCPU running; kds_memslot_sync(FINAL) reported %lld, "
            "lost %llu\n", (unsigned long long)written, (long long)n, (unsigned long long)lost);
     close(its.fd);
     close(gic.fd);
@@ -351,7 +351,7 @@ static void ring_kernel(void)
     int before = kds_test_failures;
     struct avm a;
     /* The shim picks ACQ_REL (the plain ring is 0 on arm64). */
-    kds_set_logger(logger, NULL, 3);
+    kds_logger_set(logger, NULL, 3);
     ring_info[0] = 0;
     a.fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
     CHECK(kds_vm_adopt(a.fd, &a.vm) == 0, "adopt");
@@ -359,7 +359,7 @@ static void ring_kernel(void)
     CHECK(strstr(ring_info, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL") != NULL, "picked: %s", ring_info);
     /* On arm64 the ring always comes with the backup bitmap. */
     CHECK(kds_vm_mode(a.vm) == KDS_MODE_RING_WITH_BITMAP, "mode %d", kds_vm_mode(a.vm));
-    kds_set_logger(NULL, NULL, 0);
+    kds_logger_set(NULL, NULL, 0);
     /* The hook before any memslot: ring with bitmap. */
     CHECK(kds_board_init(a.vm, KDS_BOARD_VGIC_ITS) == 0, "board hook with ITS");
     CHECK(kds_vm_mode(a.vm) == KDS_MODE_RING_WITH_BITMAP, "mode %d", kds_vm_mode(a.vm));

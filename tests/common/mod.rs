@@ -104,7 +104,12 @@ impl TestVm {
             memory_size: mem.len as u64,
             userspace_addr: mem.addr(),
         };
-        assert_eq!(kds_memslot_set(self.vm(), &m), 0, "{}", last_error());
+        assert_eq!(
+            kds_memslot_update(self.vm(), &m, size_of::<KdsMemslot>()),
+            0,
+            "{}",
+            last_error()
+        );
     }
 
     /// The usual setup: dirty-logged slot 1 of `pages` pages at TEST_GPA,
@@ -162,7 +167,10 @@ impl TestVm {
 
     pub fn stats(&self) -> KdsStats {
         let mut s = KdsStats::default();
-        assert_eq!(kds_stats(self.vm(), &mut s), 0);
+        assert_eq!(
+            kds_stats_get(self.vm(), &mut s, size_of::<KdsStats>()),
+            size_of::<KdsStats>() as i32
+        );
         s
     }
 }
@@ -192,13 +200,13 @@ pub struct Vcpu {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Round {
     pub ring_full_exits: u64,
-    /// `kds_reap_vcpu` returned -EOVERFLOW: the ring wedged (reported).
+    /// `kds_vcpu_reap` returned -EOVERFLOW: the ring wedged (reported).
     pub wedged: bool,
 }
 
 impl Vcpu {
     /// Runs the guest until its `out` at the end of a round, handling
-    /// ring-full exits with `kds_reap_vcpu`. Bounded in exits and time.
+    /// ring-full exits with `kds_vcpu_reap`. Bounded in exits and time.
     pub fn run_round(&mut self, vm: Handle) -> Round {
         let mut r = Round::default();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -208,12 +216,12 @@ impl Vcpu {
                 VcpuExit::IoOut(0x10, _) => return r,
                 VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => {
                     r.ring_full_exits += 1;
-                    let n = kds_reap_vcpu(vm.0, self.index);
+                    let n = kds_vcpu_reap(vm.0, self.index);
                     if n == -i64::from(libc::EOVERFLOW) {
                         r.wedged = true;
                         return r;
                     }
-                    assert!(n >= 0, "kds_reap_vcpu: {n}: {}", last_error());
+                    assert!(n >= 0, "kds_vcpu_reap: {n}: {}", last_error());
                 }
                 other => panic!("unexpected exit {other:?}"),
             }
@@ -224,7 +232,7 @@ impl Vcpu {
 
 /// The no-loss check: a shadow of the first word of every page of a test
 /// slot; after each round, every page whose word changed must have been
-/// reported by `kds_sync_slot`.
+/// reported by `kds_memslot_sync`.
 pub struct Checker {
     pub slot: u32,
     pub mem: Mem,
@@ -257,14 +265,14 @@ impl Checker {
     /// check.
     pub fn check(&mut self, vm: Handle, flags: u32) -> (u64, u64, u64) {
         self.bitmap.fill(0);
-        let n = kds_sync_slot(
+        let n = kds_memslot_sync(
             vm.0,
             self.slot,
             self.bitmap.as_mut_ptr(),
             self.pages(),
             flags,
         );
-        assert!(n >= 0, "kds_sync_slot: {n}: {}", last_error());
+        assert!(n >= 0, "kds_memslot_sync: {n}: {}", last_error());
         self.compare(n as u64)
     }
 
@@ -318,10 +326,14 @@ pub fn with_reaper<R>(h: Handle, pause: Duration, body: impl FnOnce() -> R) -> (
     })
 }
 
-/// `kds_vcpu_stats` of one vCPU.
+/// `kds_vcpu_stats_get` of one vCPU.
 pub fn vcpu_stats(vm: Handle, index: u32) -> KdsVcpuStats {
     let mut s = KdsVcpuStats::default();
-    assert_eq!(kds_vcpu_stats(vm.0, index, &mut s), 0, "{}", last_error());
+    assert!(
+        kds_vcpu_stats_get(vm.0, index, &mut s, size_of::<KdsVcpuStats>()) >= 0,
+        "{}",
+        last_error()
+    );
     s
 }
 

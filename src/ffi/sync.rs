@@ -1,0 +1,48 @@
+//! Syncing: a memslot's dirty pages into the caller's bitmap.
+
+use super::KdsVm;
+use crate::bitmap::words_for;
+use crate::error::Error;
+
+/// ORs into bitmap every page of the slot dirtied since the previous sync
+/// of that slot, and forgets them. Ring modes reap first (and wait for a
+/// reap in flight on another thread, so that nothing written before the
+/// call is missed); bitmap mode uses KVM_GET_DIRTY_LOG (and
+/// KVM_CLEAR_DIRTY_LOG with manual protect). In KDS_MODE_RING_WITH_BITMAP,
+/// KDS_SYNC_FINAL also drains the kernel's backup bitmap: pass it at the
+/// last stage of migration, with the vCPUs stopped.
+///
+/// Bit i % 64 of word i / 64 is page i of the slot.
+///
+/// @param slot    the memslot, as in KdsMemslot.slot
+/// @param bitmap  nbits bits, rounded up to whole uint64_t words
+/// @param nbits   at least one bit per page of the slot
+/// @param flags   0 or KDS_SYNC_FINAL
+/// @return the number of pages reported (bits set to 1, whether or not
+///         they were 1 already); -ENOENT for an unknown slot or one
+///         without KDS_MEM_LOG_DIRTY_PAGES; -EINVAL for NULL, too small a
+///         bitmap or unknown flags; the errno of the ioctl that failed.
+#[unsafe(no_mangle)]
+pub extern "C" fn kds_memslot_sync(
+    vm: *mut KdsVm,
+    slot: u32,
+    bitmap: *mut u64,
+    nbits: u64,
+    flags: u32,
+) -> i64 {
+    ffi_boundary!("kds_memslot_sync", {
+        let v = try_ref_from_ptr!(vm);
+        if bitmap.is_null() {
+            return Err(Error::inval("bitmap is NULL"));
+        }
+        let words = words_for(nbits);
+        if words > (isize::MAX as usize) / 8 {
+            return Err(Error::inval("nbits is impossibly large"));
+        }
+        // SAFETY: a non-NULL `bitmap` holds `nbits` bits, rounded up to
+        // whole uint64_t words (ABI contract); no other reference to it
+        // exists during the call.
+        let out = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
+        v.tracker.sync_slot_bits(slot, out, nbits, flags)
+    })
+}
