@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define EXPECT(call, err)                                                     \
@@ -52,8 +53,8 @@ static void ordering(void)
     CHECK(kds_vcpu_add(vm, vcpu, 0) == 0, "vcpu_add");
     EXPECT(kds_vcpu_add(vm, vcpu, 0), EEXIST);
     EXPECT(kds_vcpu_add(vm, -1, 1), EINVAL);
-    EXPECT(kds_vcpu_reap(vm, 7), EINVAL);
-    EXPECT(kds_vcpu_remove(vm, 7), EINVAL);
+    EXPECT(kds_vcpu_reap(vm, 7), ENOENT);
+    EXPECT(kds_vcpu_remove(vm, 7), ENOENT);
 
     /* Bad memslots and syncs. */
     KdsMemslot bad = m;
@@ -113,6 +114,91 @@ static void nulls(void)
     kds_vm_free(NULL);
 }
 
+#define CANARY 0x5a5a5a5a5a5a5a5aull
+
+/* Structs passed with their size, as callers of an older, this and a newer
+ * ABI pass them: the library reads and writes only what both sides know. */
+static void sized_structs(void)
+{
+    struct tvm t;
+    struct tvcpu v;
+    tvm_init(&t, 4096, -1);
+    tvm_vcpu(&t, &v, 0);
+    uint64_t bm[1];
+
+    /* Today's layout: every counter, and the library's size back. */
+    KdsStats s;
+    memset(&s, 0xff, sizeof s);
+    CHECK(kds_stats_get(t.vm, &s, sizeof s) == (int)sizeof s, "kds_stats_get");
+    CHECK(s.entries_reaped == 0 && s.reset_shortfall == 0, "every counter written");
+
+    /* An older caller (ABI 1's 72 bytes): nothing past them is touched. */
+    struct {
+        KdsStats s;
+        uint64_t canary;
+    } old;
+    memset(&old, 0xee, sizeof old);
+    old.canary = CANARY;
+    CHECK(kds_stats_get(t.vm, &old.s, KDS_STATS_SIZE_VER1) == (int)sizeof(KdsStats), "v1 size");
+    CHECK(old.s.entries_reaped == 0 && old.s.ring_overflows == 0, "the ABI 1 counters");
+    CHECK(old.s.ring_wedges == 0xeeeeeeeeeeeeeeeeull && old.canary == CANARY,
+          "written past the caller's size");
+
+    /* A newer caller: counters this library lacks read 0. */
+    struct {
+        KdsStats s;
+        uint64_t newer[3];
+    } big;
+    memset(&big, 0xff, sizeof big);
+    CHECK(kds_stats_get(t.vm, &big.s, sizeof big) == (int)sizeof(KdsStats), "newer size");
+    CHECK(big.newer[0] == 0 && big.newer[1] == 0 && big.newer[2] == 0,
+          "unknown counters not zeroed");
+    EXPECT(kds_stats_get(t.vm, &big.s, 8192), EINVAL);
+
+    struct {
+        KdsVcpuStats s;
+        uint64_t newer;
+    } vbig;
+    memset(&vbig, 0xff, sizeof vbig);
+    CHECK(kds_vcpu_stats_get(t.vm, 0, &vbig.s, sizeof vbig) == (int)sizeof(KdsVcpuStats),
+          "kds_vcpu_stats_get");
+    CHECK(vbig.newer == 0, "unknown vCPU counter not zeroed");
+
+    /* Input structs: a newer layout is fine while its new fields are 0;
+     * a field this library does not know is -E2BIG; short is -EINVAL. */
+    void *mem = map_anon(16 * PAGE);
+    struct {
+        KdsMemslot m;
+        uint64_t newer;
+    } ms = { { 7, KDS_MEM_LOG_DIRTY_PAGES, 1u << 30, 16 * PAGE, (uint64_t)(uintptr_t)mem }, 0 };
+    ms.newer = 1;
+    EXPECT(kds_memslot_update(t.vm, &ms.m, sizeof ms), E2BIG);
+    CHECK(strstr(kds_last_error(), "newer field") != NULL, "E2BIG message");
+    EXPECT(kds_memslot_update(t.vm, &ms.m, KDS_MEMSLOT_SIZE_VER1 - 8), EINVAL);
+    EXPECT(kds_memslot_update(t.vm, &ms.m, 8192), EINVAL);
+    ms.newer = 0;
+    CHECK(kds_memslot_update(t.vm, &ms.m, sizeof ms) == 0, "newer layout, new field 0");
+    CHECK(kds_memslot_sync(t.vm, 7, bm, 16, 0) >= 0, "the slot exists");
+    ms.m.memory_size = 0;
+    CHECK(kds_memslot_update(t.vm, &ms.m, KDS_MEMSLOT_SIZE_VER1) == 0, "v1 size");
+    EXPECT(kds_memslot_sync(t.vm, 7, bm, 16, 0), ENOENT);
+
+    struct {
+        KdsReaperConfig c;
+        uint32_t newer;
+    } rc = { { 50, 0, 0 }, 3 };
+    EXPECT(kds_reaper_enable(t.vm, &rc.c, sizeof rc), E2BIG);
+    EXPECT(kds_reaper_enable(t.vm, &rc.c, 4), EINVAL);
+    rc.newer = 0;
+    CHECK(kds_reaper_enable(t.vm, &rc.c, sizeof rc) == 0, "reaper, newer layout");
+    CHECK(kds_reaper_disable(t.vm) == 0, "reaper off");
+    CHECK(kds_reaper_enable(t.vm, &rc.c, KDS_REAPER_CONFIG_SIZE_VER1) == 0, "reaper, v1 size");
+    CHECK(kds_reaper_disable(t.vm) == 0, "reaper off");
+    munmap(mem, 16 * PAGE);
+    tvcpu_free(&v);
+    tvm_free(&t);
+}
+
 static void adopt_keeps_fd(void)
 {
     int kvm, fd = vm_fd_new(&kvm);
@@ -154,9 +240,10 @@ static void logging(void)
 
 int main(void)
 {
-    CHECK(kds_abi_version() == KDS_ABI_VERSION, "ABI version %u", kds_abi_version());
+    CHECK(kds_abi_version() >= KDS_ABI_VERSION, "ABI version %u", kds_abi_version());
     ordering();
     nulls();
+    sized_structs();
     adopt_keeps_fd();
     logging();
     printf("%s (%d failures)\n", kds_test_failures ? "FAILED" : "ok", kds_test_failures);

@@ -207,8 +207,8 @@ fn vcpu_remove_harvests_what_is_left() {
     let (changed, _, lost) = c.check(vm.h, 0);
     assert!(changed > 300);
     assert_eq!(lost, 0);
-    assert_eq!(kds_vcpu_remove(vm.vm(), 0), -libc::EINVAL);
-    assert_eq!(kds_vcpu_reap(vm.vm(), 0), -i64::from(libc::EINVAL));
+    assert_eq!(kds_vcpu_remove(vm.vm(), 0), -libc::ENOENT);
+    assert_eq!(kds_vcpu_reap(vm.vm(), 0), -i64::from(libc::ENOENT));
 }
 
 #[test]

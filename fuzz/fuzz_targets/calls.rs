@@ -313,7 +313,13 @@ impl Run {
             12 => {
                 let mut v = KdsVcpuStats::default();
                 check(
-                    kds_vcpu_stats_get(h, u32::from(inp.u8()) % 6, &mut v, size_of::<KdsVcpuStats>()).into(),
+                    kds_vcpu_stats_get(
+                        h,
+                        u32::from(inp.u8()) % 6,
+                        &mut v,
+                        size_of::<KdsVcpuStats>(),
+                    )
+                    .into(),
                     "vcpu_stats",
                 );
                 check(kds_vm_mode(h).into(), "kds_vm_mode");
@@ -324,7 +330,10 @@ impl Run {
                     min_interval_us: 100,
                     max_interval_us: 100 + u32::from(inp.u8()) * 10,
                 };
-                check(kds_reaper_enable(h, &c, size_of::<KdsReaperConfig>()).into(), "kds_reaper_start");
+                check(
+                    kds_reaper_enable(h, &c, size_of::<KdsReaperConfig>()).into(),
+                    "kds_reaper_enable",
+                );
             }
             14 => check(kds_reaper_disable(h).into(), "kds_reaper_disable"),
             _ => {
