@@ -6,14 +6,14 @@
 //!   vCPUs, reaping, syncing into the caller's bitmaps, the adaptive
 //!   reaper, counters. `examples/rust_vmm.rs` is a whole VMM on it.
 //! - C VMMs use the `kds_*` functions of `include/kvm_dirty_shim.h` (the
-//!   contract is `../shared/abi.md`), a thin skin over the same API.
+//!   contract is `doc/abi.md`), a thin skin over the same API.
 //!
 //! Inside, one job per module (all private): `kvm` (the kernel
 //! interface: the VM fd, the ioctls kvm-ioctls lacks), `order` (the
 //! board-init ordering state machine), `ring` (one vCPU's mapped ring and
 //! its harvest), `bitmap` (the per-slot atomic bitmaps), `reaper` (the
 //! adaptive reaper thread), `vm` (the core tying them together), `tracker`
-//! (the public API), `ffi` (the C ABI), `logger` (`log` to the C
+//! (the public API), `ffi` (the C ABI, one file per API area), `logger` (`log` to the C
 //! callback).
 
 mod bitmap;

@@ -1,7 +1,7 @@
 //! A model check of the lifecycle ordering: every sequence of lifecycle
 //! calls up to a small depth, run through the C ABI on a real VM, each
 //! answer (and the mode after it) compared with an oracle written from the
-//! rules of abi.md ("Lifecycle and ordering"), independently of
+//! rules of doc/abi.md ("Call order"), independently of
 //! `src/order.rs`.
 
 mod common;
@@ -39,7 +39,7 @@ enum Board {
     Sealed,
 }
 
-/// The rules of abi.md, nothing else.
+/// The rules of doc/abi.md, nothing else.
 #[derive(Clone, Debug)]
 struct Oracle {
     /// The kernel offers KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP.
@@ -245,7 +245,7 @@ fn every_lifecycle_order_up_to_depth_5_follows_abi_md() {
     let n = explore(5, backup_cap);
     assert_eq!(n, 6u64.pow(5));
     eprintln!(
-        "model check: {n} sequences of 5 lifecycle calls (and their prefixes) matched abi.md \
+        "model check: {n} sequences of 5 lifecycle calls (and their prefixes) matched doc/abi.md \
          (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: {backup_cap})"
     );
 }

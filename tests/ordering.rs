@@ -1,4 +1,4 @@
-//! Every ordering refusal and bad input of abi.md, through the C ABI, on
+//! Every ordering refusal and bad input of doc/abi.md, through the C ABI, on
 //! the real kernel: the errno and a message that says what to do.
 
 mod common;

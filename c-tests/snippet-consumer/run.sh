@@ -2,7 +2,8 @@
 # Stages a QEMU-like tree in a temporary directory (the repo linked in as
 # contrib/kvm-dirty-shim, as a QEMU tree would carry it), then:
 # 1. configures with the feature enabled, builds, runs the consumer;
-# 2. configures with cargo out of PATH (feature auto): must still configure.
+# 2. with cargo out of PATH (feature auto): must still configure, and build
+#    and run the consumer without the library.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -16,6 +17,8 @@ ln -s "$repo" "$tree/contrib/kvm-dirty-shim"
 "$meson" setup "$tree/build" "$tree" -Dkvm_dirty_shim=enabled >/dev/null
 "$meson" compile -C "$tree/build" >/dev/null
 "$meson" test -C "$tree/build" --print-errorlogs
+grep -q "with kvm-dirty-shim: ring enable 0" "$tree/build/meson-logs/testlog.txt" ||
+    { echo "the consumer did not run with the library" >&2; exit 1; }
 
 # Without cargo on PATH the tree still configures (feature auto). PATH is
 # /usr/bin and /bin minus cargo and rustc (a machine may have Debian's cargo
@@ -30,4 +33,7 @@ ln -sf "$(command -v ninja)" "$nocargo/ninja"
 env PATH="$nocargo" "$meson" setup "$tree/nocargo" "$tree" > "$tree/nocargo.log"
 grep -q "kvm-dirty-shim *: false" "$tree/nocargo.log" || {
     cat "$tree/nocargo.log"; echo "expected kvm-dirty-shim: false without cargo" >&2; exit 1; }
-echo "snippet consumer: ok (built and linked through meson-snippet; configures without cargo)"
+env PATH="$nocargo" "$meson" test -C "$tree/nocargo" --print-errorlogs >/dev/null
+grep -q "without kvm-dirty-shim" "$tree/nocargo/meson-logs/testlog.txt" ||
+    { echo "the consumer did not build without the library" >&2; exit 1; }
+echo "snippet consumer: ok (with cargo: built and linked through meson-snippet; without: configures, builds and runs without the library)"
