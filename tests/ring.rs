@@ -286,9 +286,22 @@ fn create_owns_its_fd() {
     let fd = kds_vm_fd(h);
     assert!(fd >= 0);
     assert_eq!(kds_dirty_ring_enable(h, RING), 0, "{}", last_error());
+    // A second descriptor of the shim's open file, to tell it apart from
+    // whatever other test thread gets the number after kds_vm_free.
+    // SAFETY: dup of an open fd; `probe` is closed below.
+    let probe = unsafe { libc::dup(fd) };
+    assert!(probe >= 0);
     kds_vm_free(h);
-    // SAFETY: fcntl on an integer fd; it must now be closed.
-    assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFD) }, -1);
+    let pid = std::process::id() as libc::c_long;
+    // SAFETY: kcmp(KCMP_FILE) only compares two fds of this process.
+    let same = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, probe)
+    };
+    // SAFETY: closes the fd this test dup'ed.
+    unsafe { libc::close(probe) };
+    // 0 would mean the shim's fd still refers to the VM: it was not closed
+    // (-1 EBADF: closed; 1 or more: closed, and the number reused since).
+    assert_ne!(same, 0, "kds_vm_free left the VM fd {fd} open");
 }
 
 #[test]
