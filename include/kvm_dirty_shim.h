@@ -324,8 +324,8 @@ int kds_vm_create(uint64_t machine_type, struct KdsVm **out);
  *
  * @param vm_fd  a KVM VM fd
  * @param out    receives the new handle
- * @return 0; -EINVAL (vm_fd negative, out NULL); -EBADF and the like when
- *         vm_fd cannot be duplicated.
+ * @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL); the
+ *         errno of duplicating vm_fd (-EBADF, -EMFILE).
  */
 int kds_vm_adopt(int vm_fd, struct KdsVm **out);
 

@@ -28,8 +28,8 @@ pub extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_in
 ///
 /// @param vm_fd  a KVM VM fd
 /// @param out    receives the new handle
-/// @return 0; -EINVAL (vm_fd negative, out NULL); -EBADF and the like when
-///         vm_fd cannot be duplicated.
+/// @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL); the
+///         errno of duplicating vm_fd (-EBADF, -EMFILE).
 #[unsafe(no_mangle)]
 pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
     ffi_boundary!("kds_vm_adopt", {
