@@ -413,13 +413,13 @@ impl Ring {
         for j in reached..lag {
             if flags(j) & DIRTY_GFN_F_RESET != 0 {
                 let e = mem.entry(k.wrapping_add(j));
+                // The entry is ours (RESET, not handed back): a correct
+                // kernel does not write it until its reset reaches it; one
+                // that overruns the ring may, and then the value read is
+                // another lap's page, which the overrun path covers by
+                // reporting every page.
                 // SAFETY: in-bounds entry (see `entry`); volatile reads of
-                // plain integers, so a concurrent kernel write cannot make
-                // them undefined. The entry is ours (RESET, not handed
-                // back): a correct kernel does not write it until its reset
-                // reaches it; one that overruns the ring may, and then the
-                // value read is another lap's page, which the overrun path
-                // covers by reporting every page.
+                // plain integers: a concurrent write cannot make them UB.
                 let (slot, offset) = unsafe {
                     (
                         ptr::read_volatile(ptr::addr_of!((*e).slot)),
