@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 tests/quick.sh
 
-echo "== Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules"
+echo "== Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules, the sized structs"
 timeout 1800 cargo +nightly miri test --lib
 
 echo "== demo (1 s per mode; exits non-zero on any lost page)"

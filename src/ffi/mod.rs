@@ -375,6 +375,59 @@ mod tests {
     }
 
     #[test]
+    fn sized_structs_read_and_write_only_what_both_sides_know() {
+        // A newer caller's KdsMemslot: one more field, 0 or set.
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Newer {
+            m: KdsMemslot,
+            extra: u64,
+        }
+        let m = KdsMemslot {
+            slot: 3,
+            flags: 1,
+            guest_phys_addr: 0x1000,
+            memory_size: 0x2000,
+            userspace_addr: 0x7000,
+        };
+        let mut n = Newer { m, extra: 0 };
+        let p = (&n as *const Newer).cast::<KdsMemslot>();
+        assert_eq!(read_sized(p, size_of::<Newer>()).unwrap(), m);
+        n.extra = 9;
+        let p = (&n as *const Newer).cast::<KdsMemslot>();
+        assert_eq!(
+            read_sized(p, size_of::<Newer>()).unwrap_err().errno(),
+            libc::E2BIG
+        );
+        // Shorter than ABI 1: refused.
+        let short = read_sized(&m as *const KdsMemslot, 24).unwrap_err();
+        assert_eq!(short.errno(), libc::EINVAL);
+        let c = KdsReaperConfig {
+            high_water_pct: 50,
+            min_interval_us: 7,
+            max_interval_us: 9,
+        };
+        assert_eq!(read_sized(&c as *const KdsReaperConfig, 12).unwrap(), c);
+
+        // Output: exactly `size` bytes, zeroes past this library's struct.
+        let s = KdsStats {
+            entries_reaped: 1,
+            reset_shortfall: 14,
+            ..Default::default()
+        };
+        let mut buf = [u64::MAX; 20];
+        let out = buf.as_mut_ptr().cast::<KdsStats>();
+        assert_eq!(
+            write_sized(out, 72, &s).unwrap(),
+            size_of::<KdsStats>() as c_int
+        );
+        assert_eq!((buf[0], buf[8], buf[9]), (1, 0, u64::MAX));
+        let out = buf.as_mut_ptr().cast::<KdsStats>();
+        write_sized(out, 8 * 16, &s).unwrap();
+        assert_eq!((buf[13], buf[14], buf[15], buf[16]), (14, 0, 0, u64::MAX));
+    }
+
+    #[test]
     fn last_error_is_per_thread_and_never_null() {
         set_last_error("here");
         let other = std::thread::spawn(|| {
