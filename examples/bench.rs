@@ -16,7 +16,7 @@
 //! 5. the cost of one migration round (reap + sync of the slot) as guest
 //!    memory grows from 64 MiB to 16 GiB at a fixed 4096 guest stores per
 //!    round (about 3600 distinct pages), ring against bitmap: printed, and written to
-//!    doc/round-cost.csv and doc/round-cost.png.
+//!    doc/round-cost.csv (tools/plot draws doc/round-cost.png from it).
 //!
 //! The plain-C comparison of the harvest is c-tests/bench_harvest.c.
 //! Guest memory is sparse anonymous memory (MAP_NORESERVE): only the pages
@@ -27,7 +27,6 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-mod plot;
 
 use std::time::{Duration, Instant};
 
@@ -330,37 +329,10 @@ fn rounds() {
         csv += &format!("{b},{r:.4},{m:.4}\n");
     }
     std::fs::write("doc/round-cost.csv", csv).expect("doc/round-cost.csv");
-    let series = [
-        plot::Series {
-            name: "ring",
-            rgb: [0, 90, 200],
-            points: rows.iter().map(|&(b, r, _)| (b as f64, r)).collect(),
-        },
-        plot::Series {
-            name: "bitmap",
-            rgb: [220, 60, 0],
-            points: rows.iter().map(|&(b, _, m)| (b as f64, m)).collect(),
-        },
-    ];
-    plot::loglog(
-        "doc/round-cost.png",
-        &format!(
-            "ONE MIGRATION ROUND: {DIRTY} GUEST STORES (LINUX {})",
-            kernel()
-        ),
-        "MS PER ROUND AGAINST GUEST MEMORY",
-        &series,
-        |x| {
-            let m = x as u64 >> 20;
-            if m >= 1024 {
-                format!("{}G", m >> 10)
-            } else {
-                format!("{m}M")
-            }
-        },
-    )
-    .expect("doc/round-cost.png");
-    println!("wrote doc/round-cost.csv and doc/round-cost.png");
+    println!(
+        "wrote doc/round-cost.csv; draw doc/round-cost.png with\n  cargo run --release \
+         --manifest-path tools/plot/Cargo.toml -- round-cost doc/round-cost.csv doc/round-cost.png"
+    );
 }
 
 fn main() {

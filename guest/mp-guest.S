@@ -8,8 +8,12 @@
  *   - it writes one 64-bit word there, at offset cpu * 8: the low half is
  *     the CPU's store count, the high half the CPU number (so a stale page
  *     on the destination tells whose store it missed, and how old it is);
- *   - every 2^16 stores it prints a heartbeat line on COM1 under a spin
- *     lock: "beat <cpu> <count>".
+ *   - after each store it spins KNOB_SPIN iterations (0 unless the host
+ *     set it: the benchmark paces the guest's dirty rate so, with
+ *     -device loader,addr=0x800000,data=<n>,data-len=4);
+ *   - every BEAT_MASK + 1 stores (KNOB_BEAT_MASK instead, if the host set
+ *     it) it prints a heartbeat line on COM1 under a spin lock:
+ *     "beat <cpu> <count>".
  * 32-bit protected mode at CPL0, flat segments, no paging, no interrupts.
  * (This host's KVM emulates CPL0 code; neither CR0.PG nor an iret to CPL3
  * got through it here, so the loop is kept short instead.)
@@ -25,6 +29,8 @@
     .set STACK_SIZE,   4096
     .set MAX_CPUS,     16
     .set BEAT_MASK,    0xffff
+    .set KNOB_SPIN,      0x00800000 /* 8 MiB: the host's knobs, 0 by default */
+    .set KNOB_BEAT_MASK, 0x00800004
 
     .code32
     .text
@@ -100,7 +106,15 @@ work:
     inc  %edi
     mov  %edi, (%ebx)
     mov  %ebp, 4(%ebx)
-    test $BEAT_MASK, %edi
+    mov  KNOB_SPIN, %ecx            /* pacing: a plain loop, no pause (PLE) */
+    jecxz 9f
+10: dec  %ecx
+    jnz  10b
+9:  mov  KNOB_BEAT_MASK, %eax
+    test %eax, %eax
+    jnz  11f
+    mov  $BEAT_MASK, %eax
+11: test %eax, %edi
     jnz  3b
     call beat
     jmp  3b

@@ -16,10 +16,12 @@ figures, exit status 0 on PASS. Every wait is bounded.
     tests/qemu-migration.py --qemu PATH --mode ring|dirty-limit|bitmap [--smp 2]
 
 (meson-snippet/qemu/build-and-test runs it on the patched and the stock
-build.)
+build; examples/migration-bench.py imports migrate() and adds a paced dirty
+rate, bigger guests and the source's CPU time per thread.)
 """
 
 import argparse
+import array
 import json
 import os
 import re
@@ -119,21 +121,111 @@ def wait_beats(path, smp, after, deadline):
     return False
 
 
-def compare(a, b):
-    """Differing pages of two RAM dumps: [(page, detail)]."""
-    diffs = []
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        page = 0
-        while True:
-            x, y = fa.read(PAGE * 256), fb.read(PAGE * 256)
-            if not x and not y:
-                break
+def ram_hva(pid, size):
+    """Start of QEMU's guest RAM in process pid: its one anonymous
+    read-write mapping of exactly the RAM's size."""
+    found = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi - lo == size and fields[1].startswith("rw") and len(fields) == 5:
+                found.append(lo)
+    if len(found) != 1:
+        raise RuntimeError(f"pid {pid}: {len(found)} mappings of the RAM's size {size:#x}")
+    return found[0]
+
+
+def page_frames(pid, hva, pages):
+    """The page frame of every page of the RAM (0: not present), from
+    /proc/<pid>/pagemap (root reads the frame numbers)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(hva // PAGE * 8)
+        entries = array.array("Q")
+        entries.frombytes(f.read(pages * 8))
+    present, swapped, pfn_mask = 1 << 63, 1 << 62, (1 << 55) - 1
+    return [(e & pfn_mask) if e & present else (-1 if e & swapped else 0) for e in entries]
+
+
+def compare(pid_a, pid_b, size):
+    """Differing pages of the guest RAM of two paused QEMUs: [(page, a, b)],
+    page numbers counted in the RAM block (= guest physical below 3 GiB).
+    Read through /proc/<pid>/mem; a page that is absent on both sides, or
+    mapped to a frame the process shares between pages (the zero page, also
+    the huge zero page's), is zero on both and not read."""
+    pages = size // PAGE
+    ha, hb = ram_hva(pid_a, size), ram_hva(pid_b, size)
+    fa, fb = page_frames(pid_a, ha, pages), page_frames(pid_b, hb, pages)
+
+    def shared(frames):
+        seen, twice = set(), set()
+        for x in frames:
+            if x > 0:
+                (twice if x in seen else seen).add(x)
+        return twice
+
+    za, zb = shared(fa), shared(fb)
+    diffs, read = [], 0
+    with open(f"/proc/{pid_a}/mem", "rb", buffering=0) as ma, \
+            open(f"/proc/{pid_b}/mem", "rb", buffering=0) as mb:
+        p = 0
+        while p < pages:
+            if (fa[p] == 0 or fa[p] in za) and (fb[p] == 0 or fb[p] in zb):
+                p += 1
+                continue
+            q = p  # a run of pages to read
+            while q < pages and q - p < 256 and not (
+                    (fa[q] == 0 or fa[q] in za) and (fb[q] == 0 or fb[q] in zb)):
+                q += 1
+            ma.seek(ha + p * PAGE)
+            mb.seek(hb + p * PAGE)
+            x, y = ma.read((q - p) * PAGE), mb.read((q - p) * PAGE)
+            read += q - p
             if x != y:
-                for i in range(0, max(len(x), len(y)), PAGE):
+                for i in range(0, len(x), PAGE):
                     if x[i:i + PAGE] != y[i:i + PAGE]:
-                        diffs.append((page + i // PAGE, x[i:i + PAGE], y[i:i + PAGE]))
-            page += len(x) // PAGE
-    return diffs
+                        diffs.append((p + i // PAGE, x[i:i + PAGE], y[i:i + PAGE]))
+            p = q
+    return diffs, read
+
+
+def thread_cpu(pid):
+    """{tid: (name, CPU seconds)} of a process's live threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def proc_cpu(pid):
+    """CPU seconds of a whole process, its ended threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_groups(first, last):
+    """CPU seconds per group of threads between two sets of samples:
+    vcpu (CPU n/KVM), migration (live_migration), reaper (kvm-reaper and
+    the shim's kds-reaper), other. A thread gone before the last sample
+    counts with its last sample."""
+    groups = {"vcpu": 0.0, "migration": 0.0, "reaper": 0.0, "other": 0.0}
+    for tid, (name, t) in last.items():
+        t0 = first.get(tid, (name, 0.0))[1]
+        g = ("vcpu" if "/KVM" in name else "migration" if name == "live_migration"
+             else "reaper" if name in ("kvm-reaper", "kds-reaper") else "other")
+        groups[g] += t - t0
+    return {k: round(v, 2) for k, v in groups.items()}
 
 
 def describe(diffs, smp):
@@ -152,7 +244,8 @@ def describe(diffs, smp):
     return "; ".join(out)
 
 
-def main():
+def parser():
+    """The options of one migration (examples/migration-bench.py adds its own)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--qemu", required=True)
     ap.add_argument("--mode", choices=["ring", "dirty-limit", "bitmap"], required=True)
@@ -168,7 +261,18 @@ def main():
     ap.add_argument("--label", default="")
     ap.add_argument("--keep", help="directory to keep logs in")
     ap.add_argument("--trace", default="", help="more QEMU trace events, comma separated")
-    args = ap.parse_args()
+    ap.add_argument("--ram-mib", type=int, default=RAM_MIB, help="guest RAM")
+    ap.add_argument("--spin", type=int, default=0,
+                    help="guest loop iterations after each store (paces the dirty rate)")
+    ap.add_argument("--beat-mask", type=int, default=0,
+                    help="heartbeat every mask + 1 stores (0: the guest's 0xffff)")
+    ap.add_argument("--rate-window", type=float, default=0,
+                    help="seconds to measure the store rate before migrating")
+    return ap
+
+
+def migrate(args):
+    """One migration; returns its figures (result["ok"]: it passed)."""
     if args.downtime_ms is None:
         args.downtime_ms = 1000 if args.mode == "dirty-limit" else 3000
     label = args.label or f"{os.path.basename(os.path.dirname(args.qemu))} {args.mode}"
@@ -187,13 +291,18 @@ def main():
             f.write("kvm_dirty_ring_full\nkvm_dirty_shim_stats\n")
             f.write("".join(e + "\n" for e in args.trace.split(",") if e))
 
+        knobs = []  # the guest's pacing (guest/mp-guest.S, KNOB_*)
+        for addr, val in ((0x800000, args.spin), (0x800004, args.beat_mask)):
+            if val:
+                knobs += ["-device", f"loader,addr={addr:#x},data={val},data-len=4"]
+
         def start(role, extra):
             cmd = [args.qemu, "-accel", accel, "-cpu", "host,-arch-capabilities",
-                   "-smp", str(args.smp), "-m", str(RAM_MIB), "-kernel", elf,
+                   "-smp", str(args.smp), "-m", str(args.ram_mib), "-kernel", elf,
                    "-display", "none", "-nodefaults", "-no-reboot",
                    "-serial", f"file:{work}/{role}.serial",
                    "-qmp", f"unix:{work}/{role}.qmp,server=on,wait=off",
-                   "-trace", f"events={trace_events},file={work}/{role}.trace"] + extra
+                   "-trace", f"events={trace_events},file={work}/{role}.trace"] + knobs + extra
             log = open(f"{work}/{role}.log", "w")
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
@@ -204,6 +313,12 @@ def main():
         # SeaBIOS runs emulated here: about 15 s to the first heartbeat.
         if not wait_beats(f"{work}/src.serial", args.smp, {}, time.time() + 120):
             raise RuntimeError("the source guest printed no heartbeat from every vCPU in 120 s")
+        if args.rate_window:
+            b0, t = beats(f"{work}/src.serial"), time.time()
+            time.sleep(args.rate_window)
+            b1 = beats(f"{work}/src.serial")
+            result["stores_per_s_before"] = round(
+                sum(b1.get(c, 0) - b0.get(c, 0) for c in range(args.smp)) / (time.time() - t))
         dst_p, dst = start("dst", ["-incoming", "defer", "-S"])
         sock = f"{work}/mig.sock"
         dst.cmd("migrate-incoming", uri=f"unix:{sock}")
@@ -216,6 +331,9 @@ def main():
         if caps:
             src.cmd("migrate-set-capabilities", capabilities=caps)
         src.cmd("migrate-set-parameters", **params)
+        cpu_first = cpu_last = thread_cpu(src_p.pid)
+        proc_first = proc_cpu(src_p.pid)
+        beats_first = beats(f"{work}/src.serial")
         t0 = time.time()
         src.cmd("migrate", uri=f"unix:{sock}")
         status = None
@@ -224,6 +342,7 @@ def main():
         while time.time() - t0 < args.timeout:
             info = src.cmd("query-migrate")
             status = info.get("status")
+            cpu_last = {**cpu_last, **thread_cpu(src_p.pid)}
             r = info.get("ram", {})
             if not trail or time.time() - t0 >= trail[-1][0] + 1:
                 trail.append((round(time.time() - t0), r.get("remaining", 0) >> 20,
@@ -236,10 +355,18 @@ def main():
             time.sleep(0.2)
         result["migration_s"] = round(time.time() - t0, 1)
         result["status"] = status
+        beats_last = beats(f"{work}/src.serial")
+        result["stores"] = sum(beats_last.get(c, 0) - beats_first.get(c, 0) for c in range(args.smp))
+        result["stores_per_s"] = round(result["stores"] / max(result["migration_s"], 0.1))
+        result["cpu_s"] = cpu_groups(cpu_first, cpu_last)
+        result["cpu_s"]["process"] = round(proc_cpu(src_p.pid) - proc_first, 2)
         result["src_state"] = src.cmd("query-status")["status"]
         ram = info.get("ram", {})
         result["dirty_syncs"] = ram.get("dirty-sync-count")
         result["downtime_ms"] = info.get("downtime")
+        result["total_ms"] = info.get("total-time")
+        result["transferred_mib"] = round(ram.get("transferred", 0) / (1 << 20), 1)
+        result["pages_sent"] = ram.get("normal")
         if status != "completed":
             result["remaining_mib_trail"] = trail[-12:]
             src.cmd("migrate_cancel")
@@ -255,10 +382,14 @@ def main():
             if time.time() > deadline:
                 raise RuntimeError("the destination never completed the incoming migration")
             time.sleep(0.2)
-        size = RAM_MIB << 20
-        src.cmd("pmemsave", val=0, size=size, filename=f"{work}/src.ram")
-        dst.cmd("pmemsave", val=0, size=size, filename=f"{work}/dst.ram")
-        diffs = compare(f"{work}/src.ram", f"{work}/dst.ram")
+        t_cmp = time.time()
+        diffs, read = compare(src_p.pid, dst_p.pid, args.ram_mib << 20)
+        result["compare_s"] = round(time.time() - t_cmp, 1)
+        result["pages_compared"] = read
+        # The region the guest writes must have been read: else the compare
+        # looked at the wrong memory.
+        if read < 1000:
+            raise RuntimeError(f"only {read} non-zero pages compared: not the guest's RAM?")
         result["firmware_pages_differ"] = sum(1 for d in diffs if d[0] in FIRMWARE)
         diffs = [d for d in diffs if d[0] not in FIRMWARE]
         result["pages_differ"] = len(diffs)
@@ -290,6 +421,7 @@ def main():
                             m = re.search(r"kvm-dirty-shim stats: (.*)$", line.strip())
                             if m:
                                 shim = dict(kv.split("=") for kv in m.group(1).split())
+        result["shim_stats"] = {k: int(v) for k, v in shim.items()}
         with open(f"{work}/src.log", errors="replace") as f:
             errs = [ln.strip() for ln in f if ln.strip()]
         if shim:
@@ -306,8 +438,14 @@ def main():
         if not os.environ.get("KDS_MIG_KEEP_RAM"):
             shutil.rmtree(work, ignore_errors=True)
     result["wall_s"] = round(time.time() - t_start, 1)
-    ok = ("error" not in result and result.get("pages_differ") == 0
-          and result.get("alive") and result.get("src_state") == "postmigrate")
+    result["ok"] = ("error" not in result and result.get("pages_differ") == 0
+                    and result.get("alive") and result.get("src_state") == "postmigrate")
+    return result
+
+
+def main():
+    result = migrate(parser().parse_args())
+    ok = result.pop("ok")
     print(("PASS " if ok else "FAIL ") + json.dumps(result), flush=True)
     return 0 if ok else 1
 
