@@ -3,7 +3,9 @@
  * The bootstrap processor starts every other CPU with INIT/SIPI/SIPI
  * through the local APIC (no hypercall), then every CPU, the BSP included,
  * runs the same workload without ever pausing:
- *   - an LCG picks a pseudo-random 4 KiB page of the test region
+ *   - first it stores once to every page of the test region, so that all
+ *     of it holds data;
+ *   - then an LCG picks a pseudo-random 4 KiB page of the test region
  *     (REGION_BASE, REGION_PAGES pages);
  *   - it writes one 64-bit word there, at offset cpu * 8: the low half is
  *     the CPU's store count, the high half the CPU number (so a stale page
@@ -93,6 +95,15 @@ ap32:
 
 /* The workload. %ebp: CPU number; %esi: LCG state; %edi: store count. */
 work:
+    /* First one store to every page of the region (count 0), unpaced: the
+     * whole region holds data before the paced random stores begin. */
+    lea  REGION_BASE(,%ebp,8), %ebx
+    mov  $REGION_PAGES, %ecx
+12: movl $0, (%ebx)
+    mov  %ebp, 4(%ebx)
+    add  $4096, %ebx
+    dec  %ecx
+    jnz  12b
     lea  1(%ebp), %esi
     imul $0x9e3779b9, %esi, %esi
     xor  %edi, %edi

@@ -216,13 +216,13 @@ def proc_cpu(pid):
 
 def cpu_groups(first, last):
     """CPU seconds per group of threads between two sets of samples:
-    vcpu (CPU n/KVM), migration (live_migration), reaper (kvm-reaper and
-    the shim's kds-reaper), other. A thread gone before the last sample
+    vcpu (CPU n/KVM), migration (mig/src/...), reaper (kvm-reaper and the
+    shim's kds-reaper), other. A thread gone before the last sample
     counts with its last sample."""
     groups = {"vcpu": 0.0, "migration": 0.0, "reaper": 0.0, "other": 0.0}
     for tid, (name, t) in last.items():
         t0 = first.get(tid, (name, 0.0))[1]
-        g = ("vcpu" if "/KVM" in name else "migration" if name == "live_migration"
+        g = ("vcpu" if "/KVM" in name else "migration" if name.startswith("mig/")
              else "reaper" if name in ("kvm-reaper", "kds-reaper") else "other")
         groups[g] += t - t0
     return {k: round(v, 2) for k, v in groups.items()}
@@ -297,7 +297,10 @@ def migrate(args):
                 knobs += ["-device", f"loader,addr={addr:#x},data={val},data-len=4"]
 
         def start(role, extra):
-            cmd = [args.qemu, "-accel", accel, "-cpu", "host,-arch-capabilities",
+            # debug-threads: named threads (CPU n/KVM, mig/src/main,
+            # kvm-reaper) for the CPU time per thread.
+            cmd = [args.qemu, "-name", "kds,debug-threads=on",
+                   "-accel", accel, "-cpu", "host,-arch-capabilities",
                    "-smp", str(args.smp), "-m", str(args.ram_mib), "-kernel", elf,
                    "-display", "none", "-nodefaults", "-no-reboot",
                    "-serial", f"file:{work}/{role}.serial",

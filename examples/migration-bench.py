@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Migration benchmark: live migrations of a 2-vCPU guest through the shim
+against stock QEMU, in bitmap and ring mode, small and large guests, at two
+paced dirty rates. A program that prints figures, run by hand; never a test.
+
+Each run is one tests/qemu-migration.py migration (the guest of
+guest/mp-guest.S: every vCPU stores to pseudo-random pages of a 320 MiB
+region, never pausing, paced here by a spin loop after each store), bounded
+in time, and prints: completed or not, total time and downtime as QEMU
+reports them, dirty-sync count, RAM transferred, ring-full exits (QEMU's
+trace) and ring overflows (the shim's stats), the CPU time of the source
+QEMU's threads (/proc: vCPU, migration, reaper threads), and the pages that
+differ after completion (RAM compared page by page through /proc/<pid>/mem).
+
+    examples/migration-bench.py [--runs 3] [--sizes 512,16384] [--rates easy,near]
+                                [--out doc/migration.csv]
+
+Configurations: stock QEMU 10.0.2 in bitmap and ring mode, the patched QEMU
+(meson-snippet/qemu/) in bitmap mode, ring mode (the shim's adaptive
+reaper) and ring mode with dirty-limit. The builds are meson-snippet/qemu/
+build-and-test's ($KDS_QEMU_CACHE, default ~/.cache/kds-qemu). Runs go in
+rounds (every configuration once per round, in turn), so that a drift of
+the machine spreads over all of them. Every run's figures go to OUT.jsonl
+as they come; the medians per cell to OUT (CSV) and to the terminal as a
+Markdown table; tools/plot draws the PNG from the CSV.
+
+The dirty rates are fractions of the migration bandwidth, in pages per
+second: "easy" 25 % (converges at once), "near" 90 %. Before the matrix the
+guest is booted twice without migrating, to fit the spin count to the rate
+(one store costs a + b * spin seconds per vCPU); each run also reports the
+store rate it measured while migrating (write-protect faults slow stores
+down during a migration).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location(
+    "qemu_migration", os.path.join(REPO, "tests", "qemu-migration.py"))
+qm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(qm)
+
+CACHE = os.environ.get("KDS_QEMU_CACHE", os.path.expanduser("~/.cache/kds-qemu"))
+CONFIGS = [  # (name, build, mode)
+    ("stock bitmap", "stock", "bitmap"),
+    ("stock ring", "stock", "ring"),
+    ("patched bitmap", "patched", "bitmap"),
+    ("patched ring", "patched", "ring"),
+    ("patched ring + dirty-limit", "patched", "dirty-limit"),
+]
+RATES = {"easy": 0.25, "near": 0.90}
+BEAT_MASK = 0xfff  # a heartbeat every 4096 stores: fine enough for rates
+
+
+def run_args(qemu, mode, ram_mib, spin, a):
+    ns = qm.parser().parse_args(["--qemu", qemu, "--mode", mode])
+    ns.ram_mib = ram_mib
+    ns.spin = spin
+    ns.beat_mask = BEAT_MASK
+    ns.bandwidth_mib = a.bandwidth_mib
+    ns.downtime_ms = a.downtime_ms
+    ns.timeout = a.timeout
+    ns.label = ""
+    return ns
+
+
+def store_rate(qemu, spin, seconds):
+    """Stores per second of the whole guest (2 vCPUs), booted without
+    migrating."""
+    work = f"/tmp/kds-calibrate-{os.getpid()}"
+    os.makedirs(work, exist_ok=True)
+    elf = qm.build_guest(work)
+    serial = f"{work}/serial"
+    if os.path.exists(serial):
+        os.unlink(serial)
+    cmd = [qemu, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "2",
+           "-m", "512", "-kernel", elf, "-display", "none", "-nodefaults",
+           "-serial", f"file:{serial}",
+           "-device", f"loader,addr=0x800004,data={BEAT_MASK},data-len=4"]
+    if spin:
+        cmd += ["-device", f"loader,addr=0x800000,data={spin},data-len=4"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not qm.wait_beats(serial, 2, {}, time.time() + 120):
+            raise RuntimeError("the guest printed no heartbeat in 120 s")
+        b0, t0 = qm.beats(serial), time.time()
+        time.sleep(seconds)
+        b1, t1 = qm.beats(serial), time.time()
+        return sum(b1.get(c, 0) - b0.get(c, 0) for c in range(2)) / (t1 - t0)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def calibrate(qemu, a):
+    """Spin count per target rate: one store costs a + b * spin seconds on
+    one vCPU (two boots: spin 0 and spin s1)."""
+    s1 = 200  # this host emulates CPL0 guest code: a loop iteration costs about 1 us
+    r0 = store_rate(qemu, 0, a.calibrate_s)
+    r1 = store_rate(qemu, s1, a.calibrate_s)
+    c0, c1 = 2 / r0, 2 / r1  # seconds per store per vCPU
+    b = (c1 - c0) / s1
+    print(f"calibration: {r0:.0f} stores/s unpaced, {r1:.0f} at spin {s1}: "
+          f"{c0 * 1e6:.2f} us + {b * 1e9:.3f} ns x spin per store per vCPU", flush=True)
+    spins = {}
+    bw_pages = (a.bandwidth_mib << 20) / 4096
+    for name in a.rates.split(","):
+        target = RATES[name] * bw_pages  # pages (stores) per second, both vCPUs
+        spins[name] = max(0, round((2 / target - c0) / b))
+        print(f"rate {name}: {target:.0f} stores/s ({RATES[name]:.0%} of "
+              f"{a.bandwidth_mib} MiB/s) -> spin {spins[name]}", flush=True)
+    return spins
+
+
+def row(r):
+    """The per-run line."""
+    cpu = r.get("cpu_s", {})
+    stats = r.get("shim_stats", {})
+    return (f"{r['config']:<27} {r['guest_mib']:>6} MiB {r['rate']:<4} "
+            f"{'done' if r.get('status') == 'completed' else 'NOT DONE':<8} "
+            f"total {r.get('total_ms', '-')!s:>6} ms  down {r.get('downtime_ms', '-')!s:>5} ms  "
+            f"syncs {r.get('dirty_syncs', '-')!s:>3}  {r.get('transferred_mib', '-')!s:>7} MiB  "
+            f"stores/s {r.get('stores_per_s', '-')!s:>6}  full {r.get('ring_full_exits', 0):>6}  "
+            f"ovf {stats.get('ring_overflows', '-')!s:>3}  "
+            f"cpu s: proc {cpu.get('process', '-')} vcpu {cpu.get('vcpu', '-')} "
+            f"mig {cpu.get('migration', '-')} reap {cpu.get('reaper', '-')}  "
+            f"differ {r.get('pages_differ', '-')}  alive {r.get('alive', '-')}"
+            + (f"  ERROR {r['error']}" if "error" in r else ""))
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(results, a, machine):
+    cells = {}
+    for r in results:
+        cells.setdefault((r["guest_mib"], r["rate"], r["config"]), []).append(r)
+    header = ("guest,rate,config,runs,completed,total_s,downtime_ms,dirty_syncs,"
+              "transferred_mib,ring_full_exits,overflows,stores_per_s,cpu_process_s,"
+              "cpu_vcpu_s,cpu_migration_s,cpu_reaper_s,tracking_us_per_store,pages_differ_max")
+    lines = [f"# {machine}", header]
+    md = ["| guest | rate | config | completed | total s | downtime ms | syncs | MiB sent "
+          "| ring-full exits | overflows | stores/s | CPU s (process / reaper+migration) "
+          "| tracking us/store | pages differ |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (size, rate, cfg) in sorted(cells, key=lambda k: (k[0], list(RATES).index(k[1]),
+                                                          [c[0] for c in CONFIGS].index(k[2]))):
+        rs = cells[(size, rate, cfg)]
+        done = [r for r in rs if r.get("status") == "completed"]
+        m = lambda f: med([f(r) for r in done])  # noqa: E731
+        total = m(lambda r: r.get("total_ms", 0) / 1000)
+        down = m(lambda r: r.get("downtime_ms"))
+        syncs = m(lambda r: r.get("dirty_syncs"))
+        sent = m(lambda r: r.get("transferred_mib"))
+        full = med([r.get("ring_full_exits", 0) for r in rs])
+        ovf = med([r.get("shim_stats", {}).get("ring_overflows") for r in rs])
+        sps = m(lambda r: r.get("stores_per_s"))
+        cproc = m(lambda r: r["cpu_s"]["process"])
+        cvcpu = m(lambda r: r["cpu_s"]["vcpu"])
+        cmig = m(lambda r: r["cpu_s"]["migration"])
+        creap = m(lambda r: r["cpu_s"]["reaper"])
+        trk = m(lambda r: (r["cpu_s"]["reaper"] + r["cpu_s"]["migration"]) * 1e6
+                / max(r.get("stores", 0), 1))
+        differ = max([r.get("pages_differ", -1) for r in rs if "pages_differ" in r], default=None)
+        f = lambda v, d=1: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+        lines.append(",".join([f"{size} MiB", rate, cfg, str(len(rs)), f"{len(done)}/{len(rs)}",
+                               f(total, 2), f(down, 0), f(syncs, 0), f(sent, 0), f(full, 0),
+                               f(ovf, 0), f(sps, 0), f(cproc, 2), f(cvcpu, 2), f(cmig, 2),
+                               f(creap, 2), f(trk, 2), "" if differ is None else str(differ)]))
+        md.append(f"| {size} MiB | {rate} | {cfg} | {len(done)}/{len(rs)} | {f(total, 2)} | "
+                  f"{f(down, 0)} | {f(syncs, 0)} | {f(sent, 0)} | {f(full, 0)} | {f(ovf, 0)} | "
+                  f"{f(sps, 0)} | {f(cproc, 1)} / {f((creap or 0) + (cmig or 0), 2)} | "
+                  f"{f(trk, 2)} | {'' if differ is None else differ} |")
+    with open(a.out, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {a.out}; draw the PNG with\n  cargo run --release --manifest-path "
+          f"tools/plot/Cargo.toml -- migration {a.out} {os.path.splitext(a.out)[0]}.png")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patched", default=f"{CACHE}/build/qemu-system-x86_64")
+    ap.add_argument("--stock", default=f"{CACHE}/stock-build/qemu-system-x86_64")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="512,16384", help="guest sizes, MiB")
+    ap.add_argument("--rates", default="easy,near")
+    ap.add_argument("--configs", default="", help="names to keep, comma separated (default all)")
+    ap.add_argument("--bandwidth-mib", type=int, default=128)
+    ap.add_argument("--downtime-ms", type=int, default=1000)
+    ap.add_argument("--timeout", type=int, default=120, help="seconds a migration may take")
+    ap.add_argument("--calibrate-s", type=float, default=5)
+    ap.add_argument("--spins", default="", help="name=spin,... instead of calibrating")
+    ap.add_argument("--out", default="doc/migration.csv")
+    ap.add_argument("--summarize", action="store_true", help="only summarize OUT.jsonl")
+    a = ap.parse_args()
+    machine = (f"kvm-dirty-shim migration bench: Linux {platform.release()}, "
+               f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; 2 vCPUs, "
+               f"{a.bandwidth_mib} MiB/s, downtime limit {a.downtime_ms} ms, 4096-entry rings, "
+               f"medians of completed runs; {time.strftime('%Y-%m-%d')}")
+    jsonl = os.path.splitext(a.out)[0] + ".jsonl"
+    if a.summarize:
+        with open(jsonl) as f:
+            summarize([json.loads(x) for x in f if x.strip()], a, machine)
+        return 0
+    builds = {"stock": a.stock, "patched": a.patched}
+    for b in builds.values():
+        if not os.access(b, os.X_OK):
+            sys.exit(f"{b}: not built (run meson-snippet/qemu/build-and-test first)")
+    configs = [c for c in CONFIGS if not a.configs or c[0] in a.configs.split(",")]
+    if a.spins:
+        spins = {k: int(v) for k, v in (kv.split("=") for kv in a.spins.split(","))}
+    else:
+        spins = calibrate(a.patched, a)
+    results = []
+    t0 = time.time()
+    with open(jsonl, "w") as log:
+        for size in (int(s) for s in a.sizes.split(",")):
+            for rate in a.rates.split(","):
+                for n in range(a.runs):
+                    for name, build, mode in configs:
+                        r = qm.migrate(run_args(builds[build], mode, size, spins[rate], a))
+                        r.update(config=name, guest_mib=size, rate=rate, run=n, spin=spins[rate])
+                        results.append(r)
+                        log.write(json.dumps(r) + "\n")
+                        log.flush()
+                        print(row(r), flush=True)
+    print(f"\n{len(results)} runs in {time.time() - t0:.0f} s\n")
+    summarize(results, a, machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
