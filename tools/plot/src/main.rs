@@ -252,7 +252,7 @@ fn migration(csv: &str, png: &str) -> Res<()> {
                 )))?;
             }
             chart.draw_series(std::iter::once(Text::new(
-                c.1.clone(),
+                format!("{} done", c.1),
                 (x + 0.3, tmax * 0.95),
                 ("sans-serif", 12),
             )))?;
