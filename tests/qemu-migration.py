@@ -190,7 +190,8 @@ def compare(pid_a, pid_b, size):
 
 
 def thread_cpu(pid):
-    """{tid: (name, CPU seconds)} of a process's live threads."""
+    """{tid: (name, (user, system) CPU seconds)} of a process's live
+    threads."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -202,7 +203,7 @@ def thread_cpu(pid):
         except OSError:
             continue
         fields = st[st.rindex(")") + 2:].split()
-        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        out[int(tid)] = (name, (int(fields[11]) / tick, int(fields[12]) / tick))
     return out
 
 
@@ -215,17 +216,33 @@ def proc_cpu(pid):
 
 
 def cpu_groups(first, last):
-    """CPU seconds per group of threads between two sets of samples:
-    vcpu (CPU n/KVM), migration (mig/src/...), reaper (kvm-reaper and the
-    shim's kds-reaper), other. A thread gone before the last sample
-    counts with its last sample."""
-    groups = {"vcpu": 0.0, "migration": 0.0, "reaper": 0.0, "other": 0.0}
-    for tid, (name, t) in last.items():
-        t0 = first.get(tid, (name, 0.0))[1]
-        g = ("vcpu" if "/KVM" in name else "migration" if name.startswith("mig/")
+    """CPU seconds per group of threads between two sets of samples: vcpu
+    (CPU n/KVM; here the kernel runs the guest, as system time) and
+    vcpu_user (their user time: QEMU's handling of exits, ring-full reaps
+    included), migration (mig/src/...), reaper (kvm-reaper and the shim's
+    kds-reaper), other. A thread gone before the last sample counts with
+    its last sample."""
+    groups = {"vcpu": 0.0, "vcpu_user": 0.0, "migration": 0.0, "reaper": 0.0, "other": 0.0}
+    for tid, (name, (u, s)) in last.items():
+        u0, s0 = first.get(tid, (name, (0.0, 0.0)))[1]
+        if "/KVM" in name:
+            groups["vcpu"] += s - s0
+            groups["vcpu_user"] += u - u0
+            continue
+        g = ("migration" if name.startswith("mig/")
              else "reaper" if name in ("kvm-reaper", "kds-reaper") else "other")
-        groups[g] += t - t0
+        groups[g] += u - u0 + s - s0
     return {k: round(v, 2) for k, v in groups.items()}
+
+
+def thread_names(first, last):
+    """CPU seconds (user + system) per thread name between two samples, for
+    the threads that used any."""
+    out = {}
+    for tid, (name, (u, s)) in last.items():
+        u0, s0 = first.get(tid, (name, (0.0, 0.0)))[1]
+        out[name] = round(out.get(name, 0.0) + u - u0 + s - s0, 2)
+    return {k: v for k, v in out.items() if v > 0}
 
 
 def describe(diffs, smp):
@@ -363,6 +380,7 @@ def migrate(args):
         result["stores_per_s"] = round(result["stores"] / max(result["migration_s"], 0.1))
         result["cpu_s"] = cpu_groups(cpu_first, cpu_last)
         result["cpu_s"]["process"] = round(proc_cpu(src_p.pid) - proc_first, 2)
+        result["cpu_threads_s"] = thread_names(cpu_first, cpu_last)
         result["src_state"] = src.cmd("query-status")["status"]
         ram = info.get("ram", {})
         result["dirty_syncs"] = ram.get("dirty-sync-count")
