@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def store_rate(qemu, spin, seconds):
     finally:
         p.kill()
         p.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def calibrate(qemu, a):

@@ -204,7 +204,9 @@ fn migration(csv: &str, png: &str) -> Res<()> {
             .y_label_area_size(55)
             .right_y_label_area_size(60)
             .build_cartesian_2d(0f64..k as f64, 0f64..tmax)?
-            .set_secondary_coord(0f64..k as f64, 0f64..dmax);
+            // Integer milliseconds: plotters 0.3.7 ignores a label formatter
+            // on a secondary f64 axis.
+            .set_secondary_coord(0f64..k as f64, 0i64..dmax.ceil() as i64);
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -239,7 +241,7 @@ fn migration(csv: &str, png: &str) -> Res<()> {
             }
             if c.3.is_finite() {
                 chart.draw_secondary_series(std::iter::once(Circle::new(
-                    (x + 0.5, c.3),
+                    (x + 0.5, c.3.round() as i64),
                     6,
                     ORANGE.filled(),
                 )))?;
