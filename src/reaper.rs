@@ -10,7 +10,11 @@
 //! harvested total plus its fill) so that a ring gains about half the
 //! high-water mark between two checks: a busy vCPU is reaped long before
 //! `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied anything costs one
-//! check per `max_interval_us`. The peak, not the last interval's rate: a
+//! check per `max_interval_us`; when a memslot starts dirty logging (what
+//! turns a vCPU from pushing nothing to pushing at full speed) the VM wakes
+//! the thread, which checks at once and then every `min_interval_us`,
+//! doubling, until it has seen a rate to pace itself by. The peak, not the
+//! last interval's rate: a
 //! vCPU that sleeps and then dirties at full speed (dirty-limit's throttle
 //! does exactly that) averages a low rate over a long pause and would fill
 //! its ring before the next check (measured: 57 overflows in 180 s of a
@@ -57,17 +61,25 @@ impl Config {
     }
 }
 
+/// What the VM asks of the thread.
+#[derive(Default)]
+struct Signal {
+    stop: bool,
+    /// Dirty logging started on a memslot: check now, then soon.
+    wake: bool,
+}
+
 /// A running reaper thread; `stop` joins it.
 pub(crate) struct Reaper {
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    signal: Arc<(Mutex<Signal>, Condvar)>,
     thread: JoinHandle<()>,
 }
 
 impl Reaper {
     /// Starts the thread on `vm`.
     pub(crate) fn start(vm: Arc<Vm>, cfg: Config) -> Result<Reaper> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let s = Arc::clone(&stop);
+        let signal = Arc::new((Mutex::new(Signal::default()), Condvar::new()));
+        let s = Arc::clone(&signal);
         let thread = std::thread::Builder::new()
             .name("kds-reaper".into())
             .spawn(move || run(&vm, cfg, &s))
@@ -83,7 +95,7 @@ impl Reaper {
             cfg.min,
             cfg.max
         );
-        Ok(Reaper { stop, thread })
+        Ok(Reaper { signal, thread })
     }
 
     /// The thread's id (a stop from the thread itself would never return).
@@ -91,10 +103,18 @@ impl Reaper {
         self.thread.thread().id()
     }
 
+    /// Dirty logging started somewhere: the thread checks the rings now
+    /// and paces itself from `min_interval_us` again.
+    pub(crate) fn wake(&self) {
+        let (m, cv) = &*self.signal;
+        m.lock().wake = true;
+        cv.notify_all();
+    }
+
     /// Asks the thread to stop and waits for it (at most one reap).
     pub(crate) fn stop(self) {
-        let (m, cv) = &*self.stop;
-        *m.lock() = true;
+        let (m, cv) = &*self.signal;
+        m.lock().stop = true;
         cv.notify_all();
         if self.thread.join().is_err() {
             log::error!("the reaper thread panicked");
@@ -104,7 +124,10 @@ impl Reaper {
 }
 
 /// The thread's loop.
-fn run(vm: &Vm, cfg: Config, stop: &(Mutex<bool>, Condvar)) {
+fn run(vm: &Vm, cfg: Config, signal: &(Mutex<Signal>, Condvar)) {
+    // Nothing to pace by yet: the longest pause, until a check sees a rate
+    // or the VM wakes the thread (`Vm::reaper_start` does when a slot
+    // already logs).
     let mut pause = cfg.max;
     // Per vCPU: entries the kernel had pushed at the previous check.
     let mut pushed: HashMap<u32, u64> = HashMap::new();
@@ -113,12 +136,15 @@ fn run(vm: &Vm, cfg: Config, stop: &(Mutex<bool>, Condvar)) {
     let mut peak = 0f64;
     loop {
         {
-            let mut s = stop.0.lock();
-            if !*s {
-                stop.1.wait_for(&mut s, pause);
+            let mut s = signal.0.lock();
+            if !s.stop && !s.wake {
+                signal.1.wait_for(&mut s, pause);
             }
-            if *s {
+            if s.stop {
                 return;
+            }
+            if std::mem::take(&mut s.wake) {
+                pause = cfg.min;
             }
         }
         let now = Instant::now();

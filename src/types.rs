@@ -164,6 +164,7 @@ pub struct KdsReaperConfig {
     /// Shortest pause between two checks, in microseconds (default 200).
     pub min_interval_us: u32,
     /// Longest pause between two checks, in microseconds (default 50000):
-    /// what an idle VM costs.
+    /// what an idle VM costs. Turning dirty logging on wakes the thread
+    /// whatever this is.
     pub max_interval_us: u32,
 }

@@ -247,6 +247,54 @@ def thread_names(first, last):
     return {k: v for k, v in out.items() if v > 0}
 
 
+PERF_HZ = 1999
+# What a migration thread's sample is doing when it is dirty tracking, not
+# sending: its leaf function (user frames have no call chain: QEMU is built
+# without frame pointers), or a VM ioctl on its kernel stack
+# (KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG, KVM_RESET_DIRTY_RINGS).
+SYNC_LEAVES = ("kds_", "kvm_dirty_shim", "dirty_ring", "kvm_slot_", "kvm_physical_sync",
+               "kvm_log_", "dirty_lebitmap", "physical_memory_", "ramblock_sync_dirty",
+               "migration_bitmap_sync", "memory_region_sync_dirty", "dirty_log_sync",
+               "kvm_cpu_synchronize_kick")
+
+
+def perf_groups(path):
+    """CPU seconds per group of threads from a perf record of the source
+    (cpu-clock samples with call chains): like cpu_groups, but a vCPU
+    thread's samples in user space (QEMU's exit handling) or in a VM ioctl
+    (stock QEMU harvests and resets its rings on ring-full exits there)
+    count as vcpu_other, the rest (KVM_RUN) as vcpu_run; reset
+    is KVM_RESET_DIRTY_RINGS's kernel time, from any thread; migration_sync
+    the migration thread's samples in dirty tracking (SYNC_LEAVES, VM
+    ioctls), part of migration."""
+    out = subprocess.run(["perf", "script", "-i", path, "-F", "comm,tid,ip,sym"],
+                         capture_output=True, text=True, timeout=300).stdout
+    n = {"vcpu_run": 0, "vcpu_other": 0, "migration": 0, "migration_sync": 0, "reaper": 0,
+         "other": 0, "reset": 0}
+    for block in out.split("\n\n"):
+        lines = block.strip().split("\n")
+        if not lines or not lines[0].strip():
+            continue
+        comm = re.sub(r"\s+\d+\s*$", "", lines[0].strip())
+        stack = block[len(lines[0]):]
+        if "kvm_dirty_ring_reset" in stack:
+            n["reset"] += 1
+        first = lines[1].split() if len(lines) > 1 else []
+        user = bool(first) and not first[0].startswith("ffffffff")
+        if "/KVM" in comm:
+            n["vcpu_other" if user or "kvm_vm_ioctl" in stack else "vcpu_run"] += 1
+        elif comm.startswith("mig/"):
+            n["migration"] += 1
+            leaf = first[1] if len(first) > 1 else ""
+            if "kvm_vm_ioctl" in stack or (user and any(k in leaf for k in SYNC_LEAVES)):
+                n["migration_sync"] += 1
+        elif comm in ("kvm-reaper", "kds-reaper"):
+            n["reaper"] += 1
+        else:
+            n["other"] += 1
+    return {k: round(v / PERF_HZ, 3) for k, v in n.items()}
+
+
 def describe(diffs, smp):
     """What the workload's words say about the first differing pages."""
     out = []
@@ -287,6 +335,8 @@ def parser():
                     help="heartbeat every mask + 1 stores (0: the guest's 0xffff)")
     ap.add_argument("--rate-window", type=float, default=0,
                     help="seconds to measure the store rate before migrating")
+    ap.add_argument("--perf", help="record the source QEMU with perf (cpu-clock, call "
+                    "graphs) while it migrates, into this file")
     return ap
 
 
@@ -356,6 +406,13 @@ def migrate(args):
         cpu_first = cpu_last = thread_cpu(src_p.pid)
         proc_first = proc_cpu(src_p.pid)
         beats_first = beats(f"{work}/src.serial")
+        perf = None
+        if args.perf:
+            perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock",
+                                     "-F", str(PERF_HZ),
+                                     "-g", "-p", str(src_p.pid), "-o", args.perf],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # perf attaches to every thread before the migration starts
         t0 = time.time()
         src.cmd("migrate", uri=f"unix:{sock}")
         status = None
@@ -377,6 +434,10 @@ def migrate(args):
             time.sleep(0.2)
         result["migration_s"] = round(time.time() - t0, 1)
         result["status"] = status
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=60)
+            result["perf_s"] = perf_groups(args.perf)
         beats_last = beats(f"{work}/src.serial")
         result["stores"] = sum(beats_last.get(c, 0) - beats_first.get(c, 0) for c in range(args.smp))
         result["stores_per_s"] = round(result["stores"] / max(result["migration_s"], 0.1))

@@ -51,6 +51,50 @@ fn the_reaper_reaps_a_busy_guest_and_loses_nothing() {
 }
 
 #[test]
+fn the_reaper_wakes_when_dirty_logging_starts() {
+    // A reaper that has seen no rate sleeps its longest pause (10 s here);
+    // turning dirty logging on must wake it, or a vCPU that starts pushing
+    // at full speed fills its ring before the first check.
+    let vm = TestVm::new(Some(RING));
+    let (mut c, mut v) = vm.guest(16384, 2000, 7);
+    vm.set_slot(1, TEST_GPA, &c.mem, 0); // logging off until the reaper sleeps
+    let cfg = KdsReaperConfig {
+        high_water_pct: 25,
+        min_interval_us: 100,
+        max_interval_us: 10_000_000,
+    };
+    let start = std::time::Instant::now();
+    assert_eq!(
+        kds_reaper_enable(vm.vm(), &cfg, size_of::<KdsReaperConfig>()),
+        0,
+        "{}",
+        last_error()
+    );
+    vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    vm.set_iteration(0, 1);
+    // 2000 stores: 2000 entries or more in a 4096-entry ring, over the 25 %
+    // high water mark (unless the reaper already reaped during the round).
+    let r = v.run_round(vm.h);
+    assert_eq!(r.ring_full_exits, 0);
+    // Without the wake the first check comes 10 s after the start; with
+    // it, checks follow at 0.1 ms, doubling: one falls before 9 s even on
+    // a machine that took 3 s for the round.
+    while vm.stats().reaper_reaps == 0 && start.elapsed() < std::time::Duration::from_secs(9) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let s = vm.stats();
+    assert!(
+        s.reaper_reaps > 0,
+        "no reap {:?} after logging started: the reaper slept through it ({s:?})",
+        start.elapsed()
+    );
+    assert_eq!(kds_reaper_disable(vm.vm()), 0);
+    let (changed, _, lost) = c.check(vm.h, 0);
+    assert!(changed > 1000, "{changed}");
+    assert_eq!(lost, 0);
+}
+
+#[test]
 fn reaper_misuse_is_refused() {
     let vm = TestVm::new(Some(RING));
     assert_eq!(

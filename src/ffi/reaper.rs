@@ -11,7 +11,11 @@ use crate::types::KdsReaperConfig;
 /// calls kds_reap() as soon as one ring reaches high_water_pct, pausing
 /// between checks according to the fastest ring's fill rate (from
 /// min_interval_us to max_interval_us), so that a busy vCPU rarely exits
-/// with KVM_EXIT_DIRTY_RING_FULL. It replaces a VMM's own fixed-period
+/// with KVM_EXIT_DIRTY_RING_FULL. When kds_memslot_update() turns dirty
+/// logging on for a slot (a migration starts), the thread checks at once
+/// and then from min_interval_us on, doubling, until it has seen a rate:
+/// vCPUs go from pushing nothing to pushing at full speed at that moment.
+/// It replaces a VMM's own fixed-period
 /// reaper thread; kds_vcpu_reap() on ring-full exits and
 /// kds_memslot_sync() work beside it. Counted in reaper_reaps. Stop it
 /// with kds_reaper_disable() (kds_vm_free() also does).

@@ -307,7 +307,11 @@ impl Vm {
                 "the reaper already runs; kds_reaper_disable it first",
             ));
         }
-        *r = Some(Reaper::start(Arc::clone(self), cfg)?);
+        let reaper = Reaper::start(Arc::clone(self), cfg)?;
+        if self.slots.read().values().any(|s| s.dirty.is_some()) {
+            reaper.wake();
+        }
+        *r = Some(reaper);
         Ok(())
     }
 
@@ -342,6 +346,14 @@ impl Vm {
                 let fill = r.fill();
                 f(i, r.harvested() + u64::from(fill), fill, r.entries());
             }
+        }
+    }
+
+    /// Tells the reaper thread, if one runs, that dirty logging started on
+    /// a memslot (`memslot_set`).
+    pub(crate) fn wake_reaper(&self) {
+        if let Some(r) = self.reaper.lock().as_ref() {
+            r.wake();
         }
     }
 

@@ -136,6 +136,7 @@ impl Vm {
                 (_, n) => n,
             }
         };
+        let started_logging = dirty.is_some() && old.as_ref().is_none_or(|o| o.dirty.is_none());
         self.slots.write().insert(
             m.slot,
             Arc::new(Slot {
@@ -145,6 +146,13 @@ impl Vm {
             }),
         );
         life.memslot_created();
+        drop(_reap);
+        drop(life);
+        if started_logging && self.mode().has_ring() {
+            // The vCPUs writing this slot push ring entries from now on,
+            // at full speed at once: the reaper must not sleep through it.
+            self.wake_reaper();
+        }
         log::debug!(
             "slot {:#x}: gpa {:#x}, {} pages, flags {:#x}",
             m.slot,
