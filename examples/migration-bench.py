@@ -9,8 +9,11 @@ region, never pausing, paced here by a spin loop after each store), bounded
 in time, and prints: completed or not, total time and downtime as QEMU
 reports them, dirty-sync count, RAM transferred, ring-full exits (QEMU's
 trace) and ring overflows (the shim's stats), the CPU time of the source
-QEMU's threads (/proc: vCPU, migration, reaper threads), and the pages that
-differ after completion (RAM compared page by page through /proc/<pid>/mem).
+QEMU's threads (/proc: vCPU, migration, reaper threads), the CPU time spent
+dirty tracking (perf record of the source: reaper threads, vCPU threads
+outside KVM_RUN, the migration thread's dirty syncs; see tracking()), and
+the pages that differ after completion (RAM compared page by page through
+/proc/<pid>/mem).
 
     examples/migration-bench.py [--runs 3] [--sizes 512,16384] [--rates easy,near]
                                 [--out doc/migration.csv]
@@ -70,6 +73,8 @@ def run_args(qemu, mode, ram_mib, spin, a):
     ns.downtime_ms = a.downtime_ms
     ns.timeout = a.timeout
     ns.label = ""
+    if a.perf:
+        ns.perf = f"/tmp/kds-bench-{os.getpid()}.perf"
     return ns
 
 
@@ -134,21 +139,23 @@ def row(r):
             f"ovf {stats.get('ring_overflows', '-')!s:>3}  "
             f"cpu s: proc {cpu.get('process', '-')} vcpu {cpu.get('vcpu', '-')} "
             f"vcpu-user {cpu.get('vcpu_user', '-')} mig {cpu.get('migration', '-')} "
-            f"reap {cpu.get('reaper', '-')}  "
+            f"reap {cpu.get('reaper', '-')}  tracking (perf) {tracking(r) if tracking(r) is not None else '-'}  "
             f"differ {r.get('pages_differ', '-')}  alive {r.get('alive', '-')}"
             + (f"  ERROR {r['error']}" if "error" in r else ""))
 
 
 def tracking(r):
-    """CPU seconds spent tracking and migrating, as far as threads tell: the
-    reaper threads, the migration thread (syncs, sending), and the vCPU
-    threads' user time (QEMU's exit handling: stock QEMU harvests its rings
-    there on ring-full exits, the shim's kds_vcpu_reap runs there). The
-    kernel's write-protect faults are in the vCPU threads' system time with
-    the guest itself (this host emulates the guest's code), and not
-    counted."""
-    c = r["cpu_s"]
-    return c["reaper"] + c["migration"] + c["vcpu_user"]
+    """CPU seconds spent dirty tracking, from perf (tests/qemu-migration.py
+    perf_groups): the reaper threads, the vCPU threads outside KVM_RUN
+    (QEMU's exit handling and the VM ioctls it makes there: stock QEMU
+    harvests and resets its rings on ring-full exits, the shim's
+    kds_vcpu_reap runs there), and the migration thread's dirty syncs; not
+    the migration thread's sending, the same work in every configuration.
+    The kernel's write-protect faults run inside KVM_RUN with the guest
+    itself (this host emulates the guest's code) and are not separable.
+    None without perf."""
+    p = r.get("perf_s")
+    return p and p["reaper"] + p["vcpu_other"] + p["migration_sync"]
 
 
 def med(vals):
@@ -162,11 +169,13 @@ def summarize(results, a, machine):
         cells.setdefault((r["guest_mib"], r["rate"], r["config"]), []).append(r)
     header = ("guest,rate,config,runs,completed,total_s,downtime_ms,dirty_syncs,"
               "transferred_mib,ring_full_exits,overflows,stores_per_s,cpu_process_s,"
-              "cpu_vcpu_s,cpu_vcpu_user_s,cpu_migration_s,cpu_reaper_s,tracking_us_per_store,"
+              "cpu_vcpu_s,cpu_vcpu_user_s,cpu_migration_s,cpu_reaper_s,tracking_s,reset_s,"
+              "tracking_us_per_store,"
               "pages_differ_max")
     lines = [f"# {machine}", header]
     md = ["| guest | rate | config | completed | total s | downtime ms | syncs | MiB sent "
-          "| ring-full exits | overflows | stores/s | CPU s (process / tracking) "
+          "| ring-full exits | overflows | stores/s | CPU s (process / migration thread "
+          "/ tracking) "
           "| tracking us/store | pages differ |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (size, rate, cfg) in sorted(cells, key=lambda k: (k[0], list(RATES).index(k[1]),
@@ -186,17 +195,19 @@ def summarize(results, a, machine):
         cmig = m(lambda r: r["cpu_s"]["migration"])
         creap = m(lambda r: r["cpu_s"]["reaper"])
         cuser = m(lambda r: r["cpu_s"]["vcpu_user"])
-        trk = m(lambda r: tracking(r) * 1e6 / max(r.get("stores", 0), 1))
+        trk_s = m(tracking)
+        reset = m(lambda r: r.get("perf_s", {}).get("reset"))
+        trk = m(lambda r: tracking(r) and tracking(r) * 1e6 / max(r.get("stores", 0), 1))
         differ = max([r.get("pages_differ", -1) for r in rs if "pages_differ" in r], default=None)
         f = lambda v, d=1: "" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(",".join([f"{size} MiB", rate, cfg, str(len(rs)), f"{len(done)}/{len(rs)}",
                                f(total, 2), f(down, 0), f(syncs, 0), f(sent, 0), f(full, 0),
                                f(ovf, 0), f(sps, 0), f(cproc, 2), f(cvcpu, 2), f(cuser, 2),
-                               f(cmig, 2),
-                               f(creap, 2), f(trk, 2), "" if differ is None else str(differ)]))
+                               f(cmig, 2), f(creap, 2), f(trk_s, 3), f(reset, 3), f(trk, 2),
+                               "" if differ is None else str(differ)]))
         md.append(f"| {size} MiB | {rate} | {cfg} | {len(done)}/{len(rs)} | {f(total, 2)} | "
                   f"{f(down, 0)} | {f(syncs, 0)} | {f(sent, 0)} | {f(full, 0)} | {f(ovf, 0)} | "
-                  f"{f(sps, 0)} | {f(cproc, 1)} / {f((creap or 0) + (cmig or 0) + (cuser or 0), 2)} | "
+                  f"{f(sps, 0)} | {f(cproc, 1)} / {f(cmig, 2)} / {f(trk_s, 3)} | "
                   f"{f(trk, 2)} | {'' if differ is None else differ} |")
     with open(a.out, "w") as out:
         out.write("\n".join(lines) + "\n")
@@ -220,6 +231,8 @@ def main():
     ap.add_argument("--spins", default="", help="name=spin,... instead of calibrating")
     ap.add_argument("--out", default="doc/migration.csv")
     ap.add_argument("--summarize", action="store_true", help="only summarize OUT.jsonl")
+    ap.add_argument("--no-perf", dest="perf", action="store_false",
+                    help="no perf record (tracking CPU is then not measured)")
     a = ap.parse_args()
     machine = (f"kvm-dirty-shim migration bench: Linux {platform.release()}, "
                f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; 2 vCPUs, "
@@ -230,6 +243,8 @@ def main():
         with open(jsonl) as f:
             summarize([json.loads(x) for x in f if x.strip()], a, machine)
         return 0
+    if a.perf and not shutil.which("perf"):
+        sys.exit("perf not found: install linux-perf, or run with --no-perf")
     builds = {"stock": a.stock, "patched": a.patched}
     for b in builds.values():
         if not os.access(b, os.X_OK):
@@ -246,7 +261,10 @@ def main():
             for rate in a.rates.split(","):
                 for n in range(a.runs):
                     for name, build, mode in configs:
-                        r = qm.migrate(run_args(builds[build], mode, size, spins[rate], a))
+                        ns = run_args(builds[build], mode, size, spins[rate], a)
+                        r = qm.migrate(ns)
+                        if ns.perf and os.path.exists(ns.perf):
+                            os.unlink(ns.perf)
                         r.update(config=name, guest_mib=size, rate=rate, run=n, spin=spins[rate])
                         results.append(r)
                         log.write(json.dumps(r) + "\n")
