@@ -10,15 +10,20 @@
 //! harvested total plus its fill) so that a ring gains about half the
 //! high-water mark between two checks: a busy vCPU is reaped long before
 //! `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied anything costs one
-//! check per `max_interval_us`; when a memslot starts dirty logging (what
-//! turns a vCPU from pushing nothing to pushing at full speed) the VM wakes
-//! the thread, which checks at once and then every `min_interval_us`,
-//! doubling, until it has seen a rate to pace itself by. The peak, not the
-//! last interval's rate: a
-//! vCPU that sleeps and then dirties at full speed (dirty-limit's throttle
-//! does exactly that) averages a low rate over a long pause and would fill
-//! its ring before the next check (measured: 57 overflows in 180 s of a
-//! throttled QEMU migration with the last rate, see tests/qemu-migration.py).
+//! check per `max_interval_us`.
+//!
+//! When a memslot starts dirty logging (what turns a vCPU from pushing
+//! nothing to pushing at full speed) the VM wakes the thread, which checks
+//! at once and then every `min_interval_us`, doubling, until it has seen a
+//! rate to pace itself by; without that wake a VMM had to keep
+//! `max_interval_us` short all the time (QEMU's 5 ms cost about 600 wakeups
+//! per migration, doc/migration.md).
+//!
+//! The peak, not the last interval's rate: a vCPU that sleeps and then
+//! dirties at full speed (dirty-limit's throttle does exactly that)
+//! averages a low rate over a long pause and would fill its ring before the
+//! next check (measured: 57 overflows in 180 s of a throttled QEMU
+//! migration with the last rate, see tests/qemu-migration.py).
 //! The thread never spins: a failed reap logs and waits the longest pause.
 
 use std::collections::HashMap;
