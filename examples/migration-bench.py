@@ -139,7 +139,8 @@ def row(r):
             f"ovf {stats.get('ring_overflows', '-')!s:>3}  "
             f"cpu s: proc {cpu.get('process', '-')} vcpu {cpu.get('vcpu', '-')} "
             f"vcpu-user {cpu.get('vcpu_user', '-')} mig {cpu.get('migration', '-')} "
-            f"reap {cpu.get('reaper', '-')}  tracking (perf) {tracking(r) if tracking(r) is not None else '-'}  "
+            f"reap {cpu.get('reaper', '-')}  "
+            f"tracking (perf) {'-' if tracking(r) is None else f'{tracking(r):.3f}'}  "
             f"differ {r.get('pages_differ', '-')}  alive {r.get('alive', '-')}"
             + (f"  ERROR {r['error']}" if "error" in r else ""))
 

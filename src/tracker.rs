@@ -205,7 +205,8 @@ impl DirtyTracker {
     }
 
     /// Starts the adaptive reaper thread, which reaps each ring by its fill
-    /// level. `EBUSY` when one runs, `ENOTSUP` in bitmap mode.
+    /// level, and is woken when `set_memslot` turns dirty logging on.
+    /// `EBUSY` when one runs, `ENOTSUP` in bitmap mode.
     pub fn start_reaper(&self, cfg: &KdsReaperConfig) -> Result<()> {
         self.vm.reaper_start(cfg)
     }
