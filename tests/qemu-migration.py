@@ -217,6 +217,15 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_group(name):
+    """The group of a QEMU thread, by its name (-name debug-threads=on)."""
+    if "/KVM" in name:
+        return "vcpu"
+    if name.startswith("mig/"):
+        return "migration"
+    return "reaper" if name in ("kvm-reaper", "kds-reaper") else "other"
+
+
 def cpu_groups(first, last):
     """CPU seconds per group of threads between two sets of samples: vcpu
     (CPU n/KVM; here the kernel runs the guest, as system time) and
@@ -227,13 +236,12 @@ def cpu_groups(first, last):
     groups = {"vcpu": 0.0, "vcpu_user": 0.0, "migration": 0.0, "reaper": 0.0, "other": 0.0}
     for tid, (name, (u, s)) in last.items():
         u0, s0 = first.get(tid, (name, (0.0, 0.0)))[1]
-        if "/KVM" in name:
+        g = thread_group(name)
+        if g == "vcpu":
             groups["vcpu"] += s - s0
             groups["vcpu_user"] += u - u0
-            continue
-        g = ("migration" if name.startswith("mig/")
-             else "reaper" if name in ("kvm-reaper", "kds-reaper") else "other")
-        groups[g] += u - u0 + s - s0
+        else:
+            groups[g] += u - u0 + s - s0
     return {k: round(v, 2) for k, v in groups.items()}
 
 
@@ -281,17 +289,14 @@ def perf_groups(path):
             n["reset"] += 1
         first = lines[1].split() if len(lines) > 1 else []
         user = bool(first) and not first[0].startswith("ffffffff")
-        if "/KVM" in comm:
-            n["vcpu_other" if user or "kvm_vm_ioctl" in stack else "vcpu_run"] += 1
-        elif comm.startswith("mig/"):
-            n["migration"] += 1
+        g = thread_group(comm)
+        if g == "vcpu":
+            g = "vcpu_other" if user or "kvm_vm_ioctl" in stack else "vcpu_run"
+        elif g == "migration":
             leaf = first[1] if len(first) > 1 else ""
             if "kvm_vm_ioctl" in stack or (user and any(k in leaf for k in SYNC_LEAVES)):
                 n["migration_sync"] += 1
-        elif comm in ("kvm-reaper", "kds-reaper"):
-            n["reaper"] += 1
-        else:
-            n["other"] += 1
+        n[g] += 1
     return {k: round(v / PERF_HZ, 3) for k, v in n.items()}
 
 
@@ -348,6 +353,7 @@ def migrate(args):
 
     work = tempfile.mkdtemp(prefix="kds-mig-")
     procs = []
+    perf = None  # perf record of the source (--perf)
     result = {"label": label}
     t_start = time.time()
     try:
@@ -406,7 +412,6 @@ def migrate(args):
         cpu_first = cpu_last = thread_cpu(src_p.pid)
         proc_first = proc_cpu(src_p.pid)
         beats_first = beats(f"{work}/src.serial")
-        perf = None
         if args.perf:
             perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock",
                                      "-F", str(PERF_HZ),
@@ -489,6 +494,9 @@ def migrate(args):
     except Exception as e:  # reported, never a traceback
         result["error"] = str(e)
     finally:
+        if perf is not None and perf.poll() is None:  # an error came first
+            perf.kill()
+            perf.wait()
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)

@@ -57,7 +57,7 @@ fn the_reaper_wakes_when_dirty_logging_starts() {
     // at full speed fills its ring before the first check.
     let vm = TestVm::new(Some(RING));
     let (mut c, mut v) = vm.guest(16384, 2000, 7);
-    vm.set_slot(1, TEST_GPA, &c.mem, 0); // logging off until the reaper sleeps
+    vm.set_slot(1, TEST_GPA, &c.mem, 0); // logging off while the reaper starts
     let cfg = KdsReaperConfig {
         high_water_pct: 25,
         min_interval_us: 100,
@@ -72,8 +72,9 @@ fn the_reaper_wakes_when_dirty_logging_starts() {
     );
     vm.set_slot(1, TEST_GPA, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
     vm.set_iteration(0, 1);
-    // 2000 stores: 2000 entries or more in a 4096-entry ring, over the 25 %
-    // high water mark (unless the reaper already reaped during the round).
+    // 2000 stores, one ring entry each: over the 25 % high water mark of a
+    // 4096-entry ring and below its soft-full limit, so no ring-full exit
+    // whatever the reaper does (it may reap during the round).
     let r = v.run_round(vm.h);
     assert_eq!(r.ring_full_exits, 0);
     // Without the wake the first check comes 10 s after the start; with

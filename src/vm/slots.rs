@@ -120,7 +120,7 @@ impl Vm {
         }
         // Under the reap lock: no publish into the old bitmap can slip in
         // between copying its bits and replacing it.
-        let _reap = self.reap.lock();
+        let reap_lock = self.reap.lock();
         let old_dirty = old.as_ref().and_then(|o| o.dirty.clone());
         let dirty = if m.flags & MEM_LOG_DIRTY_PAGES == 0 {
             None
@@ -146,7 +146,7 @@ impl Vm {
             }),
         );
         life.memslot_created();
-        drop(_reap);
+        drop(reap_lock);
         drop(life);
         if started_logging && self.mode().has_ring() {
             // The vCPUs writing this slot push ring entries from now on,
