@@ -18,8 +18,8 @@ the pages that differ after completion (RAM compared page by page through
     examples/migration-bench.py [--runs 3] [--sizes 512,16384] [--rates easy,near]
                                 [--out doc/migration.csv]
 
-Configurations: stock QEMU 10.0.2 in bitmap and ring mode, the patched QEMU
-(meson-snippet/qemu/) in bitmap mode, ring mode (the shim's adaptive
+Configurations: stock QEMU (10.2.2) in bitmap and ring mode, the patched
+QEMU (meson-snippet/qemu/) in bitmap mode, ring mode (the shim's adaptive
 reaper) and ring mode with dirty-limit. The builds are meson-snippet/qemu/
 build-and-test's ($KDS_QEMU_CACHE, default ~/.cache/kds-qemu). Runs go in
 rounds (every configuration once per round, in turn), so that a drift of

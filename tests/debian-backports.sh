@@ -1,7 +1,7 @@
 #!/bin/sh
 # Adds Debian's bookworm-backports (deb and deb-src) to apt's sources once:
-# QEMU 10.0.2 (qemu-system-arm, qemu-system-x86, its source package) comes
-# from there. Idempotent.
+# Debian's qemu-system-arm 10.0.2 (the TCG emulator that runs the arm64 KVM
+# host) and qemu-system-data (x86 option ROMs) come from there. Idempotent.
 set -eu
 if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
     cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC

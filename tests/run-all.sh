@@ -17,20 +17,35 @@
 set -eu
 cd "$(dirname "$0")/.."
 
+# Each step's time, printed at the end (also when a step fails).
+t_start=$(date +%s) t_last=$t_start step_name="quick tier (tests/quick.sh)" step_times=""
+step() { # $1: the next step's name
+    t_now=$(date +%s)
+    step_times="$step_times$(printf '%6d s  %s' $((t_now - t_last)) "$step_name")
+"
+    t_last=$t_now step_name=$1
+    echo "== $1"
+}
+step_report() {
+    step "(end)" > /dev/null
+    printf '== time per step\n%s%6d s  in all\n' "$step_times" $(($(date +%s) - t_start))
+}
+trap step_report EXIT
+
 tests/quick.sh
 
-echo "== Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules, the sized structs"
+step "Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules, the sized structs"
 timeout 1800 cargo +nightly miri test --lib
 
-echo "== demo (1 s per mode; exits non-zero on any lost page)"
+step "demo (1 s per mode; exits non-zero on any lost page)"
 timeout 300 cargo run --release --example demo 1 > target/demo.out
 tail -n 3 target/demo.out
 
-echo "== the example Rust VMM (the Rust API only; 2 vCPUs; exits non-zero on any lost page)"
+step "the example Rust VMM (the Rust API only; 2 vCPUs; exits non-zero on any lost page)"
 timeout 300 cargo run --release --example rust_vmm 10 > target/rust_vmm.out
 tail -n 3 target/rust_vmm.out
 
-echo "== C tests (meson) under AddressSanitizer + UndefinedBehaviorSanitizer (plain: quick tier)"
+step "C tests (meson) under AddressSanitizer + UndefinedBehaviorSanitizer (plain: quick tier)"
 build=target/meson
 rm -rf "$build/asan" "$build/tsan"
 meson setup "$build/asan" c-tests -Db_sanitize=address,undefined -Db_lundef=false >/dev/null
@@ -41,7 +56,7 @@ grep -E "^(ring|bitmap|reaper)" "$build/plain/meson-logs/testlog.txt" || true
 meson setup "$build/tsan" c-tests -Db_sanitize=thread -Db_lundef=false >/dev/null
 TSAN_OPTIONS=halt_on_error=1 setarch "$(uname -m)" -R meson test -C "$build/tsan" --print-errorlogs tracking abi
 
-echo "== the native libraries the snippet, c-tests and kvm_dirty_shim.pc link match rustc's"
+step "the native libraries the snippet, c-tests and kvm_dirty_shim.pc link match rustc's"
 want=$(cargo rustc --quiet --release --lib --crate-type staticlib -- --print native-static-libs 2>&1 |
        sed -n 's/.*native-static-libs: //p' | head -n 1)
 for f in meson-snippet/meson.build c-tests/meson.build install.sh; do
@@ -51,10 +66,10 @@ for f in meson-snippet/meson.build c-tests/meson.build install.sh; do
 done
 echo "native-static-libs: $want"
 
-echo "== meson snippet, consumed as a QEMU tree would"
+step "meson snippet, consumed as a QEMU tree would"
 c-tests/snippet-consumer/run.sh
 
-echo "== pkg-config install, and the example C VMM built only with pkg-config"
+step "pkg-config install, and the example C VMM built only with pkg-config"
 prefix=$(pwd)/target/prefix
 rm -rf "$prefix"
 ./install.sh "$prefix"
@@ -62,7 +77,7 @@ PKG_CONFIG_PATH="$prefix/lib/pkgconfig" sh -c \
     'cc -std=gnu11 -Wall -Wextra -Werror -o target/c-vmm examples/c-vmm/vmm.c \
         $(pkg-config --cflags --libs kvm_dirty_shim) -lpthread'
 timeout 120 target/c-vmm guest/guest.bin 1 | tail -n 1
-echo "== valgrind memcheck on the C VMM: zero errors, nothing definitely lost"
+step "valgrind memcheck on the C VMM: zero errors, nothing definitely lost"
 if ! timeout 600 valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
         target/c-vmm guest/guest.bin 1 > target/valgrind.log 2>&1; then
     tail -n 40 target/valgrind.log
@@ -71,7 +86,7 @@ fi
 # (valgrind notes KVM_RESET_DIRTY_RINGS, 0xaec7, as an ioctl it does not know.)
 grep -v "^==" target/valgrind.log | tail -n 1
 
-echo "== fuzz: 60 s of libFuzzer on the C ABI over real KVM (seeds: fuzz/corpus/calls)"
+step "fuzz: 60 s of libFuzzer on the C ABI over real KVM (seeds: fuzz/corpus/calls)"
 rm -rf target/fuzz-corpus && mkdir -p target/fuzz-corpus
 if ! (cd fuzz && timeout 900 cargo +nightly fuzz run calls ../target/fuzz-corpus corpus/calls -- \
         -max_total_time=60 -print_final_stats=1) > target/fuzz.log 2>&1; then
@@ -80,13 +95,15 @@ if ! (cd fuzz && timeout 900 cargo +nightly fuzz run calls ../target/fuzz-corpus
 fi
 grep -E "^stat::(number_of_executed_units|new_units_added)|^Done" target/fuzz.log
 
-echo "== arm64: the ITS path and the ring on an emulated arm64 KVM host (6.12 and 6.1)"
+step "arm64: the ITS path and the ring on an emulated arm64 KVM host (6.12 and 6.1)"
 tests/arm64/run
 
-echo "== QEMU 10.0.2 patched to use the shim: QEMU's own migration tests, beside stock QEMU"
+step "QEMU 10.2.2 patched to use the shim: QEMU's own migration tests, beside stock QEMU 10.2.2"
 meson-snippet/qemu/build-and-test
 
-echo "== the patched QEMU on arm64: live migration with an in-kernel ITS, in an emulated arm64 KVM host"
+step "the patched QEMU on arm64: live migration with an in-kernel ITS, in an emulated arm64 KVM host"
 tests/arm64-qemu/run
 
+trap - EXIT
+step_report
 echo "== all tests passed"
