@@ -5,15 +5,13 @@
 # Needs, beyond the quick tier's (tests/quick.sh): a nightly toolchain with
 # Miri and cargo-fuzz; valgrind; pkg-config; root for apt (Debian's arm64
 # kernels, QEMU's build dependencies, its source package and the :arm64
-# libraries the arm64 QEMU cross build links); about 6 GB of disk (measured:
-# the QEMU builds and caches 3.1 GB in ~/.cache/kds-qemu, the arm64 cache
-# 0.3 GB in ~/.cache/kvm-dirty-shim-arm64, cargo's target/ 2.4 GB).
+# libraries the arm64 QEMU cross build links); about 5 GB of disk (measured:
+# ~/.cache/kds-qemu 2.1 GB, cargo's target/ 2.5 GB, the rest 0.4 GB).
 #
-# Time on this project's 2-core CI machine: about 28 minutes with warm
-# caches; about 38 minutes when the arm64 QEMU cross build is cold; a
-# machine that has built nothing yet adds the two x86 QEMU builds (the
-# patched one measured 600 s, 1420 steps; the stock one is the same size):
-# about 58 minutes in all (see doc/testing.md).
+# Time on this project's 2-core CI machine: about 50 minutes on a machine
+# that has built nothing (measured 49.6 min from a fresh clone with empty
+# caches, four QEMU builds included; doc/testing.md), about 25 with warm
+# caches. Each step's time is printed at the end.
 set -eu
 cd "$(dirname "$0")/.."
 
