@@ -251,6 +251,22 @@ typedef struct KdsStats {
    * back again at the next reap.
    */
   uint64_t reset_shortfall;
+  /**
+   * ABI 2, appended after 0.2.0. KVM_RESET_DIRTY_RINGS calls during which a
+   * signal arrived. The shim blocks signals around the call: since
+   * Linux 6.17 a pending signal stops the reset partway and leaves up
+   * to 64 pages write-enabled without their ring entries.
+   */
+  uint64_t reset_signals_held;
+  /**
+   * ABI 2, appended after 0.2.0. KVM_RESET_DIRTY_RINGS calls during which
+   * the calling thread was switched out (stopped by SIGSTOP, a debugger
+   * or the cgroup freezer, which cannot be blocked, or waiting for the
+   * kernel's memslot lock). Each may have left pages write-enabled
+   * without ring entries, so the shim re-armed dirty logging and
+   * reported every dirty-logged page, as after an overflow.
+   */
+  uint64_t resets_switched_out;
 } KdsStats;
 
 /**

@@ -199,19 +199,101 @@ impl KvmVm {
     }
 
     /// `KVM_RESET_DIRTY_RINGS`: re-protects every ring entry marked RESET;
-    /// returns the number of entries the kernel reset.
-    pub fn reset_dirty_rings(&self) -> Result<u64> {
+    /// returns the number of entries the kernel reset, and what else the
+    /// call met (see [`Reset`]).
+    ///
+    /// Signals are blocked around the ioctl. Since Linux 6.17
+    /// (`kvm_dirty_ring_reset()` in virt/kvm/dirty_ring.c, "KVM: Bail from
+    /// the dirty ring reset flow if a signal is pending") the kernel stops
+    /// the walk when a signal is pending, and returns the count so far,
+    /// not -EINTR. Where it stops it has already marked the entries of the
+    /// batch it was building (up to 64 pages of one slot) reset, but not
+    /// re-protected their pages: a later write to them makes no ring
+    /// entry, and userspace cannot see which pages those were. A blocked
+    /// signal does not make `signal_pending()` true; it is delivered when
+    /// the mask is restored, right after. SIGSTOP and the cgroup freezer
+    /// cannot be blocked: a call they may have stopped is reported in
+    /// [`Reset::switched_out`].
+    pub fn reset_dirty_rings(&self) -> Result<Reset> {
+        let mut old = SigSet::empty();
+        // SAFETY: sigfillset / pthread_sigmask on sigset_t values we own;
+        // the old mask is restored below on every path.
+        unsafe {
+            let mut all = SigSet::empty();
+            libc::sigfillset(&mut all.0);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all.0, &mut old.0);
+        }
+        let switches = voluntary_switches();
         // SAFETY: an argument-less ioctl on our VM fd.
         let r = unsafe { libc::ioctl(self.raw_fd(), KVM_RESET_DIRTY_RINGS as libc::c_ulong) };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let switched_out = voluntary_switches() != switches;
+        let mut pending = SigSet::empty();
+        // SAFETY: sigpending fills a sigset_t we own; then the caller's
+        // mask is restored (held signals are delivered now).
+        let signal_held = unsafe {
+            libc::sigpending(&mut pending.0);
+            let held = (1..=libc::SIGRTMAX()).any(|s| {
+                libc::sigismember(&pending.0, s) == 1 && libc::sigismember(&old.0, s) == 0
+            });
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old.0, std::ptr::null_mut());
+            held
+        };
         if r < 0 {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             return Err(Error::from_errno(
                 "KVM_RESET_DIRTY_RINGS",
                 errno,
                 "harvested pages stay pending and are retried on the next reap",
             ));
         }
-        Ok(r as u64)
+        Ok(Reset {
+            entries: r as u64,
+            signal_held,
+            switched_out,
+        })
+    }
+}
+
+/// What one `KVM_RESET_DIRTY_RINGS` call did.
+#[derive(Debug, Clone, Copy)]
+pub struct Reset {
+    /// Entries the kernel reset (its return value).
+    pub entries: u64,
+    /// A signal arrived during the call and was held until it returned
+    /// (unblocked, it would have stopped the reset on Linux 6.17+).
+    pub signal_held: bool,
+    /// The calling thread slept during the call: stopped (SIGSTOP, a
+    /// debugger, the cgroup freezer; these cannot be blocked and may have
+    /// stopped the reset partway, leaving up to 64 pages write-enabled
+    /// without their entries), or waited for the kernel's memslot lock.
+    /// The caller cannot tell which, and must assume the first.
+    pub switched_out: bool,
+}
+
+/// A `sigset_t`, zero-initialised.
+struct SigSet(libc::sigset_t);
+
+impl SigSet {
+    fn empty() -> SigSet {
+        // SAFETY: sigset_t is plain data; all zeroes is a valid value,
+        // and sigemptyset makes it the empty set.
+        let mut s = SigSet(unsafe { std::mem::zeroed() });
+        // SAFETY: a sigset_t we own.
+        unsafe { libc::sigemptyset(&mut s.0) };
+        s
+    }
+}
+
+/// The calling thread's voluntary context switches so far (a stop, a
+/// sleep on a lock); 0 if getrusage fails.
+fn voluntary_switches() -> i64 {
+    // SAFETY: rusage is plain data; getrusage fills the one we own.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_THREAD, &mut u) != 0 {
+            return 0;
+        }
+        u.ru_nvcsw
     }
 }
 

@@ -125,8 +125,29 @@ impl Vm {
         self.stats
             .add(stat!(reset_ns), t.elapsed().as_nanos() as u64);
         self.stats.add(stat!(ring_resets), 1);
-        let reset = r?;
+        let r = r?;
+        let reset = r.entries;
         self.stats.add(stat!(entries_reset), reset);
+        if r.signal_held {
+            self.stats.add(stat!(reset_signals_held), 1);
+        }
+        if r.switched_out {
+            // Perhaps stopped partway (kvm::Reset::switched_out): pages
+            // may be write-enabled without ring entries. Re-protect all
+            // and report all (reap_locked), as after an overflow.
+            st.overflow = true;
+            st.rearm = true;
+            let n = self.stats.add(stat!(resets_switched_out), 1);
+            if n.is_power_of_two() {
+                log::warn!(
+                    "KVM_RESET_DIRTY_RINGS: the thread was stopped or slept during the reset \
+                     (SIGSTOP, a debugger, the cgroup freezer, or the kernel's memslot lock); \
+                     the kernel may have left pages write-enabled without ring entries: \
+                     re-arming dirty logging and reporting every page (reset {n} on this VM; \
+                     logged at powers of two, see kds_stats_get)"
+                );
+            }
+        }
         let slots = self.slots.read();
         let (mut reached, mut unreached) = (0u64, 0u64);
         let rings = vcpus.values().filter_map(|v| v.ring.as_ref()).chain(extra);
