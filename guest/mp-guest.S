@@ -13,6 +13,12 @@
  *   - after each store it spins KNOB_SPIN iterations (0 unless the host
  *     set it: the benchmark paces the guest's dirty rate so, with
  *     -device loader,addr=0x800000,data=<n>,data-len=4);
+ *   - if the host set KNOB_WINDOW (a guest-physical address) and
+ *     KNOB_WINDOW_MASK (its size in pages, less one), it stores the same
+ *     word to the same page number, masked, in that window too: a PCI BAR
+ *     backed by RAM that the host enables, disables and moves while the
+ *     guest writes it (tests/qemu-flows.py, "churn"); while the window is
+ *     not mapped, these stores go to unassigned memory;
  *   - every BEAT_MASK + 1 stores (KNOB_BEAT_MASK instead, if the host set
  *     it) it prints a heartbeat line on COM1 under a spin lock:
  *     "beat <cpu> <count>".
@@ -33,6 +39,8 @@
     .set BEAT_MASK,    0xffff
     .set KNOB_SPIN,      0x00800000 /* 8 MiB: the host's knobs, 0 by default */
     .set KNOB_BEAT_MASK, 0x00800004
+    .set KNOB_WINDOW,    0x00800008
+    .set KNOB_WINDOW_MASK, 0x0080000c
 
     .code32
     .text
@@ -117,7 +125,16 @@ work:
     inc  %edi
     mov  %edi, (%ebx)
     mov  %ebp, 4(%ebx)
-    mov  KNOB_SPIN, %ecx            /* pacing: a plain loop, no pause (PLE) */
+    mov  KNOB_WINDOW, %ebx          /* the window, if the host set one */
+    test %ebx, %ebx
+    jz   13f
+    shr  $12, %edx                  /* page number, masked, in the window */
+    and  KNOB_WINDOW_MASK, %edx
+    shl  $12, %edx
+    lea  (%ebx,%edx), %ebx
+    mov  %edi, (%ebx,%ebp,8)
+    mov  %ebp, 4(%ebx,%ebp,8)
+13: mov  KNOB_SPIN, %ecx            /* pacing: a plain loop, no pause (PLE) */
     jecxz 9f
 10: dec  %ecx
     jnz  10b

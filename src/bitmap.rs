@@ -70,7 +70,6 @@ impl AtomicBitmap {
     }
 
     /// Is bit `page` set?
-    #[cfg(test)]
     pub fn get(&self, page: u64) -> bool {
         page < self.npages
             && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
@@ -81,6 +80,19 @@ impl AtomicBitmap {
         for (i, w) in self.words.iter().enumerate() {
             w.fetch_or(word_mask(self.npages, i), Ordering::Relaxed);
         }
+    }
+
+    /// Sets bit `dst + i` for every set bit `src + i` of `other`, `i` in
+    /// `0 .. n` (bits out of either range are skipped). Returns how many
+    /// were set. The caller holds the writers' lock of this bitmap.
+    pub fn or_range_from(&self, dst: u64, other: &AtomicBitmap, src: u64, n: u64) -> u64 {
+        let mut set = 0;
+        for i in 0..n {
+            if other.get(src + i) && self.set_locked(dst + i) {
+                set += 1;
+            }
+        }
+        set
     }
 
     /// Copies bits `0 .. min(len, other.len)` of `other` into this bitmap.
@@ -119,7 +131,6 @@ impl AtomicBitmap {
     }
 
     /// Number of set bits.
-    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.words
             .iter()

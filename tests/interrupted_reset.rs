@@ -121,7 +121,10 @@ fn signals_at_the_reaping_thread_lose_nothing() {
         });
     });
     let s = vm.stats();
-    let (v, r) = (verified.load(Ordering::Relaxed), rounds.load(Ordering::Relaxed));
+    let (v, r) = (
+        verified.load(Ordering::Relaxed),
+        rounds.load(Ordering::Relaxed),
+    );
     assert!(r >= 2 * u64::from(MIN_ROUNDS), "only {r} rounds");
     assert!(v > 500 * r, "only {v} pages verified in {r} rounds");
     assert!(s.ring_resets > 0 && s.entries_reset > 0, "{s:?}");

@@ -168,10 +168,14 @@ fn corrupted_ring_entries_are_skipped_and_counted() {
 fn slot_deleted_with_entries_pending() {
     let vm = TestVm::new(Some(RING));
     let pages = 1024;
-    let (_c, mut v) = vm.guest(pages, 500, 3);
+    let (mut c, mut v) = vm.guest(pages, 500, 3);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
-    // Delete the slot while its entries sit in the ring, unharvested.
+    assert_eq!(c.check(vm.h, 0).2, 0);
+    vm.set_iteration(0, 2);
+    v.run_round(vm.h);
+    // Delete the slot while its entries sit in the ring, unharvested (a
+    // VMM that synced, then the vCPUs wrote on before the delete).
     let del = KdsMemslot {
         slot: 1,
         ..Default::default()
@@ -182,17 +186,66 @@ fn slot_deleted_with_entries_pending() {
         "{}",
         last_error()
     );
-    let n = kds_reap(vm.vm());
-    assert!(n > 0, "the entries were still in the ring: {n}");
-    assert_eq!(vm.stats().invalid_entries, n as u64);
-    // The slot can be created again and tracks from a clean state.
-    let mut c2 = Checker::new(1, pages);
-    vm.set_slot(1, TEST_GPA, &c2.mem, KDS_MEM_LOG_DIRTY_PAGES);
-    vm.set_iteration(0, 2);
+    // The delete harvested them for the slot (none is left to name an
+    // unknown slot, or a new slot that reuses the id).
+    assert_eq!(kds_reap(vm.vm()), 0);
+    assert_eq!(vm.stats().invalid_entries, 0);
+    // The memory comes back as another slot id at another address (a PCI
+    // BAR moved): the pages written before the delete are reported there.
+    let gpa = TEST_GPA + 0x100_0000;
+    vm.set_slot(4, gpa, &c.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    c.slot = 4;
+    let (changed, reported, lost) = c.check(vm.h, 0);
+    assert!(changed > 300, "{changed}");
+    assert_eq!(
+        lost, 0,
+        "{lost} of {changed} written before the delete not reported"
+    );
+    assert!(reported <= changed + 1);
+    // And tracking goes on there: the guest writes at the new address.
+    vm.mailbox(0, gpa, pages, 500, 3);
+    vm.set_iteration(0, 3);
     v.run_round(vm.h);
-    let (changed, _, lost) = c2.check(vm.h, 0);
+    let (changed, _, lost) = c.check(vm.h, 0);
     assert!(changed > 300);
     assert_eq!(lost, 0);
+    // A slot on other memory that reuses id 1 starts clean.
+    let mut c2 = Checker::new(1, pages);
+    vm.set_slot(1, TEST_GPA, &c2.mem, KDS_MEM_LOG_DIRTY_PAGES);
+    assert_eq!(
+        c2.check(vm.h, 0).1,
+        0,
+        "nothing carried to unrelated memory"
+    );
+}
+
+#[test]
+fn vcpu_added_after_logging_started() {
+    let vm = TestVm::new(Some(RING));
+    let pages = 1024;
+    let (mut c0, mut v0) = vm.guest_on(0, pages, 500, 3);
+    vm.set_iteration(0, 1);
+    v0.run_round(vm.h);
+    assert_eq!(c0.check(vm.h, 0).2, 0);
+    // Logging is on and vCPU 0 has dirtied pages: now vCPU 1 comes (a
+    // hotplugged CPU), writes its own slot and vCPU 0's, on two threads.
+    let (mut c1, mut v1) = vm.guest_on(1, pages, 500, 4);
+    for it in 2..=6 {
+        vm.set_iteration(0, it);
+        vm.set_iteration(1, it);
+        std::thread::scope(|sc| {
+            sc.spawn(|| v0.run_round(vm.h));
+            sc.spawn(|| v1.run_round(vm.h));
+        });
+        let (ch0, _, lost0) = c0.check(vm.h, 0);
+        let (ch1, _, lost1) = c1.check(vm.h, 0);
+        assert!(ch0 > 300 && ch1 > 300, "{ch0} {ch1}");
+        assert_eq!((lost0, lost1), (0, 0), "round {it}");
+    }
+    assert!(
+        vcpu_stats(vm.h, 1).entries_reaped > 0,
+        "vCPU 1's ring was reaped"
+    );
 }
 
 #[test]

@@ -79,6 +79,15 @@ struct Slot {
     dirty: Option<Arc<AtomicBitmap>>,
 }
 
+/// The dirty bits of a deleted dirty-logged slot, kept by the host
+/// address of its memory until a slot that maps that memory again takes
+/// them (see `Vm::retire`).
+struct Retired {
+    userspace_addr: u64,
+    npages: u64,
+    dirty: Arc<AtomicBitmap>,
+}
+
 /// A registered vCPU.
 struct Vcpu {
     ring: Option<Ring>,
@@ -128,6 +137,9 @@ pub struct Vm {
     reap: Mutex<ReapState>,
     vcpus: RwLock<IdMap<Vcpu>>,
     slots: RwLock<IdMap<Slot>>,
+    /// Bits of deleted slots, for the next slot on the same memory
+    /// (guarded by the lifecycle lock's holder: only `memslot_set` uses it).
+    retired: Mutex<Vec<Retired>>,
     stats: Counters,
     log_counts: LogCounts,
     reaper: Mutex<Option<Reaper>>,
@@ -146,6 +158,7 @@ impl Vm {
             reap: Mutex::new(ReapState::default()),
             vcpus: RwLock::new(IdMap::default()),
             slots: RwLock::new(IdMap::default()),
+            retired: Mutex::new(Vec::new()),
             stats: Counters::default(),
             log_counts: LogCounts::default(),
             reaper: Mutex::new(None),

@@ -62,7 +62,22 @@ impl Vm {
                 ));
             };
             self.kernel_set(m, "delete")?;
+            if old.dirty.is_some() && self.mode().has_ring() {
+                // The vCPUs may have pushed entries for this slot up to
+                // the delete (the caller's last sync came before it). The
+                // kernel pushes none after KVM_SET_USER_MEMORY_REGION has
+                // returned (it waits for SRCU readers, vCPUs included), and
+                // the id names no other slot until this returns (the
+                // lifecycle lock): harvest them into this slot's bits now.
+                let mut st = self.reap.lock();
+                if let Err(e) = self.reap_all(&mut st) {
+                    log::warn!("slot {:#x} deleted; reaping its last entries: {e}", m.slot);
+                }
+            }
             self.slots.write().remove(&m.slot);
+            if let Some(d) = old.dirty.as_ref().filter(|d| d.count() > 0) {
+                self.retire(&old.region, old.npages, d.clone());
+            }
             log::debug!("slot {:#x} deleted ({} pages)", m.slot, old.npages);
             return Ok(());
         }
@@ -136,6 +151,9 @@ impl Vm {
                 (_, n) => n,
             }
         };
+        if let (Some(d), None) = (&dirty, &old) {
+            self.adopt_retired(m, d);
+        }
         let started_logging = dirty.is_some() && old.as_ref().is_none_or(|o| o.dirty.is_none());
         self.slots.write().insert(
             m.slot,
@@ -161,5 +179,63 @@ impl Vm {
             m.flags
         );
         Ok(())
+    }
+
+    /// Keeps the dirty bits of a deleted slot (lifecycle lock held): pages
+    /// written before the delete but not yet synced by the caller. They
+    /// would be lost if the slot's memory is mapped again (a PCI BAR
+    /// disabled and enabled, or moved: QEMU deletes and creates the slot);
+    /// `adopt_retired` hands them to the new slot. Merged with an earlier
+    /// retirement of the same memory; at most `MAX_RETIRED` kept.
+    fn retire(&self, region: &KdsMemslot, npages: u64, dirty: Arc<AtomicBitmap>) {
+        const MAX_RETIRED: usize = 64;
+        let mut r = self.retired.lock();
+        if let Some(e) = r
+            .iter_mut()
+            .find(|e| e.userspace_addr == region.userspace_addr && e.npages == npages)
+        {
+            // No lock needed: a retired bitmap is no live slot's, so no
+            // harvest writes it, and or_from ORs atomically.
+            e.dirty.or_from(&dirty);
+            return;
+        }
+        if r.len() == MAX_RETIRED {
+            let gone = r.remove(0);
+            log::warn!(
+                "forgetting the dirty pages of a deleted slot (host address {:#x}, {} pages): \
+                 more than {MAX_RETIRED} deleted slots' memory was never mapped again",
+                gone.userspace_addr,
+                gone.npages
+            );
+        }
+        r.push(Retired {
+            userspace_addr: region.userspace_addr,
+            npages,
+            dirty,
+        });
+    }
+
+    /// Gives a new dirty-logged slot (reap lock held) the retired bits of
+    /// the memory it maps; a retired entry its range covers whole is done.
+    fn adopt_retired(&self, m: &KdsMemslot, dirty: &AtomicBitmap) {
+        let ps = self.page_size;
+        let (lo, hi) = (m.userspace_addr, m.userspace_addr + m.memory_size);
+        let mut adopted = 0;
+        self.retired.lock().retain(|e| {
+            let (elo, ehi) = (e.userspace_addr, e.userspace_addr + e.npages * ps);
+            let (a, b) = (lo.max(elo), hi.min(ehi));
+            if a >= b {
+                return true;
+            }
+            adopted += dirty.or_range_from((a - lo) / ps, &e.dirty, (a - elo) / ps, (b - a) / ps);
+            !(lo <= elo && ehi <= hi)
+        });
+        if adopted > 0 {
+            log::debug!(
+                "slot {:#x}: {adopted} pages dirtied before an earlier slot on this memory was \
+                 deleted are reported at its next sync",
+                m.slot
+            );
+        }
     }
 }
