@@ -48,6 +48,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +87,8 @@ class Flow:
                "-display", "none", "-nodefaults", "-no-reboot",
                "-serial", f"file:{self.work}/{role}.serial",
                "-qmp", f"unix:{self.work}/{role}.qmp,server=on,wait=off"]
+        if a.trace:
+            cmd += ["-trace", f"enable={a.trace},file={self.work}/{role}.trace"]
         if a.flow == "churn":
             cmd += ["-object", f"memory-backend-ram,id=bar,size={BAR_MIB}M",
                     "-device", f"ivshmem-plain,memdev=bar,master=on,addr={BAR_DEV:#x}",
@@ -252,6 +255,7 @@ def run_flow(args):
             def interrupt(info):
                 if transferred(info) >= mid and not interrupt.done:
                     interrupt.done = True
+                    res["first_interrupted_at_mib"] = round(transferred(info) / (1 << 20), 1)
                     if f == "fail-retry":
                         flow.kill(dp)
                     else:
@@ -259,8 +263,7 @@ def run_flow(args):
             interrupt.done = False
             info = migrate(src, src_p, dp, sock, args, during=interrupt)
             want = "failed" if f == "fail-retry" else "cancelled"
-            res["first"] = {"status": info.get("status"),
-                            "transferred_mib": round(transferred(info) / (1 << 20), 1)}
+            res["first"] = info.get("status")
             if info.get("status") != want:
                 raise RuntimeError(f"first migration ended {info.get('status')!r}, not {want!r}")
             flow.kill(dp)
@@ -321,20 +324,32 @@ def run_flow(args):
             res["runs"].append(run)
         elif f == "sigstop":
             role, dp, dq, sock = flow.destination()
-            stops = {"n": 0}
+            stops = {"n": 0, "thread": None}
+            done = threading.Event()
 
-            def storm(info):
-                # A burst of stops at each poll, up to --stops in all; then
-                # the migration converges undisturbed.
-                for _ in range(10):
-                    if stops["n"] >= args.stops or src_p.poll() is not None:
-                        return
+            def stopper():
+                # Stop and continue the whole source, a pair every
+                # millisecond or so, up to --stops pairs; then the
+                # migration converges undisturbed.
+                while stops["n"] < args.stops and not done.is_set() and src_p.poll() is None:
                     os.kill(src_p.pid, signal.SIGSTOP)
-                    time.sleep(0.0005)
+                    time.sleep(0.0003)
                     os.kill(src_p.pid, signal.SIGCONT)
                     stops["n"] += 1
-                    time.sleep(0.002)
-            info = migrate(src, src_p, dp, sock, args, during=storm)
+                    time.sleep(0.001)
+
+            def storm(info):
+                if stops["thread"] is None:
+                    stops["thread"] = threading.Thread(target=stopper, daemon=True)
+                    stops["thread"].start()
+            try:
+                info = migrate(src, src_p, dp, sock, args, during=storm)
+            finally:
+                done.set()
+                if stops["thread"]:
+                    stops["thread"].join(10)
+                if src_p.poll() is None:
+                    os.kill(src_p.pid, signal.SIGCONT)
             res["stops"] = stops["n"]
             res["runs"].append(verify(flow, src_p, src, dp, dq, role, info))
         elif f == "soak":
@@ -370,9 +385,21 @@ def run_flow(args):
             errs = [ln.strip() for ln in log.splitlines() if ln.strip()]
             if errs:
                 res["src_stderr"] = errs[-1][:200]
+            # The shim's own warnings (logged at powers of two): resets a
+            # stop may have cut short, and ring entries it had to skip.
             res["switched_out_warnings"] = log.count("was stopped or slept during the reset")
+            res["skipped_entry_warnings"] = log.count("named an unknown slot")
         except OSError:
             pass
+        if args.trace:
+            res["trace_src"] = {}
+            try:
+                with open(f"{flow.work}/src.trace", errors="replace") as t:
+                    for line in t:
+                        ev = line.split(" ", 1)[0].split(":")[0]
+                        res["trace_src"][ev] = res["trace_src"].get(ev, 0) + 1
+            except OSError:
+                pass
         flow.close()
     res["wall_s"] = round(time.time() - t0, 1)
     runs = res["runs"]
@@ -408,10 +435,12 @@ def main():
     ap.add_argument("--untracked-s", type=float, default=3.0,
                     help="seconds the guest writes untracked between attempts")
     ap.add_argument("--churn-ms", type=int, default=250, help="between BAR changes")
-    ap.add_argument("--stops", type=int, default=400, help="SIGSTOP/SIGCONT pairs")
+    ap.add_argument("--stops", type=int, default=3000, help="SIGSTOP/SIGCONT pairs")
     ap.add_argument("--count", type=int, default=50, help="soak: migrations")
     ap.add_argument("--rss-margin-mib", type=int, default=32, help="soak: RSS growth allowed")
     ap.add_argument("--keep", help="directory to keep logs in")
+    ap.add_argument("--trace", default="", help="QEMU trace events (a pattern); the "
+                    "source's are counted per event")
     args = ap.parse_args()
     ok, res = run_flow(args)
     print(("PASS " if ok else "FAIL ") + json.dumps(res), flush=True)

@@ -135,7 +135,19 @@ impl Vm {
         }
         // Under the reap lock: no publish into the old bitmap can slip in
         // between copying its bits and replacing it.
-        let reap_lock = self.reap.lock();
+        let mut reap_lock = self.reap.lock();
+        let stops_logging = m.flags & MEM_LOG_DIRTY_PAGES == 0
+            && old.as_ref().is_some_and(|o| o.dirty.is_some());
+        if stops_logging && self.mode().has_ring() {
+            // Entries pushed before logging went off would otherwise be
+            // skipped later as naming a slot that does not log (and
+            // counted in invalid_entries): harvest them while it still
+            // does. Its bits go with the bitmap; the caller stopped
+            // tracking.
+            if let Err(e) = self.reap_all(&mut reap_lock) {
+                log::warn!("slot {:#x}: logging off; reaping its last entries: {e}", m.slot);
+            }
+        }
         let old_dirty = old.as_ref().and_then(|o| o.dirty.clone());
         let dirty = if m.flags & MEM_LOG_DIRTY_PAGES == 0 {
             None
