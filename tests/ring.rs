@@ -443,3 +443,43 @@ fn reaping_only_on_ring_full_exits_resumes_and_loses_nothing() {
     assert!(s.ring_overflows == 0 || s.ring_recoveries > 0, "{s:?}");
     eprintln!("ring-full-only reaping: {s:?}");
 }
+
+#[test]
+fn logging_toggled_under_a_running_vcpu_and_a_reaper_skips_nothing() {
+    // Logging goes off and on again and again on the slot a vCPU writes,
+    // while a reaper thread reaps: every entry the kernel pushes names a
+    // slot the shim tracks at that moment (the bitmap is in place before
+    // logging starts; the last entries are harvested when it stops).
+    let vm = TestVm::new(Some(RING));
+    let pages = 4096;
+    let (c, mut v) = vm.guest(pages, 4000, 21);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (vm, c, stop) = (&vm, &c, &stop);
+    let (_, reaped) = with_reaper(vm.h, Duration::from_micros(50), || {
+        std::thread::scope(|sc| {
+            let vcpu = sc.spawn(move || {
+                let mut it = 0;
+                while !stop.load(Ordering::Relaxed) || it < 20 {
+                    it += 1;
+                    vm.set_iteration(0, it);
+                    assert!(!v.run_round(vm.h).wedged);
+                }
+                it
+            });
+            for i in 0..400 {
+                let flags = if i % 2 == 0 {
+                    0
+                } else {
+                    KDS_MEM_LOG_DIRTY_PAGES
+                };
+                vm.set_slot(1, TEST_GPA, &c.mem, flags);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(vcpu.join().unwrap() >= 20);
+        })
+    });
+    let s = vm.stats();
+    assert!(reaped > 0 && s.entries_reaped > 0, "{s:?}");
+    assert_eq!(s.invalid_entries, 0, "entries skipped: {s:?}");
+}

@@ -126,18 +126,44 @@ impl Vm {
             };
             self.kernel_set(&del, "delete for resize of")?;
         }
+        // Logging starts on a slot the kernel keeps (a new one, or flags
+        // changed in place): its bitmap goes into the table first, so that
+        // a reap on another thread that finds the first entries the kernel
+        // pushes for it, before this returns, records them instead of
+        // skipping them as naming a slot that does not log.
+        let starts_in_place = !recreate
+            && m.flags & MEM_LOG_DIRTY_PAGES != 0
+            && old.as_ref().is_none_or(|o| o.dirty.is_none());
+        if let (true, Some(f)) = (starts_in_place, &fresh) {
+            let region = old.as_ref().map_or(*m, |o| o.region);
+            let early = Slot {
+                region,
+                npages: region.memory_size / ps,
+                dirty: Some(f.clone()),
+            };
+            self.slots.write().insert(m.slot, Arc::new(early));
+        }
         if let Err(e) = self.kernel_set(m, if old.is_some() { "update" } else { "create" }) {
-            if recreate {
+            let mut slots = self.slots.write();
+            match &old {
                 // The old slot is gone from the kernel: forget it too.
-                self.slots.write().remove(&m.slot);
+                Some(_) if recreate => {
+                    slots.remove(&m.slot);
+                }
+                Some(o) => {
+                    slots.insert(m.slot, o.clone());
+                }
+                None => {
+                    slots.remove(&m.slot);
+                }
             }
             return Err(e);
         }
         // Under the reap lock: no publish into the old bitmap can slip in
         // between copying its bits and replacing it.
         let mut reap_lock = self.reap.lock();
-        let stops_logging = m.flags & MEM_LOG_DIRTY_PAGES == 0
-            && old.as_ref().is_some_and(|o| o.dirty.is_some());
+        let stops_logging =
+            m.flags & MEM_LOG_DIRTY_PAGES == 0 && old.as_ref().is_some_and(|o| o.dirty.is_some());
         if stops_logging && self.mode().has_ring() {
             // Entries pushed before logging went off would otherwise be
             // skipped later as naming a slot that does not log (and
@@ -145,7 +171,10 @@ impl Vm {
             // does. Its bits go with the bitmap; the caller stopped
             // tracking.
             if let Err(e) = self.reap_all(&mut reap_lock) {
-                log::warn!("slot {:#x}: logging off; reaping its last entries: {e}", m.slot);
+                log::warn!(
+                    "slot {:#x}: logging off; reaping its last entries: {e}",
+                    m.slot
+                );
             }
         }
         let old_dirty = old.as_ref().and_then(|o| o.dirty.clone());
