@@ -247,6 +247,7 @@ def run_flow(args):
     flow = Flow(args)
     res = flow.result
     t0 = time.time()
+    src_p = None
     try:
         src_p, src = flow.start("src", False)
         if not qm.wait_beats(f"{flow.work}/src.serial", args.smp, {}, time.time() + 120):
@@ -383,8 +384,9 @@ def run_flow(args):
             res["rss_kib"] = [first.get("rss_kib"), last.get("rss_kib")]
     except Exception as e:  # reported, never a traceback
         res["error"] = str(e)
+        if src_p is not None and src_p.poll() is not None:
+            res["error"] = f"the source QEMU exited ({src_p.returncode}): {e}"
     finally:
-        flow.close_logs = None
         try:
             with open(f"{flow.work}/src.log", errors="replace") as f_:
                 log = f_.read()
