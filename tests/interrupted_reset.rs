@@ -32,15 +32,6 @@ const MIN_ROUNDS: u32 = 20;
 
 extern "C" fn on_signal(_: libc::c_int) {}
 
-/// Sets the flag when dropped (also while unwinding from a panic).
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn signals_at_the_reaping_thread_lose_nothing() {
     let secs: u64 = std::env::var("KDS_INTERRUPT_SECS")

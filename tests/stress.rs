@@ -33,15 +33,6 @@ fn ok_or(r: i64, allowed: &[i32], what: &str) {
     );
 }
 
-/// Sets the flag when dropped (also while unwinding from a panic).
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn everything_at_once_loses_nothing_and_leaks_nothing() {
     let secs: u64 = std::env::var("KDS_STRESS_SECS")

@@ -296,17 +296,21 @@ impl Checker {
     }
 }
 
+/// Sets the flag when dropped (also while unwinding from a panic): a
+/// thread that holds one makes the others stop however it ends.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Runs `body` while a reaper thread calls `kds_reap` in a loop, pausing
 /// `pause` between calls. The thread is stopped and joined however `body`
 /// ends (a failed assertion included), before the caller frees the VM.
 /// Returns `body`'s result and the entries the reaper harvested.
 pub fn with_reaper<R>(h: Handle, pause: Duration, body: impl FnOnce() -> R) -> (R, u64) {
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     let stop = AtomicBool::new(false);
     std::thread::scope(|sc| {
         let reaper = sc.spawn(|| {
