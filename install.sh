@@ -5,7 +5,9 @@
 set -eu
 prefix=${1:-/usr/local}
 cd "$(dirname "$0")"
-cargo build --quiet --release --lib
+# The C library: the `capi` feature, built as a staticlib (a Rust user's
+# build of the crate makes neither).
+cargo rustc --quiet --locked --release --lib --features capi --crate-type staticlib
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 install -D -m 644 target/release/libkvm_dirty_shim.a "$prefix/lib/libkvm_dirty_shim.a"
 install -D -m 644 include/kvm_dirty_shim.h "$prefix/include/kvm_dirty_shim.h"

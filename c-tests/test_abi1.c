@@ -87,7 +87,8 @@ int main(void)
     CHECK(h.reset_shortfall == 0xeeeeeeeeeeeeeeeeull, "written past ABI 1's 72 bytes");
 
     KdsVcpuStats vs;
-    CHECK(kds_vcpu_stats(vm, 0, &vs) < 0, "unknown vCPU");
+    /* ABI 1 said -EINVAL for an unknown vCPU (ABI 2's names: -ENOENT). */
+    CHECK(kds_vcpu_stats(vm, 0, &vs) == -EINVAL, "unknown vCPU: -EINVAL");
     CHECK(kds_reaper_start(vm, NULL) == -ENOTSUP, "reaper without ring");
 
     /* A ring VM: the reaper with ABI 1's config layout. */
@@ -102,7 +103,7 @@ int main(void)
     CHECK(kds_reaper_stop(rvm) == 0, "kds_reaper_stop");
     CHECK(kds_set_kick(rvm, NULL, NULL) == 0, "kds_set_kick");
     CHECK(kds_flush(rvm) == -EBUSY, "kds_flush without a kick");
-    CHECK(kds_reap_vcpu(rvm, 3) < 0, "kds_reap_vcpu unknown");
+    CHECK(kds_reap_vcpu(rvm, 3) == -EINVAL, "kds_reap_vcpu unknown: -EINVAL");
     int mp = kds_set_manual_protect(rvm, true);
     CHECK(mp == 0 || mp == -ENOTSUP, "kds_set_manual_protect");
     CHECK(kds_set_logger(NULL, NULL, 0) == 0, "kds_set_logger");

@@ -23,7 +23,7 @@
 //! the guest dirties become resident. The 32-bit guest reaches the first
 //! 2 GiB of a slot, so dirty pages lie there.
 //!
-//!     cargo run --release --example bench [harvest|sync|reapers|syncmodes|rounds]...
+//!     cargo run --release --features capi --example bench [harvest|sync|reapers|syncmodes|rounds]...
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,7 +31,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -63,7 +63,7 @@ fn harvest(entries: u32) {
         vm.set_iteration(0, it);
         full += v.run_round(vm.h).ring_full_exits;
         let before = vm.stats();
-        let got = kds_reap(vm.vm());
+        let got = c!(kds_reap(vm.vm()));
         assert!(got >= 0);
         let after = vm.stats();
         harvest_ns += after.harvest_ns - before.harvest_ns;
@@ -93,7 +93,10 @@ fn sync_16g() {
     let reps = 50;
     let t = Instant::now();
     for _ in 0..reps {
-        assert_eq!(kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0), 0);
+        assert_eq!(
+            c!(kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0)),
+            0
+        );
     }
     println!(
         "kds_memslot_sync 16 GiB slot (4M pages), ring mode, nothing dirty: {:.3} ms per call",
@@ -131,7 +134,11 @@ fn reapers(kind: ReaperKind, secs: u64) {
     }
     if kind == ReaperKind::Adaptive {
         assert_eq!(
-            kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+            c!(kds_reaper_enable(
+                vm.vm(),
+                std::ptr::null(),
+                size_of::<KdsReaperConfig>()
+            )),
             0
         );
     }
@@ -169,7 +176,7 @@ fn reapers(kind: ReaperKind, secs: u64) {
         _ => run(),
     };
     let el = t.elapsed().as_secs_f64();
-    assert_eq!(kds_reaper_disable(vm.vm()), 0);
+    assert_eq!(c!(kds_reaper_disable(vm.vm())), 0);
     let s = vm.stats();
     println!(
         "reaper {:<9} 2 vCPUs, 4096-entry rings, {el:.1} s: {full:>6} ring-full exits, \
@@ -211,7 +218,7 @@ fn big_vm(mode: Mode, bytes: u64) -> (TestVm, Mem, common::Vcpu) {
     let vm = match mode {
         Mode::Ring => TestVm::new(Some(65536)),
         m => TestVm::new_with(None, |h| {
-            assert_eq!(kds_manual_protect_set(h, m == Mode::BitmapClear), 0)
+            assert_eq!(c!(kds_manual_protect_set(h, m == Mode::BitmapClear)), 0)
         }),
     };
     let mem = Mem::new(bytes as usize);
@@ -233,11 +240,11 @@ fn dirty(vm: &TestVm, v: &mut common::Vcpu, k: u64, round: u32) {
 /// One sync of slot 1 (ring mode: after a reap, so that only the drain
 /// is timed): (pages reported, seconds).
 fn timed_sync(vm: &TestVm, out: &mut [u64], pages: u64) -> (u64, f64) {
-    if kds_vm_mode(vm.vm()) != KdsMode::KDS_MODE_BITMAP as i32 {
-        assert!(kds_reap(vm.vm()) >= 0);
+    if c!(kds_vm_mode(vm.vm())) != KdsMode::KDS_MODE_BITMAP as i32 {
+        assert!(c!(kds_reap(vm.vm())) >= 0);
     }
     let t = Instant::now();
-    let n = kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
+    let n = c!(kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0));
     let el = t.elapsed().as_secs_f64();
     assert!(n >= 0, "{}", last_error());
     (n as u64, el)
@@ -296,9 +303,9 @@ fn rounds() {
                 dirty(&vm, &mut v, DIRTY, r);
                 let t0 = Instant::now();
                 if mode == Mode::Ring {
-                    assert!(kds_reap(vm.vm()) >= 0);
+                    assert!(c!(kds_reap(vm.vm())) >= 0);
                 }
-                let n = kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0);
+                let n = c!(kds_memslot_sync(vm.vm(), 1, out.as_mut_ptr(), pages, 0));
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
                 assert!(n > 0, "{n}: {}", last_error());
                 reported += n as u64;

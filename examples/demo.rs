@@ -4,7 +4,7 @@
 //! pages the guest changed, pages the shim reported, loss (must be 0),
 //! ring-full exits, and where reap time went.
 //!
-//!     cargo run --release --example demo [seconds-per-mode]
+//!     cargo run --release --features capi --example demo [seconds-per-mode]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 const PAGES: u64 = 16384; // 64 MiB test slot
 const STORES: u32 = 6000; // stores per guest round
@@ -23,7 +23,7 @@ fn run(mode: &str, ring: Option<u32>, secs: f64) -> u64 {
     let (mut c, mut v) = vm.guest(PAGES, STORES, 1);
     println!(
         "\n{mode} mode (kds_vm_mode = {}), {PAGES} pages, {STORES} stores per guest round{}",
-        kds_vm_mode(vm.vm()),
+        c!(kds_vm_mode(vm.vm())),
         ring.map(|r| format!(", {r}-entry ring"))
             .unwrap_or_default()
     );
@@ -58,7 +58,7 @@ fn run(mode: &str, ring: Option<u32>, secs: f64) -> u64 {
                 break;
             }
             // Between guest rounds, reap as a VMM's reaper thread would.
-            assert!(kds_reap(vm.vm()) >= 0, "kds_reap: {}", last_error());
+            assert!(c!(kds_reap(vm.vm())) >= 0, "kds_reap: {}", last_error());
         }
         let (changed, reported, lost) = c.check(vm.h, 0);
         total_lost += lost;

@@ -1,36 +1,55 @@
-//! A small Rust VMM that tracks its guest's dirty pages with the Rust API
-//! only ([`DirtyTracker`]; kvm-ioctls for the VM and its vCPUs): the way
-//! cloud-hypervisor, Firecracker or crosvm would use the dirty ring.
+//! A small Rust VMM written only against kvm-ioctls, vm-memory and this
+//! crate's Rust API, the way cloud-hypervisor, Firecracker or crosvm would
+//! use the dirty ring: it "migrates" its guest's RAM into a copy while
+//! the guest writes it, then checks the copy page by page.
 //!
-//! It boots the tiny x86 guest of `guest/guest.S` on 2 vCPUs. Each vCPU has
-//! its own dirty-logged slot and stores to pseudo-random pages of it. The
-//! VMM handles `KVM_EXIT_DIRTY_RING_FULL` on each vCPU's thread, and the
-//! adaptive reaper runs beside them. After each round the VMM syncs every
-//! slot, as a migration round would. It then checks the result against a
-//! shadow copy of the memory: every page that changed must have been
-//! reported. It prints one line per round and exits non-zero on any lost
-//! page.
+//! It boots the tiny x86 guest of `guest/guest.S` on 2 vCPUs, each storing
+//! without pause to pseudo-random pages of its own dirty-logged region
+//! (vm-memory regions, registered with the safe `update_memslot_region`).
+//! Each vCPU thread owns its `VcpuTracker` and hands every exit to
+//! `handle_exit`, which reaps the ring on `KVM_EXIT_DIRTY_RING_FULL`; from
+//! the second half of the rounds on, the adaptive reaper runs beside them
+//! (so the first half is all ring-full exits). The migration thread syncs every
+//! region each round while the vCPUs run, copying the pages reported into
+//! the destination: region 0 through a bitmap and `dirty_pages`, region 1
+//! merged into vm-memory's own `AtomicBitmap` of the region. Then it stops
+//! the vCPUs, does the final sync, and compares: a page that differs was
+//! lost. It prints one line per round and exits non-zero on any lost page.
 //!
-//!     cargo run --release --example rust_vmm [rounds]
+//!     cargo run --release --features vm-memory --example rust_vmm [rounds]
 
-use std::os::fd::AsRawFd;
-use std::sync::Barrier;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use kvm_dirty_shim::{DirtyTracker, KDS_MEM_LOG_DIRTY_PAGES, KdsMemslot, KdsReaperConfig};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_dirty_shim::{
+    BoardFlags, DirtyTracker, ErrorKind, ExitAction, MemslotFlags, ReaperConfig, SlotId, SyncStage,
+    dirty_pages,
+};
+use kvm_ioctls::{Kvm, VcpuExit};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
-// The guest's bytes, guest memory and the guest's start registers (no shim).
+// The guest's bytes and its start registers (kvm-ioctls only).
 #[path = "../guest/host.rs"]
 mod host;
-use host::{GUEST, Mem, setup_regs};
+use host::{GUEST, setup_regs};
 
 const PAGE: u64 = 4096;
 const CODE_PAGES: u64 = 8;
 const VCPUS: u32 = 2;
 const PAGES: u64 = 8192; // 32 MiB per vCPU
-const STORES: u32 = 6000;
+const STORES: u32 = 2000; // per batch; the vCPU re-enters at once
 const RING: u32 = 4096;
+
+type Region = GuestRegionMmap<AtomicBitmap>;
+
+fn region(gpa: u64, pages: u64) -> Arc<Region> {
+    let mapping = MmapRegion::<AtomicBitmap>::new((pages * PAGE) as usize).expect("mmap");
+    Arc::new(GuestRegionMmap::new(mapping, GuestAddress(gpa)).expect("region"))
+}
 
 fn main() {
     let rounds: u32 = std::env::args()
@@ -42,132 +61,181 @@ fn main() {
     let tracker = DirtyTracker::adopt(&vm).expect("adopt the VM");
     match tracker.enable_dirty_ring(RING) {
         Ok(()) => {}
-        Err(e) if e.errno() == libc::ENOTSUP => println!("no dirty ring here: bitmap mode"),
+        Err(e) if e.kind() == ErrorKind::Unsupported => println!("no dirty ring: bitmap mode"),
         Err(e) => panic!("{e}"),
     }
-    tracker.board_init(0).expect("board hook");
+    tracker.board_init(BoardFlags::empty()).expect("board hook");
 
     // Slot 0: code, mailboxes and stacks; slot 1 + i: vCPU i's region.
-    let code = Mem::new((CODE_PAGES * PAGE) as usize);
-    // SAFETY: in bounds of the fresh mapping.
-    unsafe { std::ptr::copy_nonoverlapping(GUEST.as_ptr(), code.ptr, GUEST.len()) };
-    let regions: Vec<Mem> = (0..VCPUS)
-        .map(|_| Mem::new((PAGES * PAGE) as usize))
-        .collect();
-    let slot = |slot: u32, gpa: u64, mem: &Mem, flags: u32| KdsMemslot {
-        slot,
-        flags,
-        guest_phys_addr: gpa,
-        memory_size: mem.len as u64,
-        userspace_addr: mem.ptr as u64,
-    };
-    // SAFETY: the mappings outlive the tracker and the VM, which are
-    // dropped at the end of main before them (declared after them).
-    unsafe { tracker.set_memslot(&slot(0, 0, &code, 0)) }.expect("code slot");
+    let code = region(0, CODE_PAGES);
     let region_gpa = |i: u32| 0x10_0000 + u64::from(i) * PAGES * PAGE;
+    let regions: Vec<Arc<Region>> = (0..VCPUS).map(|i| region(region_gpa(i), PAGES)).collect();
+    let mut all = vec![Arc::clone(&code)];
+    all.extend(regions.iter().cloned());
+    let mem = GuestMemoryMmap::from_arc_regions(all).expect("guest memory");
+    mem.write_slice(GUEST, GuestAddress(0))
+        .expect("load the guest");
+    // No `unsafe`: the tracker keeps each region mapped while its slot
+    // exists.
+    tracker
+        .update_memslot_region(SlotId::new(0), Arc::clone(&code), MemslotFlags::empty())
+        .expect("code slot");
     for (i, r) in regions.iter().enumerate() {
-        let i = i as u32;
-        // SAFETY: as above.
-        unsafe { tracker.set_memslot(&slot(1 + i, region_gpa(i), r, KDS_MEM_LOG_DIRTY_PAGES)) }
+        let slot = SlotId::new(1 + i as u16);
+        tracker
+            .update_memslot_region(slot, Arc::clone(r), MemslotFlags::LOG_DIRTY_PAGES)
             .expect("region slot");
     }
-    let mailbox = |i: u32| PAGE * (1 + u64::from(i));
-    let vcpus: Vec<VcpuFd> = (0..VCPUS)
-        .map(|i| {
-            let fd = vm.create_vcpu(u64::from(i)).expect("KVM_CREATE_VCPU");
-            tracker.add_vcpu(&fd, i).expect("add vCPU");
-            setup_regs(&fd, mailbox(i), PAGE * (CODE_PAGES - u64::from(i)));
-            let mb = mailbox(i);
-            code.write_u32(mb + 4, STORES);
-            code.write_u32(mb + 8, 7 + i);
-            code.write_u32(mb + 12, (PAGES - 1) as u32);
-            code.write_u32(mb + 16, region_gpa(i) as u32);
-            code.write_u32(mb + 20, 12);
-            fd
-        })
-        .collect();
-    if tracker.mode().has_ring() {
-        tracker
-            .start_reaper(&KdsReaperConfig::default())
-            .expect("start the reaper");
+    let mailbox = |i: u32| GuestAddress(PAGE * (1 + u64::from(i)));
+    let put = |i: u32, off: u64, v: u32| {
+        mem.write_obj(v, mailbox(i).unchecked_add(off))
+            .expect("mailbox")
+    };
+    let mut vcpus = Vec::new();
+    for i in 0..VCPUS {
+        let fd = vm.create_vcpu(u64::from(i)).expect("KVM_CREATE_VCPU");
+        let dirty = tracker.add_vcpu(&fd, i).expect("add vCPU");
+        setup_regs(&fd, mailbox(i).0, PAGE * (CODE_PAGES - u64::from(i)));
+        put(i, 0, 1); // the value stored: the round
+        put(i, 4, STORES);
+        put(i, 8, 7 + i); // LCG seed
+        put(i, 12, (PAGES - 1) as u32);
+        put(i, 16, region_gpa(i) as u32);
+        put(i, 20, 12);
+        vcpus.push((fd, dirty));
     }
     println!(
-        "{VCPUS} vCPUs, mode {:?}, {PAGES} pages per vCPU, {STORES} stores per round, vm fd {}",
-        tracker.mode(),
-        tracker.vm_fd().as_raw_fd()
+        "{VCPUS} vCPUs writing without pause, mode {:?}, {PAGES} pages per vCPU",
+        tracker.mode()
     );
 
-    let mut shadow: Vec<Vec<u32>> = vec![vec![0; PAGES as usize]; VCPUS as usize];
-    let mut bitmap = vec![0u64; (PAGES / 64) as usize];
+    // The destination: a copy of each region, filled only from syncs.
+    let mut dest: Vec<Vec<u8>> = vec![vec![0; (PAGES * PAGE) as usize]; VCPUS as usize];
+    let copy = |dest: &mut Vec<u8>, r: &Region, page: u64| {
+        let at = (page * PAGE) as usize;
+        let gpa = r.start_addr().unchecked_add(page * PAGE);
+        mem.read_slice(&mut dest[at..at + PAGE as usize], gpa)
+            .expect("read the page");
+    };
+    let stop = AtomicBool::new(false);
     let full_exits = AtomicU64::new(0);
-    let start = Barrier::new(VCPUS as usize + 1);
-    let done = Barrier::new(VCPUS as usize + 1);
-    let mut total_lost = 0;
+    let mut bitmap = vec![0u64; (PAGES / 64) as usize];
+    let mut lost = 0;
     std::thread::scope(|s| {
-        for (i, fd) in vcpus.into_iter().enumerate() {
-            let (tracker, start, done, full_exits) = (&tracker, &start, &done, &full_exits);
-            let mut fd = fd;
+        for (mut fd, dirty) in vcpus {
+            let (stop, full_exits) = (&stop, &full_exits);
             s.spawn(move || {
-                for _ in 0..rounds {
-                    start.wait();
-                    // One round: until the guest's `out 0x10`, bounded.
-                    for exits in 0.. {
-                        assert!(exits < 1_000_000, "the round did not end");
-                        match fd.run().expect("KVM_RUN") {
-                            VcpuExit::IoOut(0x10, _) => break,
-                            VcpuExit::Unsupported(r)
-                                if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL =>
-                            {
+                // Until told to stop, checked at each batch's `out 0x10`;
+                // a batch is STORES stores, so this ends promptly.
+                loop {
+                    match fd.run().expect("KVM_RUN") {
+                        VcpuExit::IoOut(0x10, _) if stop.load(Ordering::Relaxed) => break,
+                        VcpuExit::IoOut(0x10, _) => {}
+                        VcpuExit::Unsupported(reason) => match dirty.handle_exit(reason) {
+                            Ok(ExitAction::Reenter { .. }) => {
                                 full_exits.fetch_add(1, Ordering::Relaxed);
-                                tracker.reap_vcpu(i as u32).expect("reap on ring full");
                             }
-                            other => panic!("unexpected exit {other:?}"),
-                        }
+                            Ok(ExitAction::FailMigration(e)) => {
+                                eprintln!("vCPU {}: {e}", dirty.index());
+                                std::process::exit(1);
+                            }
+                            Ok(other) => panic!("unexpected exit {reason}: {other:?}"),
+                            Err(e) => panic!("vCPU {}: {e}", dirty.index()),
+                        },
+                        other => panic!("unexpected exit {other:?}"),
                     }
-                    done.wait();
                 }
+                // Dropping `dirty` unregisters the vCPU.
             });
         }
         for round in 1..=rounds {
-            for i in 0..VCPUS {
-                code.write_u32(mailbox(i), round);
+            if round == rounds / 2 + 1 && tracker.mode().has_ring() {
+                let cfg = ReaperConfig::default().max_interval(Duration::from_millis(20));
+                tracker.enable_reaper(&cfg).expect("start the reaper");
             }
-            start.wait();
-            done.wait();
-            let (mut changed, mut reported, mut lost) = (0, 0, 0);
-            for (i, region) in regions.iter().enumerate() {
-                bitmap.fill(0);
-                reported += tracker
-                    .sync_slot(1 + i as u32, &mut bitmap, false)
-                    .expect("sync");
-                for p in 0..PAGES {
-                    let v = region.read_u32(p * PAGE);
-                    if v != shadow[i][p as usize] {
-                        changed += 1;
-                        if bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-                            lost += 1;
-                        }
-                        shadow[i][p as usize] = v;
-                    }
+            // The guest stores the round number from now on: a page copied
+            // earlier and written again differs unless it is sent again.
+            for i in 0..VCPUS {
+                put(i, 0, round);
+            }
+            // How long the guest writes before this round's sync (the check
+            // does not depend on it).
+            std::thread::sleep(Duration::from_millis(50));
+            let stage = SyncStage::Live;
+            let (mut sent, mut whole) = (0, false);
+            // Region 0: the shim's bitmap, walked with `dirty_pages`.
+            bitmap.fill(0);
+            let r = tracker
+                .sync_memslot(SlotId::new(1), &mut bitmap, stage)
+                .expect("sync");
+            whole |= r.whole_slot;
+            for p in dirty_pages(&bitmap) {
+                copy(&mut dest[0], &regions[0], p);
+                sent += 1;
+            }
+            // Region 1: merged into vm-memory's bitmap of the region (where
+            // the VMM's own writes are marked too), then walked there.
+            let vmm_bitmap = MmapRegion::bitmap(&regions[1]);
+            let r = tracker
+                .sync_memslot_into(SlotId::new(2), stage, vmm_bitmap)
+                .expect("sync");
+            whole |= r.whole_slot;
+            for p in 0..PAGES {
+                if vmm_bitmap.is_addr_set((p * PAGE) as usize) {
+                    vmm_bitmap.reset_addr_range((p * PAGE) as usize, PAGE as usize);
+                    copy(&mut dest[1], &regions[1], p);
+                    sent += 1;
                 }
             }
-            total_lost += lost;
             println!(
-                "round {round:2}: {changed:5} pages changed, {reported:5} reported, {lost} lost, \
-                 {} ring-full exits so far",
+                "round {round:2}: {sent:5} pages sent{}, {} ring-full exits so far",
+                if whole {
+                    " (a whole slot: overrun)"
+                } else {
+                    ""
+                },
                 full_exits.load(Ordering::Relaxed)
             );
         }
+        // Stop the vCPUs (the scope joins their threads): the final sync
+        // then sees every store.
+        stop.store(true, Ordering::Relaxed);
     });
+    // The vCPU threads are done: the final sync, then the check.
+    for (i, r) in regions.iter().enumerate() {
+        bitmap.fill(0);
+        let slot = SlotId::new(1 + i as u16);
+        tracker
+            .sync_memslot(slot, &mut bitmap, SyncStage::Final)
+            .expect("final sync");
+        for p in dirty_pages(&bitmap) {
+            copy(&mut dest[i], r, p);
+        }
+        MmapRegion::bitmap(r).reset();
+        let mut page = vec![0u8; PAGE as usize];
+        for p in 0..PAGES {
+            mem.read_slice(&mut page, r.start_addr().unchecked_add(p * PAGE))
+                .expect("read");
+            let at = (p * PAGE) as usize;
+            if page[..] != dest[i][at..at + PAGE as usize] {
+                lost += 1;
+            }
+        }
+    }
     let st = tracker.stats();
     println!(
-        "stats: {} entries reaped, {} by the reaper, {} resets, {} overflows",
-        st.entries_reaped, st.reaper_reaps, st.ring_resets, st.ring_overflows
+        "stats: {} entries reaped, {} reaps by the reaper, {} resets, {} overflows, \
+         {} ring-full exits",
+        st.entries_reaped,
+        st.reaper_reaps,
+        st.ring_resets,
+        st.ring_overflows,
+        full_exits.load(Ordering::Relaxed)
     );
-    drop(tracker); // stops the reaper, unmaps the rings
-    if total_lost > 0 {
-        eprintln!("{total_lost} pages lost");
+    drop(tracker); // stops the reaper; the VM goes with the last handle
+    if lost > 0 {
+        eprintln!("{lost} pages lost: the destination differs from the source");
         std::process::exit(1);
     }
-    println!("0 pages lost");
+    println!("0 pages lost: the destination equals the source, page for page");
 }

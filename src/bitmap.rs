@@ -2,19 +2,22 @@
 //! in the layout of `KVM_GET_DIRTY_LOG` (bit `i % 64` of word `i / 64`).
 //!
 //! Writers: the reap path publishes (`set_locked`, `set_all`) and
-//! `kds_memslot_sync` drains (`drain_into`), both with the VM's reap lock
+//! a sync drains (`drain_into`), both with the VM's reap lock
 //! held, so no two writers ever race. That is what lets the hot path use a
 //! plain load and store instead of a locked read-modify-write (measured:
 //! the `lock or` was most of the per-entry cost). The words stay atomic so
 //! that lock-free readers (`get`, `count`, a resize copying the bits) are
 //! data-race free.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A fixed-size bitmap of `npages` bits that many threads set and drain.
 pub struct AtomicBitmap {
     words: Box<[AtomicU64]>,
     npages: u64,
+    /// `set_all` ran since the last drain: the next drain reports the
+    /// whole slot whatever the guest wrote (written under the writers' lock).
+    whole: AtomicBool,
 }
 
 /// Words needed for `nbits` bits.
@@ -23,7 +26,7 @@ pub fn words_for(nbits: u64) -> usize {
 }
 
 /// The mask of the valid bits of word `w` of an `nbits`-bit bitmap.
-fn word_mask(nbits: u64, w: usize) -> u64 {
+pub fn word_mask(nbits: u64, w: usize) -> u64 {
     let first = w as u64 * 64;
     if nbits >= first + 64 {
         u64::MAX
@@ -38,7 +41,11 @@ impl AtomicBitmap {
     /// An all-clear bitmap of `npages` bits.
     pub fn new(npages: u64) -> Self {
         let words = (0..words_for(npages)).map(|_| AtomicU64::new(0)).collect();
-        AtomicBitmap { words, npages }
+        AtomicBitmap {
+            words,
+            npages,
+            whole: AtomicBool::new(false),
+        }
     }
 
     /// As `new`, but `None` instead of aborting when the memory cannot be
@@ -51,6 +58,7 @@ impl AtomicBitmap {
         Some(AtomicBitmap {
             words: v.into_boxed_slice(),
             npages,
+            whole: AtomicBool::new(false),
         })
     }
 
@@ -77,6 +85,7 @@ impl AtomicBitmap {
 
     /// Sets every bit.
     pub fn set_all(&self) {
+        self.whole.store(true, Ordering::Relaxed);
         for (i, w) in self.words.iter().enumerate() {
             w.fetch_or(word_mask(self.npages, i), Ordering::Relaxed);
         }
@@ -112,6 +121,12 @@ impl AtomicBitmap {
     /// Returns the number of distinct pages reported. `out` must hold at
     /// least `words_for(len)` words.
     pub fn drain_into(&self, out: &mut [u64], extra: Option<&[u64]>) -> u64 {
+        self.drain_words(extra, |i, v| out[i] |= v)
+    }
+
+    /// As `drain_into`, handing each non-zero word (its index, its bits)
+    /// to `f` instead: no buffer of the slot's size.
+    pub fn drain_words(&self, extra: Option<&[u64]>, mut f: impl FnMut(usize, u64)) -> u64 {
         let mut count = 0u64;
         for (i, w) in self.words.iter().enumerate() {
             let mut v = w.load(Ordering::Relaxed);
@@ -123,11 +138,17 @@ impl AtomicBitmap {
             }
             v &= word_mask(self.npages, i);
             if v != 0 {
-                out[i] |= v;
+                f(i, v);
                 count += u64::from(v.count_ones());
             }
         }
         count
+    }
+
+    /// Did `set_all` run since the previous call? (The caller drains
+    /// under the writers' lock right after.)
+    pub fn take_whole(&self) -> bool {
+        self.whole.swap(false, Ordering::Relaxed)
     }
 
     /// Number of set bits.
@@ -137,17 +158,6 @@ impl AtomicBitmap {
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
     }
-}
-
-/// ORs the first `npages` bits of `src` into `out`; returns how many were set.
-pub fn or_masked(out: &mut [u64], src: &[u64], npages: u64) -> u64 {
-    let mut count = 0;
-    for (i, (o, s)) in out.iter_mut().zip(src.iter()).enumerate() {
-        let v = *s & word_mask(npages, i);
-        *o |= v;
-        count += u64::from(v.count_ones());
-    }
-    count
 }
 
 /// Number of bits set among the first `npages` bits of `src`.
@@ -161,6 +171,19 @@ pub fn count_masked(src: &[u64], npages: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_all_is_reported_once_as_the_whole_slot() {
+        let b = AtomicBitmap::new(100);
+        assert!(!b.take_whole());
+        b.set_all();
+        assert!(b.take_whole(), "the next drain reports the whole slot");
+        let mut out = [0u64; 2];
+        assert_eq!(b.drain_into(&mut out, None), 100);
+        assert!(!b.take_whole(), "only once");
+        assert!(b.set_locked(3));
+        assert!(!b.take_whole(), "one page is not the whole slot");
+    }
 
     #[test]
     fn set_get_and_bounds() {
@@ -206,12 +229,5 @@ mod tests {
         let c = AtomicBitmap::new(200);
         c.or_from(&b);
         assert_eq!(c.count(), 65);
-    }
-
-    #[test]
-    fn or_masked_counts_valid_bits_only() {
-        let mut out = [0u64; 2];
-        assert_eq!(or_masked(&mut out, &[u64::MAX, u64::MAX], 66), 66);
-        assert_eq!(out[1], 3);
     }
 }

@@ -1,23 +1,23 @@
-//! The VM's counters, defined once: [`KdsStats`] (the C struct) is the only
+//! The VM's counters, defined once: [`Stats`] (the C struct) is the only
 //! list of them, and [`Counters`] keeps one atomic per field of it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::types::KdsStats;
+use crate::types::Stats;
 
-/// Fields in `KdsStats`: every one a `u64`, nothing else, no padding.
-const N: usize = size_of::<KdsStats>() / 8;
-const _: () = assert!(size_of::<KdsStats>() == N * 8 && align_of::<KdsStats>() == 8);
+/// Fields in `Stats`: every one a `u64`, nothing else, no padding.
+const N: usize = size_of::<Stats>() / 8;
+const _: () = assert!(size_of::<Stats>() == N * 8 && align_of::<Stats>() == 8);
 
-/// The index in [`Counters`] of a `KdsStats` field.
+/// The index in [`Counters`] of a `Stats` field.
 macro_rules! stat {
     ($field:ident) => {
-        ::std::mem::offset_of!($crate::types::KdsStats, $field) / 8
+        ::std::mem::offset_of!($crate::types::Stats, $field) / 8
     };
 }
 pub(crate) use stat;
 
-/// One relaxed atomic per `KdsStats` field (counters only: no ordering is
+/// One relaxed atomic per `Stats` field (counters only: no ordering is
 /// derived from them).
 pub(crate) struct Counters([AtomicU64; N]);
 
@@ -34,12 +34,12 @@ impl Counters {
     }
 
     /// The counters as the C struct.
-    pub(crate) fn snapshot(&self) -> KdsStats {
+    pub(crate) fn snapshot(&self) -> Stats {
         let v: [u64; N] = std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed));
-        // SAFETY: KdsStats is #[repr(C)] with N u64 fields and no padding
+        // SAFETY: Stats is #[repr(C)] with N u64 fields and no padding
         // (size and alignment asserted above), so it has the layout of
         // [u64; N] and every bit pattern is a valid value.
-        unsafe { std::mem::transmute::<[u64; N], KdsStats>(v) }
+        unsafe { std::mem::transmute::<[u64; N], Stats>(v) }
     }
 }
 

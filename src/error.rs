@@ -1,13 +1,44 @@
-//! Errors: a negative errno for the C ABI plus a message for `kds_last_error()`.
+//! Errors: what kind of failure ([`ErrorKind`]), the errno the C ABI
+//! returns for it, and a message that says what happened and what to do.
 
-use std::cell::RefCell;
-use std::ffi::CString;
 use std::fmt;
 
-/// A failure: the errno the C ABI returns (positive here, negated at the
-/// boundary) and a message that says what happened and what to do.
+/// What kind of failure an [`Error`] is: what a caller branches on.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A call in the wrong order (the dirty ring after a memslot, the
+    /// vGIC ITS after a memslot, ...): fix the VMM's call order. `EBUSY`.
+    Ordering,
+    /// The kernel (or this architecture) lacks what was asked for; the
+    /// message says what to use instead. `ENOTSUP`.
+    Unsupported,
+    /// A bad argument (an unaligned address, a ring size, unknown flags, a
+    /// fd that is not a KVM VM). `EINVAL` (or `E2BIG`).
+    InvalidArgument,
+    /// No such memslot or vCPU. `ENOENT`.
+    NotFound,
+    /// The vCPU index is registered already. `EEXIST`.
+    AlreadyExists,
+    /// The VM is tracked already (adopted twice), or the reaper thread
+    /// runs already. `EBUSY`.
+    InUse,
+    /// A vCPU's dirty ring stayed wedged: its pages cannot be trusted any
+    /// more; fail the migration and resend everything. `EOVERFLOW`.
+    RingWedged,
+    /// Out of memory (or an address-space limit); nothing was changed.
+    /// `ENOMEM`.
+    OutOfMemory,
+    /// A system call failed; the message names it and its errno.
+    Kernel,
+}
+
+/// A failure: its [`ErrorKind`], the errno the C ABI returns (positive
+/// here, negated at the boundary) and a message that says what happened
+/// and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
+    kind: ErrorKind,
     errno: i32,
     msg: String,
 }
@@ -16,41 +47,60 @@ pub struct Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// An error with `errno` (positive, e.g. `libc::EINVAL`) and a message.
-    pub fn new(errno: i32, msg: impl Into<String>) -> Self {
+    /// An error of `kind` with `errno` (positive) and a message.
+    pub(crate) fn with_kind(kind: ErrorKind, errno: i32, msg: impl Into<String>) -> Self {
         Error {
+            kind,
             errno,
             msg: msg.into(),
         }
     }
 
+    /// An error with `errno` (positive, e.g. `libc::ENOENT`) and a message;
+    /// its kind follows from the errno.
+    pub(crate) fn new(errno: i32, msg: impl Into<String>) -> Self {
+        let kind = match errno {
+            libc::EINVAL | libc::E2BIG => ErrorKind::InvalidArgument,
+            libc::EBUSY => ErrorKind::Ordering,
+            libc::ENOTSUP => ErrorKind::Unsupported,
+            libc::ENOENT => ErrorKind::NotFound,
+            libc::EEXIST => ErrorKind::AlreadyExists,
+            libc::EOVERFLOW => ErrorKind::RingWedged,
+            libc::ENOMEM => ErrorKind::OutOfMemory,
+            _ => ErrorKind::Kernel,
+        };
+        Self::with_kind(kind, errno, msg)
+    }
+
     /// A bad argument (`EINVAL`).
-    pub fn inval(msg: impl Into<String>) -> Self {
+    pub(crate) fn inval(msg: impl Into<String>) -> Self {
         Self::new(libc::EINVAL, msg)
     }
 
     /// A call made in the wrong order (`EBUSY`).
-    pub fn busy(msg: impl Into<String>) -> Self {
+    pub(crate) fn busy(msg: impl Into<String>) -> Self {
         Self::new(libc::EBUSY, msg)
     }
 
-    /// An ioctl (or other syscall) that failed: names it and its errno.
-    pub fn sys(what: &str, err: &kvm_ioctls::Error, hint: &str) -> Self {
-        Self::from_errno(what, err.errno(), hint)
-    }
-
-    /// Like [`Error::sys`], from a raw errno value.
-    pub fn from_errno(what: &str, errno: i32, hint: &str) -> Self {
+    /// A system call (`what`, e.g. an ioctl's name) that failed with
+    /// `errno`: names both, then the hint.
+    pub(crate) fn sys(what: &str, errno: i32, hint: &str) -> Self {
         let text = std::io::Error::from_raw_os_error(errno);
         let mut msg = format!("{what} failed: {} ({text})", errno_name(errno));
         if !hint.is_empty() {
             msg.push_str(": ");
             msg.push_str(hint);
         }
-        Self::new(errno, msg)
+        Self::with_kind(ErrorKind::Kernel, errno, msg)
     }
 
-    /// The positive errno.
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The positive errno the C ABI returns (negated) for this failure;
+    /// for [`ErrorKind::Kernel`], the system call's.
     pub fn errno(&self) -> i32 {
         self.errno
     }
@@ -69,8 +119,16 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl From<Error> for std::io::Error {
+    /// An `io::Error` of the errno's kind, carrying this error.
+    fn from(e: Error) -> Self {
+        let kind = std::io::Error::from_raw_os_error(e.errno).kind();
+        std::io::Error::new(kind, e)
+    }
+}
+
 /// The symbolic name of the errnos this library reports.
-pub fn errno_name(errno: i32) -> String {
+pub(crate) fn errno_name(errno: i32) -> String {
     let name = match errno {
         libc::EINVAL => "EINVAL",
         libc::EBUSY => "EBUSY",
@@ -91,28 +149,4 @@ pub fn errno_name(errno: i32) -> String {
         _ => return format!("errno {errno}"),
     };
     name.to_string()
-}
-
-thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
-}
-
-/// Records `msg` as the calling thread's last error.
-pub fn set_last_error(msg: &str) {
-    // An interior NUL cannot be shown by C anyway: cut the message there.
-    let bytes = msg.split('\0').next().unwrap_or("").as_bytes().to_vec();
-    let c = CString::new(bytes).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
-}
-
-/// The calling thread's last error. The pointer stays valid until the next
-/// call that sets or clears it on this thread.
-pub fn last_error_ptr() -> *const libc::c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
-}
-
-/// The calling thread's last error as an owned string (the unit tests').
-#[cfg(test)]
-pub fn last_error() -> String {
-    LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
 }

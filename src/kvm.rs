@@ -4,7 +4,7 @@
 //! (`KVM_RESET_DIRTY_RINGS`, `KVM_CLEAR_DIRTY_LOG`) is written here once, as
 //! one small wrapper per ioctl, on the kernel's structs from kvm-bindings.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
@@ -12,7 +12,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// `KVM_DIRTY_GFN_F_DIRTY`: the kernel published this ring entry.
 pub(crate) const DIRTY_GFN_F_DIRTY: u32 = 1 << 0;
@@ -77,14 +77,102 @@ pub struct KvmVm {
     fd: VmFd,
 }
 
+/// The VM fds of every live `KvmVm` in this process, so that a VM is not
+/// tracked twice (two trackers would each reset the other's rings).
+static LIVE: parking_lot::Mutex<Vec<RawFd>> = parking_lot::Mutex::new(Vec::new());
+
+/// `kcmp(KCMP_FILE)`: do fds `a` and `b` of this process refer to the same
+/// open file? `None` where the kernel cannot say (no CONFIG_KCMP, a
+/// seccomp filter).
+fn same_file(a: RawFd, b: RawFd) -> Option<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: getpid has no preconditions.
+    let pid = libc::c_long::from(unsafe { libc::getpid() });
+    // SAFETY: kcmp only compares two fds of this process by number; it
+    // reads no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a),
+            libc::c_long::from(b),
+        )
+    };
+    (r >= 0).then_some(r == 0)
+}
+
+/// What `fd` refers to, as /proc/self/fd shows it (`anon_inode:kvm-vm` for
+/// a KVM VM); `None` without /proc.
+fn fd_target(fd: RawFd) -> Option<String> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// `EINVAL` unless `fd` is a KVM VM fd: /proc/self/fd names it
+/// `anon_inode:kvm-vm`; without /proc, it answers
+/// `KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)` (a VM fd, and /dev/kvm, do)
+/// but not `KVM_GET_API_VERSION` (only /dev/kvm does).
+fn check_vm_fd(fd: RawFd, shown: RawFd) -> Result<()> {
+    let not_vm = |what: &str| {
+        Err(Error::inval(format!(
+            "fd {shown} is {what}, not a KVM VM fd: pass the fd KVM_CREATE_VM returned \
+             (kvm_ioctls::VmFd), not /dev/kvm or a vCPU fd"
+        )))
+    };
+    if let Some(t) = fd_target(fd) {
+        return if t == "anon_inode:kvm-vm" {
+            Ok(())
+        } else {
+            not_vm(&t)
+        };
+    }
+    // SAFETY: KVM_GET_API_VERSION and KVM_CHECK_EXTENSION take an integer
+    // argument and write no memory.
+    let (api, user_mem) = unsafe {
+        (
+            libc::ioctl(fd, io(0x00) as _, 0),
+            libc::ioctl(
+                fd,
+                io(0x03) as _,
+                kvm_bindings::KVM_CAP_USER_MEMORY as libc::c_ulong,
+            ),
+        )
+    };
+    if api >= 0 {
+        return not_vm("/dev/kvm (it answers KVM_GET_API_VERSION)");
+    }
+    if user_mem <= 0 {
+        return not_vm("not KVM (KVM_CHECK_EXTENSION failed)");
+    }
+    Ok(())
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        // Before the fd closes (the fields drop after this), so that its
+        // number is never in the list while another file has it.
+        let fd = self.fd.as_raw_fd();
+        LIVE.lock().retain(|&f| f != fd);
+    }
+}
+
 impl KvmVm {
     /// Opens `/dev/kvm` and creates a VM of `machine_type` (`KVM_CREATE_VM`).
     pub fn create(machine_type: u64) -> Result<Self> {
-        let kvm = Kvm::new()
-            .map_err(|e| Error::sys("open(/dev/kvm)", &e, "is KVM available and accessible?"))?;
+        let kvm = Kvm::new().map_err(|e| {
+            Error::sys(
+                "open(/dev/kvm)",
+                e.errno(),
+                "is KVM available and accessible?",
+            )
+        })?;
         let fd = kvm
             .create_vm_with_type(machine_type)
-            .map_err(|e| Error::sys("KVM_CREATE_VM", &e, "check the machine type"))?;
+            .map_err(|e| Error::sys("KVM_CREATE_VM", e.errno(), "check the machine type"))?;
+        LIVE.lock().push(fd.as_raw_fd());
         Ok(KvmVm { fd })
     }
 
@@ -98,31 +186,33 @@ impl KvmVm {
         let dup = unsafe { libc::fcntl(vm_fd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            return Err(Error::from_errno(
+            return Err(Error::sys(
                 "fcntl(F_DUPFD_CLOEXEC) of the VM fd",
                 errno,
                 "pass an open KVM VM fd",
             ));
         }
-        let kvm = match Kvm::new() {
-            Ok(k) => k,
-            Err(e) => {
-                // SAFETY: `dup` is ours and not used after this.
-                unsafe { libc::close(dup) };
-                return Err(Error::sys("open(/dev/kvm)", &e, "is KVM available?"));
-            }
-        };
-        // SAFETY: `dup` is an open fd that we own and hand over to the VmFd.
-        let fd = unsafe { kvm.create_vmfd_from_rawfd(dup) }
-            .map_err(|e| Error::sys("KVM_GET_VCPU_MMAP_SIZE", &e, "is KVM available?"))?;
-        let vm = KvmVm { fd };
-        // Any KVM VM fd answers KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) with
-        // 1; a socket or a plain file does not (dropping `vm` closes the dup).
-        if vm.check_cap(kvm_bindings::KVM_CAP_USER_MEMORY) <= 0 {
-            return Err(Error::inval(format!(
-                "fd {vm_fd} is not a KVM VM fd (KVM_CHECK_EXTENSION failed)"
-            )));
+        // SAFETY: `dup` is an open fd that we own and hand over.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        check_vm_fd(dup, vm_fd)?;
+        let mut live = LIVE.lock();
+        if let Some(&other) = live.iter().find(|&&f| same_file(f, dup) == Some(true)) {
+            return Err(Error::with_kind(
+                ErrorKind::InUse,
+                libc::EBUSY,
+                format!(
+                    "fd {vm_fd} is a VM this process tracks already (its tracker uses fd {other}): \
+                     adopt a VM once; two trackers would each reset the other's dirty rings"
+                ),
+            ));
         }
+        let kvm =
+            Kvm::new().map_err(|e| Error::sys("open(/dev/kvm)", e.errno(), "is KVM available?"))?;
+        // SAFETY: `owned` is an open fd that we own and hand over to the VmFd.
+        let fd = unsafe { kvm.create_vmfd_from_rawfd(owned.into_raw_fd()) }
+            .map_err(|e| Error::sys("KVM_GET_VCPU_MMAP_SIZE", e.errno(), "is KVM available?"))?;
+        live.push(fd.as_raw_fd());
+        let vm = KvmVm { fd };
         Ok(vm)
     }
 
@@ -137,13 +227,14 @@ impl KvmVm {
     }
 
     /// `KVM_ENABLE_CAP` on the VM fd with `args[0] = arg0`.
-    pub fn enable_cap(&self, cap: u32, arg0: u64) -> std::result::Result<(), kvm_ioctls::Error> {
+    /// `Err(errno)` on failure.
+    pub fn enable_cap(&self, cap: u32, arg0: u64) -> std::result::Result<(), i32> {
         let c = kvm_enable_cap {
             cap,
             args: [arg0, 0, 0, 0],
             ..Default::default()
         };
-        self.fd.enable_cap(&c)
+        self.fd.enable_cap(&c).map_err(|e| e.errno())
     }
 
     /// `KVM_SET_USER_MEMORY_REGION`.
@@ -151,21 +242,19 @@ impl KvmVm {
     /// # Safety
     /// `region.userspace_addr .. + memory_size` must stay mapped for as long
     /// as the slot exists (the caller's promise, passed on from the C ABI).
-    pub unsafe fn set_memslot(
+    pub unsafe fn update_memslot(
         &self,
         region: &kvm_userspace_memory_region,
-    ) -> std::result::Result<(), kvm_ioctls::Error> {
+    ) -> std::result::Result<(), i32> {
         // SAFETY: forwarded to our caller (see the function's contract).
-        unsafe { self.fd.set_user_memory_region(*region) }
+        unsafe { self.fd.set_user_memory_region(*region) }.map_err(|e| e.errno())
     }
 
     /// `KVM_GET_DIRTY_LOG` for a slot of `memory_size` bytes.
-    pub fn get_dirty_log(
-        &self,
-        slot: u32,
-        memory_size: u64,
-    ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
-        self.fd.get_dirty_log(slot, memory_size as usize)
+    pub fn get_dirty_log(&self, slot: u32, memory_size: u64) -> std::result::Result<Vec<u64>, i32> {
+        self.fd
+            .get_dirty_log(slot, memory_size as usize)
+            .map_err(|e| e.errno())
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` (manual protect): re-protects and clears exactly
@@ -189,7 +278,7 @@ impl KvmVm {
         let r = unsafe { libc::ioctl(self.raw_fd(), KVM_CLEAR_DIRTY_LOG as libc::c_ulong, &arg) };
         if r < 0 {
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            return Err(Error::from_errno(
+            return Err(Error::sys(
                 "KVM_CLEAR_DIRTY_LOG",
                 errno,
                 "the slot's pages stay write-enabled; sync again",
@@ -240,7 +329,7 @@ impl KvmVm {
             held
         };
         if r < 0 {
-            return Err(Error::from_errno(
+            return Err(Error::sys(
                 "KVM_RESET_DIRTY_RINGS",
                 errno,
                 "harvested pages stay pending and are retried on the next reap",

@@ -2,37 +2,45 @@
 //! rings, the ring's backup bitmap, `KVM_GET_DIRTY_LOG`), for VMMs in Rust
 //! and in C.
 //!
-//! - Rust VMMs use [`DirtyTracker`]: one VM's tracking, its memslots and
+//! - Rust VMMs use [`DirtyTracker`] (one VM's tracking: its memslots and
 //!   vCPUs, reaping, syncing into the caller's bitmaps, the adaptive
-//!   reaper, counters. `examples/rust_vmm.rs` is a whole VMM on it.
+//!   reaper, counters) and [`VcpuTracker`] (one vCPU's, for its thread).
+//!   With the `vm-memory` feature, memslots come from vm-memory's regions
+//!   and syncs merge into its `Bitmap`s. `examples/rust_vmm.rs` is a whole
+//!   VMM on kvm-ioctls, vm-memory and this API.
 //! - C VMMs use the `kds_*` functions of `include/kvm_dirty_shim.h` (the
-//!   contract is `doc/abi.md`), a thin skin over the same API.
+//!   contract is `doc/abi.md`): the `capi` module, built with the `capi`
+//!   feature into a static library, a thin skin over the same API.
 //!
 //! Inside, one job per module (all private): `kvm` (the kernel
 //! interface: the VM fd, the ioctls kvm-ioctls lacks), `order` (the
 //! board-init ordering state machine), `ring` (one vCPU's mapped ring and
 //! its harvest), `bitmap` (the per-slot atomic bitmaps), `reaper` (the
-//! adaptive reaper thread), `vm` (the core tying them together), `tracker`
-//! (the public API), `ffi` (the C ABI, one file per API area), `logger` (`log` to the C
-//! callback).
+//! adaptive reaper thread), `vm` (the core tying them together),
+//! `tracker` (the public API), `types` (its value types), `error`.
 
 mod bitmap;
 mod counters;
 mod error;
-mod ffi;
 mod kvm;
-mod logger;
 mod order;
 mod reaper;
 mod ring;
 mod tracker;
 mod types;
 mod vm;
+#[cfg(feature = "vm-memory")]
+mod vmm;
 
-pub use error::{Error, Result};
-pub use ffi::*;
-pub use tracker::DirtyTracker;
-pub use types::*;
+#[cfg(feature = "capi")]
+pub mod capi;
+
+pub use error::{Error, ErrorKind, Result};
+pub use tracker::{DirtyPages, DirtyTracker, ExitAction, VcpuTracker, dirty_pages};
+pub use types::{
+    BoardFlags, Memslot, MemslotFlags, Mode, ReaperConfig, SlotId, Stats, SyncReport, SyncStage,
+    VcpuStats,
+};
 
 /// For `examples/bench.rs` only: the cost of draining a full bitmap.
 #[doc(hidden)]

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 
-use crate::types::KDS_BOARD_VGIC_ITS as BOARD_VGIC_ITS;
+const BOARD_VGIC_ITS: u32 = crate::types::BoardFlags::VGIC_ITS.bits();
 
 /// Every board flag this version knows.
 pub(crate) const BOARD_KNOWN: u32 = BOARD_VGIC_ITS;
@@ -15,33 +15,34 @@ pub(crate) const BOARD_KNOWN: u32 = BOARD_VGIC_ITS;
 /// What the board hook has decided so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Board {
-    /// `kds_board_init` not called and no memslot yet.
+    /// The board hook not called and no memslot yet.
     Open,
-    /// `kds_board_init` called with these flags.
+    /// The board hook called with these flags.
     Chosen(u32),
     /// A memslot came first: the board is "no non-vCPU dirty sources".
     Sealed,
 }
 
-/// Lifecycle facts the ordering rules depend on.
+/// Lifecycle facts the ordering rules depend on. Its fields change only
+/// through its `record_*` methods, after the kernel accepted the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lifecycle {
     /// A dirty ring is enabled.
-    pub ring: bool,
+    ring: bool,
     /// The board decision.
-    pub board: Board,
+    board: Board,
     /// A memslot has been created (ever: the seal does not come undone).
-    pub memslot_created: bool,
+    memslot_created: bool,
     /// A vCPU has been added (ever).
-    pub vcpu_added: bool,
+    vcpu_added: bool,
     /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` is enabled.
-    pub backup_bitmap: bool,
+    backup_bitmap: bool,
     /// The architecture needs the backup bitmap with every ring
     /// ([`crate::kvm::RING_NEEDS_SLOT_BITMAP`]).
-    pub ring_always_with_bitmap: bool,
+    ring_always_with_bitmap: bool,
 }
 
-/// What `kds_board_init` must do once the rules allow it.
+/// What the board hook must do once the rules allow it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BoardAction {
     /// Nothing to ask the kernel: record the flags (or they were recorded).
@@ -78,6 +79,31 @@ impl Lifecycle {
         }
     }
 
+    /// Has a memslot been created (ever)?
+    pub fn has_memslot(&self) -> bool {
+        self.memslot_created
+    }
+
+    /// Does this architecture need the backup bitmap with every ring?
+    pub fn ring_always_with_bitmap(&self) -> bool {
+        self.ring_always_with_bitmap
+    }
+
+    /// Records the dirty ring enabled.
+    pub fn record_ring(&mut self) {
+        self.ring = true;
+    }
+
+    /// Records `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` enabled.
+    pub fn record_backup_bitmap(&mut self) {
+        self.backup_bitmap = true;
+    }
+
+    /// Records a vCPU added.
+    pub fn record_vcpu(&mut self) {
+        self.vcpu_added = true;
+    }
+
     /// May the dirty ring be enabled now?
     pub fn check_ring_enable(&self) -> Result<()> {
         if self.ring {
@@ -85,14 +111,14 @@ impl Lifecycle {
         }
         if self.memslot_created {
             return Err(Error::busy(
-                "the dirty ring after a memslot (kds_memslot_update): enable the ring at accelerator \
+                "the dirty ring after a memslot (update_memslot): enable the ring at accelerator \
                  init, before the first memslot (a ring enabled later leaves the memslots' \
                  kernel bitmaps allocated and unused)",
             ));
         }
         if self.vcpu_added {
             return Err(Error::busy(
-                "the dirty ring after a vCPU (kds_vcpu_add): enable the ring before creating \
+                "the dirty ring after a vCPU (add_vcpu): enable the ring before creating \
                  and adding any vCPU",
             ));
         }
@@ -106,11 +132,11 @@ impl Lifecycle {
             || matches!(self.board, Board::Chosen(f) if f & BOARD_VGIC_ITS != 0)
     }
 
-    /// May `kds_board_init(flags)` run now, and what must it do?
+    /// May the board hook run with `flags` now, and what must it do?
     pub fn check_board_init(&self, flags: u32) -> Result<BoardAction> {
         if flags & !BOARD_KNOWN != 0 {
             return Err(Error::inval(format!(
-                "unknown board flags {:#x} (known: KDS_BOARD_VGIC_ITS)",
+                "unknown board flags {:#x} (known: VGIC_ITS, 0x1)",
                 flags & !BOARD_KNOWN
             )));
         }
@@ -131,13 +157,13 @@ impl Lifecycle {
         }
     }
 
-    /// Records a successful `kds_board_init(flags)`.
-    pub fn board_initialised(&mut self, flags: u32) {
+    /// Records a successful board hook with `flags`.
+    pub fn record_board(&mut self, flags: u32) {
         self.board = Board::Chosen(flags);
     }
 
     /// Records a created memslot; the first one seals an open board.
-    pub fn memslot_created(&mut self) {
+    pub fn record_memslot(&mut self) {
         self.memslot_created = true;
         if self.board == Board::Open {
             self.board = Board::Sealed;
@@ -147,7 +173,7 @@ impl Lifecycle {
 
 fn unreachable_its() -> Result<BoardAction> {
     Err(Error::busy(
-        "the vGIC ITS after a memslot (kds_memslot_update): call the board hook as \
+        "the vGIC ITS after a memslot (update_memslot): call the board hook as \
          soon as the board picks the ITS, before the first memslot; memslots created first \
          sealed the board as having no ITS (their dirty logging would have no backup bitmap \
          and saving the ITS tables would crash older kernels)",
@@ -167,13 +193,13 @@ mod tests {
             l.check_board_init(BOARD_VGIC_ITS).unwrap(),
             BoardAction::EnableBackupBitmap
         );
-        l.board_initialised(BOARD_VGIC_ITS);
+        l.record_board(BOARD_VGIC_ITS);
         assert_eq!(
             l.check_board_init(BOARD_VGIC_ITS).unwrap(),
             BoardAction::Record
         );
         assert_eq!(l.check_board_init(0).unwrap_err().errno(), libc::EBUSY);
-        l.memslot_created();
+        l.record_memslot();
         assert_eq!(l.board, Board::Chosen(BOARD_VGIC_ITS));
     }
 
@@ -181,7 +207,7 @@ mod tests {
     fn memslot_first_seals_the_board() {
         let mut l = Lifecycle::new();
         l.ring = true;
-        l.memslot_created();
+        l.record_memslot();
         let e = l.check_board_init(BOARD_VGIC_ITS).unwrap_err();
         assert_eq!(e.errno(), libc::EBUSY);
         assert!(e.message().contains("before the first memslot"));
@@ -196,7 +222,7 @@ mod tests {
             l.check_board_init(BOARD_VGIC_ITS).unwrap(),
             BoardAction::Record
         );
-        l.board_initialised(BOARD_VGIC_ITS);
+        l.record_board(BOARD_VGIC_ITS);
         assert!(l.ring_needs_backup_bitmap());
         l.check_ring_enable().unwrap();
     }
@@ -234,7 +260,7 @@ mod tests {
             l.check_ring_enable()
                 .unwrap_err()
                 .message()
-                .contains("kds_vcpu_add")
+                .contains("add_vcpu")
         );
     }
 }

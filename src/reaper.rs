@@ -25,16 +25,21 @@
 //! next check (measured: 57 overflows in 180 s of a throttled QEMU
 //! migration with the last rate, see tests/qemu-migration.py).
 //! The thread never spins: a failed reap logs and waits the longest pause.
+//!
+//! Ownership flows one way: the tracker owns the [`Reaper`] (the thread's
+//! handle) and the VM; the thread holds the VM only weakly (upgraded for
+//! one check at a time) and shares with the VM nothing but [`Wake`], its
+//! stop and wake flags.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::types::KdsReaperConfig;
+use crate::types::ReaperConfig;
 use crate::vm::Vm;
 
 /// The knobs, defaults applied and checked.
@@ -46,27 +51,28 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    /// `KdsReaperConfig` with 0 fields defaulted; `EINVAL` when out of range.
-    pub(crate) fn new(c: &KdsReaperConfig) -> Result<Config> {
-        let or = |v: u32, d: u32| if v == 0 { d } else { v };
-        let pct = or(c.high_water_pct, 25);
-        let min = or(c.min_interval_us, 200);
-        let max = or(c.max_interval_us, 50_000);
-        if pct > 90 || min > max || max > 10_000_000 {
+    /// `cfg`, checked; `EINVAL` when out of range.
+    pub(crate) fn new(c: &ReaperConfig) -> Result<Config> {
+        let (pct, min, max) = (
+            c.get_high_water_pct(),
+            c.get_min_interval(),
+            c.get_max_interval(),
+        );
+        if !(1..=90).contains(&pct) || min.is_zero() || min > max || max > Duration::from_secs(10) {
             return Err(Error::inval(format!(
-                "high_water_pct {pct} (1..=90), min_interval_us {min} and \
-                 max_interval_us {max} (min <= max <= 10 s) are out of range"
+                "reaper config: high water {pct}% (1..=90), min interval {min:?} and \
+                 max interval {max:?} (0 < min <= max <= 10 s) are out of range"
             )));
         }
         Ok(Config {
             high_water_pct: pct,
-            min: Duration::from_micros(u64::from(min)),
-            max: Duration::from_micros(u64::from(max)),
+            min,
+            max,
         })
     }
 }
 
-/// What the VM asks of the thread.
+/// What the VM and the tracker ask of the thread.
 #[derive(Default)]
 struct Signal {
     stop: bool,
@@ -74,20 +80,38 @@ struct Signal {
     wake: bool,
 }
 
+/// The thread's stop and wake flags, shared with the VM (which wakes the
+/// thread when dirty logging starts).
+#[derive(Default)]
+pub(crate) struct Wake {
+    signal: Mutex<Signal>,
+    cv: Condvar,
+}
+
+impl Wake {
+    /// Dirty logging started somewhere: the thread checks the rings now
+    /// and paces itself from the shortest pause again.
+    pub(crate) fn wake(&self) {
+        self.signal.lock().wake = true;
+        self.cv.notify_all();
+    }
+}
+
 /// A running reaper thread; `stop` joins it.
 pub(crate) struct Reaper {
-    signal: Arc<(Mutex<Signal>, Condvar)>,
+    wake: Arc<Wake>,
     thread: JoinHandle<()>,
 }
 
 impl Reaper {
-    /// Starts the thread on `vm`.
-    pub(crate) fn start(vm: Arc<Vm>, cfg: Config) -> Result<Reaper> {
-        let signal = Arc::new((Mutex::new(Signal::default()), Condvar::new()));
-        let s = Arc::clone(&signal);
+    /// Starts the thread on `vm`, which it holds weakly: it ends by itself
+    /// when the VM is gone.
+    pub(crate) fn start(vm: &Arc<Vm>, cfg: Config) -> Result<Reaper> {
+        let wake = Arc::new(Wake::default());
+        let (w, vm) = (Arc::clone(&wake), Arc::downgrade(vm));
         let thread = std::thread::Builder::new()
             .name("kds-reaper".into())
-            .spawn(move || run(&vm, cfg, &s))
+            .spawn(move || run(&vm, cfg, &w))
             .map_err(|e| {
                 Error::new(
                     e.raw_os_error().unwrap_or(libc::EAGAIN),
@@ -100,7 +124,7 @@ impl Reaper {
             cfg.min,
             cfg.max
         );
-        Ok(Reaper { signal, thread })
+        Ok(Reaper { wake, thread })
     }
 
     /// The thread's id (a stop from the thread itself would never return).
@@ -108,19 +132,15 @@ impl Reaper {
         self.thread.thread().id()
     }
 
-    /// Dirty logging started somewhere: the thread checks the rings now
-    /// and paces itself from `min_interval_us` again.
-    pub(crate) fn wake(&self) {
-        let (m, cv) = &*self.signal;
-        m.lock().wake = true;
-        cv.notify_all();
+    /// The flags the VM wakes the thread with.
+    pub(crate) fn wake(&self) -> &Arc<Wake> {
+        &self.wake
     }
 
     /// Asks the thread to stop and waits for it (at most one reap).
     pub(crate) fn stop(self) {
-        let (m, cv) = &*self.signal;
-        m.lock().stop = true;
-        cv.notify_all();
+        self.wake.signal.lock().stop = true;
+        self.wake.cv.notify_all();
         if self.thread.join().is_err() {
             log::error!("the reaper thread panicked");
         }
@@ -129,7 +149,7 @@ impl Reaper {
 }
 
 /// The thread's loop.
-fn run(vm: &Vm, cfg: Config, signal: &(Mutex<Signal>, Condvar)) {
+fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
     // Nothing to pace by yet: the longest pause, until a check sees a rate
     // or the VM wakes the thread (`Vm::reaper_start` does when a slot
     // already logs).
@@ -141,9 +161,9 @@ fn run(vm: &Vm, cfg: Config, signal: &(Mutex<Signal>, Condvar)) {
     let mut peak = 0f64;
     loop {
         {
-            let mut s = signal.0.lock();
+            let mut s = w.signal.lock();
             if !s.stop && !s.wake {
-                signal.1.wait_for(&mut s, pause);
+                w.cv.wait_for(&mut s, pause);
             }
             if s.stop {
                 return;
@@ -152,6 +172,10 @@ fn run(vm: &Vm, cfg: Config, signal: &(Mutex<Signal>, Condvar)) {
                 pause = cfg.min;
             }
         }
+        // The VM for this check only; gone when the tracker was dropped.
+        let Some(vm) = vm.upgrade() else {
+            return;
+        };
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64().max(1e-6);
         last = now;

@@ -52,6 +52,40 @@ impl<'a> RingMem<'a> {
         // SAFETY: so `from_ptr`'s requirements hold (see the line above).
         unsafe { AtomicU32::from_ptr(ptr::addr_of_mut!((*self.entry(i)).flags)) }
     }
+
+    /// Entry `i`'s flags, as the kernel last published them. The one
+    /// acquire of the ring's flags: it pairs with kvm_dirty_ring_push(),
+    /// which writes the entry's slot and offset and then releases DIRTY
+    /// (kvm_dirty_gfn_set_dirtied: smp_store_release). Once DIRTY is seen,
+    /// the slot and offset of this lap are visible (with Relaxed, a CPU
+    /// could read those of the entry's previous lap and report another
+    /// page, losing this one), and so is every entry the kernel published
+    /// before this one (it publishes in order). A flags word of 0 is an
+    /// entry the reset reached (kvm_dirty_gfn_set_invalid, ordered before
+    /// the ioctl's return).
+    #[inline]
+    fn load(self, i: u32) -> u32 {
+        self.flags(i).load(Ordering::Acquire)
+    }
+
+    /// Has the kernel published entry `i` (DIRTY)? See `load`.
+    #[inline]
+    fn is_dirty(self, i: u32) -> bool {
+        self.load(i) & DIRTY_GFN_F_DIRTY != 0
+    }
+
+    /// Marks entry `i` harvested (RESET), for the next
+    /// `KVM_RESET_DIRTY_RINGS`. The one release of the ring's flags: it
+    /// pairs with kvm_dirty_ring_reset(), which reads the flags with
+    /// acquire (kvm_dirty_gfn_harvested) before it clears the entry and
+    /// lets kvm_dirty_ring_push() reuse it. With Relaxed, the RESET could
+    /// become visible before our reads of the entry's slot and offset
+    /// complete, and the kernel's next push into the entry could change
+    /// what we read.
+    #[inline]
+    fn mark_reset(self, i: u32) {
+        self.flags(i).store(DIRTY_GFN_F_RESET, Ordering::Release);
+    }
 }
 
 /// Bytes of one ring entry.
@@ -161,10 +195,10 @@ impl Ring {
         };
         if p == libc::MAP_FAILED {
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            return Err(Error::from_errno(
+            return Err(Error::sys(
                 "mmap of the vCPU dirty ring (KVM_DIRTY_LOG_PAGE_OFFSET)",
                 errno,
-                "pass a vCPU fd of this VM, created after kds_dirty_ring_enable",
+                "pass a vCPU fd of this VM, created after enable_dirty_ring",
             ));
         }
         Ok(Ring {
@@ -218,11 +252,10 @@ impl Ring {
     /// decisions, never for harvesting.
     pub fn fill(&self) -> u32 {
         let f = self.fetch.load(Ordering::Relaxed);
-        // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY
-        // (kvm_dirty_gfn_set_dirtied); only the flags are read here, and a
-        // stale answer only delays the reaper's decision by one check.
-        let dirty =
-            |k: u32| self.flags(f.wrapping_add(k)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0;
+        // Only the flags are read here (`RingMem::load`), and a stale
+        // answer only delays the reaper's decision by one check.
+        let mem = self.mem();
+        let dirty = |k: u32| mem.is_dirty(f.wrapping_add(k));
         if !dirty(0) {
             return 0;
         }
@@ -250,7 +283,9 @@ impl Ring {
         }
     }
 
-    /// The flags word of entry `i`, as an atomic.
+    /// The flags word of entry `i`, as an atomic (for the tests, which
+    /// play the kernel).
+    #[cfg(test)]
     #[inline]
     fn flags(&self, i: u32) -> &AtomicU32 {
         self.mem().flags(i)
@@ -287,14 +322,8 @@ impl Ring {
             let run = fetch;
             // The hot loop: nothing but the entries in it.
             while fetch.wrapping_sub(kreset) < entries {
-                let flags = mem.flags(fetch);
-                // Acquire: pairs with kvm_dirty_ring_push(), which writes
-                // slot and offset and then releases DIRTY
-                // (kvm_dirty_gfn_set_dirtied: smp_store_release). Relaxed
-                // here, a CPU could read slot/offset of the entry's previous
-                // lap while seeing the new DIRTY: a page from another lap
-                // would be reported and this lap's page lost.
-                if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
+                // Published, with its slot and offset (`RingMem::load`).
+                if !mem.is_dirty(fetch) {
                     break;
                 }
                 let e = mem.entry(fetch);
@@ -309,13 +338,8 @@ impl Ring {
                     )
                 };
                 sink(slot, offset);
-                // Release: pairs with kvm_dirty_ring_reset(), which reads
-                // the flags with acquire (kvm_dirty_gfn_harvested) before it
-                // clears the entry and lets kvm_dirty_ring_push() reuse it.
-                // Relaxed here, the RESET could become visible before our
-                // reads of slot/offset complete, and the kernel's next push
-                // into this entry could change what we read.
-                flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
+                // After the reads above (`RingMem::mark_reset`).
+                mem.mark_reset(fetch);
                 fetch = fetch.wrapping_add(1);
             }
             if suspect && fetch != run {
@@ -398,12 +422,10 @@ impl Ring {
         let k = self.kreset.load(Ordering::Relaxed);
         let lag = self.lag();
         let mem = self.mem();
-        // Acquire pairs with kvm_dirty_ring_reset()'s clearing of each entry
-        // it reached (kvm_dirty_gfn_set_invalid) as seen after the ioctl
-        // returned (the syscall orders it anyway), and with a later push's
-        // release of DIRTY into the same entry, so that an entry the kernel
-        // reused is never taken for one it did not reach.
-        let flags = |j: u32| mem.flags(k.wrapping_add(j)).load(Ordering::Acquire);
+        // `RingMem::load`: 0 where the reset reached the entry, and an
+        // entry the kernel reused since is seen with its new DIRTY, never
+        // taken for one the reset did not reach.
+        let flags = |j: u32| mem.load(k.wrapping_add(j));
         let reached = (0..lag).rev().find(|&j| flags(j) == 0).map_or(0, |j| j + 1);
         let mut settled = Settled {
             reached,
@@ -456,19 +478,16 @@ impl Ring {
     fn repair(&self, from: u32, to: u32) -> (u64, bool) {
         let (mut marked, mut overrun) = (0, false);
         let mut i = from;
+        let mem = self.mem();
         while i != to {
-            let flags = self.flags(i);
-            // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY:
-            // an entry pushed meanwhile is seen as DIRTY (an overrun), never
-            // as the half-written entry before it.
-            let f = flags.load(Ordering::Acquire);
+            // An entry pushed meanwhile is seen as DIRTY (an overrun), never
+            // as the half-written entry before it (`RingMem::load`).
+            let f = mem.load(i);
             if f & DIRTY_GFN_F_RESET == 0 {
                 overrun |= f & DIRTY_GFN_F_DIRTY != 0;
-                // Release pairs with kvm_dirty_ring_reset()'s acquire
-                // (kvm_dirty_gfn_harvested), as for harvested entries.
                 // Nothing of the entry is read here (its page is reported
                 // with every other), so only the mark itself is ordered.
-                flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
+                mem.mark_reset(i);
                 marked += 1;
             }
             i = i.wrapping_add(1);
@@ -504,11 +523,9 @@ impl Ring {
         if !ring_full && !self.suspect.load(Ordering::Relaxed) {
             return 0;
         }
-        // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY; the
-        // re-read below depends on it (see there).
-        let Some(d) = (1..room).find(|&d| {
-            self.flags(fetch.wrapping_add(d)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
-        }) else {
+        // The re-read below depends on `RingMem::load`'s acquire (see there).
+        let mem = self.mem();
+        let Some(d) = (1..room).find(|&d| mem.is_dirty(fetch.wrapping_add(d))) else {
             return 0;
         };
         // The harvest saw `fetch` invalid before this scan, so that view may
@@ -518,16 +535,11 @@ impl Ring {
         // entry it published before is visible: re-read them. One DIRTY
         // now is being published, not a hole (marking it RESET would lose
         // its page): leave it to the next harvest.
-        if (0..d).any(|j| {
-            self.flags(fetch.wrapping_add(j)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
-        }) {
+        if (0..d).any(|j| mem.is_dirty(fetch.wrapping_add(j))) {
             return 0;
         }
         for j in 0..d {
-            // Release pairs with kvm_dirty_ring_reset()'s acquire of the
-            // flags (kvm_dirty_gfn_harvested), as for harvested entries.
-            self.flags(fetch.wrapping_add(j))
-                .store(DIRTY_GFN_F_RESET, Ordering::Release);
+            mem.mark_reset(fetch.wrapping_add(j));
         }
         self.suspect.store(false, Ordering::Relaxed);
         d
@@ -557,21 +569,16 @@ impl Ring {
     pub fn unwedge(&self) -> u32 {
         let m = self.entries.saturating_sub(MAX_RSVD_ENTRIES);
         let fetch = self.fetch.load(Ordering::Relaxed);
-        // Acquire pairs with kvm_dirty_ring_push()'s release of DIRTY: a
-        // ring with any entry being published is not wedged.
+        let mem = self.mem();
+        // A ring with any entry being published is not wedged.
         if m == 0
             || self.lag() != 0
-            || (0..self.entries).any(|j| {
-                self.flags(fetch.wrapping_add(j)).load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY != 0
-            })
+            || (0..self.entries).any(|j| mem.is_dirty(fetch.wrapping_add(j)))
         {
             return 0;
         }
         for j in 0..m {
-            // Release pairs with kvm_dirty_ring_reset()'s acquire of the
-            // flags (kvm_dirty_gfn_harvested), as for harvested entries.
-            self.flags(fetch.wrapping_add(j))
-                .store(DIRTY_GFN_F_RESET, Ordering::Release);
+            mem.mark_reset(fetch.wrapping_add(j));
         }
         self.fetch.store(fetch.wrapping_add(m), Ordering::Relaxed);
         self.suspect.store(true, Ordering::Relaxed);

@@ -1,95 +1,352 @@
-//! The plain-data types of the C ABI, shared by the safe Rust layer.
-//! cbindgen copies these (and their doc comments) into the header.
+//! The Rust API's value types: the tracking mode, slot ids, flags, a
+//! memslot, the reaper's knobs and the counters. The C ABI has its own
+//! plain-integer shapes (`capi::types`) and converts at its boundary; the
+//! two counter structs are shared (`#[repr(C)]`, renamed `KdsStats` and
+//! `KdsVcpuStats` in the header by cbindgen.toml), so their field comments
+//! name the C functions; in Rust, `kds_vcpu_reap()` is a ring-full exit
+//! through [`VcpuTracker::handle_exit`](crate::VcpuTracker::handle_exit),
+//! `kds_stats_get()` is [`DirtyTracker::stats`](crate::DirtyTracker::stats)
+//! and `kds_reaper_enable()` is
+//! [`DirtyTracker::enable_reaper`](crate::DirtyTracker::enable_reaper).
 
-/// The ABI version this header describes. It grows by one whenever the
-/// ABI grows; a library serves callers built against any earlier version
-/// (their functions and struct sizes are kept). At startup, check
-/// kds_abi_version() >= KDS_ABI_VERSION: the library linked in is at
-/// least as new as this header.
-pub const KDS_ABI_VERSION: u32 = 2;
-/// Board flag for kds_board_init(): the board dirties guest memory without
-/// a running vCPU (the arm64 vGIC ITS saving its tables).
-pub const KDS_BOARD_VGIC_ITS: u32 = 1 << 0;
-/// Memslot flag: log dirty pages of this slot (KVM_MEM_LOG_DIRTY_PAGES).
-pub const KDS_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
-/// Memslot flag: read-only for the guest (KVM_MEM_READONLY).
-pub const KDS_MEM_READONLY: u32 = 1 << 1;
-/// kds_memslot_sync() flag: the last stage of migration, vCPUs stopped; in
-/// KDS_MODE_RING_WITH_BITMAP also drains the kernel's backup bitmap.
-pub const KDS_SYNC_FINAL: u32 = 1 << 0;
+use std::fmt;
+use std::time::Duration;
 
-/// sizeof(KdsMemslot) in ABI 1: the smallest size kds_memslot_update()
-/// accepts.
-pub const KDS_MEMSLOT_SIZE_VER1: usize = 32;
-/// sizeof(KdsReaperConfig) in ABI 1: the smallest size
-/// kds_reaper_enable() accepts.
-pub const KDS_REAPER_CONFIG_SIZE_VER1: usize = 12;
-/// sizeof(KdsStats) in ABI 1 (its first 9 counters): what the ABI 1
-/// function kds_stats() writes.
-pub const KDS_STATS_SIZE_VER1: usize = 72;
-/// sizeof(KdsVcpuStats) in ABI 1.
-pub const KDS_VCPU_STATS_SIZE_VER1: usize = 16;
-
-const _: () = assert!(KDS_MEM_LOG_DIRTY_PAGES == kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES);
-const _: () = assert!(KDS_MEM_READONLY == kvm_bindings::KVM_MEM_READONLY);
-// A struct only grows: its ABI 1 layout is a prefix of today's.
-const _: () = assert!(KDS_MEMSLOT_SIZE_VER1 <= std::mem::size_of::<KdsMemslot>());
-const _: () = assert!(KDS_REAPER_CONFIG_SIZE_VER1 <= std::mem::size_of::<KdsReaperConfig>());
-const _: () = assert!(KDS_STATS_SIZE_VER1 <= std::mem::size_of::<KdsStats>());
-const _: () = assert!(KDS_VCPU_STATS_SIZE_VER1 <= std::mem::size_of::<KdsVcpuStats>());
-
-/// What kds_vm_mode() returns: how the VM's dirty pages are tracked.
-#[repr(C)]
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KdsMode {
-    /// KVM_GET_DIRTY_LOG only (no dirty ring).
-    KDS_MODE_BITMAP = 0,
+/// How a VM's dirty pages are tracked.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// `KVM_GET_DIRTY_LOG` only (no dirty ring).
+    Bitmap,
     /// Per-vCPU dirty rings.
-    KDS_MODE_RING = 1,
+    Ring,
     /// Per-vCPU dirty rings plus the kernel's backup bitmap for memory
-    /// dirtied without a vCPU (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP).
-    KDS_MODE_RING_WITH_BITMAP = 2,
+    /// dirtied without a vCPU (`KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`).
+    RingWithBitmap,
 }
 
-impl KdsMode {
-    pub(crate) fn from_u8(v: u8) -> Self {
-        match v {
-            1 => KdsMode::KDS_MODE_RING,
-            2 => KdsMode::KDS_MODE_RING_WITH_BITMAP,
-            _ => KdsMode::KDS_MODE_BITMAP,
+impl Mode {
+    /// Does this mode use per-vCPU rings?
+    pub fn has_ring(self) -> bool {
+        self != Mode::Bitmap
+    }
+
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            Mode::Bitmap => 0,
+            Mode::Ring => 1,
+            Mode::RingWithBitmap => 2,
         }
     }
 
-    /// Does this mode use per-vCPU rings?
-    pub fn has_ring(self) -> bool {
-        self != KdsMode::KDS_MODE_BITMAP
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Mode::Ring,
+            2 => Mode::RingWithBitmap,
+            _ => Mode::Bitmap,
+        }
     }
 }
 
-/// A memslot, as KVM_SET_USER_MEMORY_REGION takes it; passed to
-/// kds_memslot_update() with its size. Fields are only ever appended.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KdsMemslot {
-    /// (address_space_id << 16) | slot_id, as KVM numbers slots.
-    pub slot: u32,
-    /// KDS_MEM_* flags (the values of KVM_MEM_*).
-    pub flags: u32,
+/// A memslot's id as KVM numbers it: an address space (x86 SMM uses 1)
+/// and a slot id within it.
+///
+/// ```
+/// use kvm_dirty_shim::SlotId;
+/// assert_eq!(SlotId::new(3).raw(), 3);
+/// assert_eq!(SlotId::in_address_space(1, 3).raw(), (1 << 16) | 3);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(u32);
+
+impl SlotId {
+    /// Slot `id` of address space 0.
+    pub const fn new(id: u16) -> Self {
+        SlotId(id as u32)
+    }
+
+    /// Slot `id` of address space `as_id`.
+    pub const fn in_address_space(as_id: u16, id: u16) -> Self {
+        SlotId(((as_id as u32) << 16) | id as u32)
+    }
+
+    /// The slot id within its address space.
+    pub const fn id(self) -> u16 {
+        self.0 as u16
+    }
+
+    /// The address space.
+    pub const fn address_space(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+
+    /// The `slot` field of `struct kvm_userspace_memory_region`:
+    /// `(address_space << 16) | id`.
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+
+    /// From the `slot` field of `struct kvm_userspace_memory_region`.
+    pub const fn from_raw(raw: u32) -> Self {
+        SlotId(raw)
+    }
+}
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address_space() {
+            0 => write!(f, "{}", self.id()),
+            a => write!(f, "{}:{}", a, self.id()),
+        }
+    }
+}
+
+impl From<u16> for SlotId {
+    fn from(id: u16) -> Self {
+        SlotId::new(id)
+    }
+}
+
+/// A set of flags of type `$name` (a `u32` underneath), with the named
+/// constants `$flag`; `|`, `contains`, `empty`, `bits`.
+macro_rules! flags {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $flag:ident = $v:expr;)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+        pub struct $name(u32);
+
+        impl $name {
+            $($(#[$fm])* pub const $flag: $name = $name($v);)*
+            const ALL: u32 = 0 $(| $v)*;
+
+            /// No flag.
+            pub const fn empty() -> Self {
+                $name(0)
+            }
+
+            /// Are all of `other`'s flags set in `self`?
+            pub const fn contains(self, other: Self) -> bool {
+                self.0 & other.0 == other.0
+            }
+
+            /// The bits, as the kernel (and the C ABI) spell them.
+            pub const fn bits(self) -> u32 {
+                self.0
+            }
+
+            /// From bits; `None` when a bit this version does not know is set.
+            pub const fn from_bits(bits: u32) -> Option<Self> {
+                if bits & !Self::ALL == 0 { Some($name(bits)) } else { None }
+            }
+        }
+
+        impl std::ops::BitOr for $name {
+            type Output = Self;
+            fn bitor(self, rhs: Self) -> Self {
+                $name(self.0 | rhs.0)
+            }
+        }
+
+        impl std::ops::BitOrAssign for $name {
+            fn bitor_assign(&mut self, rhs: Self) {
+                self.0 |= rhs.0;
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut names = Vec::new();
+                $(if self.contains($name::$flag) && $v != 0 { names.push(stringify!($flag)); })*
+                write!(f, "{}({})", stringify!($name), if names.is_empty() { "empty".into() } else { names.join(" | ") })
+            }
+        }
+    };
+}
+
+flags! {
+    /// A memslot's flags (`KVM_MEM_*`).
+    MemslotFlags {
+        /// Log the slot's dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
+        LOG_DIRTY_PAGES = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        /// Read-only for the guest (`KVM_MEM_READONLY`).
+        READONLY = kvm_bindings::KVM_MEM_READONLY;
+    }
+}
+
+flags! {
+    /// What the board has that dirties guest memory without a running
+    /// vCPU, for [`DirtyTracker::board_init`](crate::DirtyTracker::board_init).
+    BoardFlags {
+        /// The arm64 in-kernel vGIC ITS, which writes its tables into
+        /// guest memory when they are saved.
+        VGIC_ITS = 1 << 0;
+    }
+}
+
+/// A memslot, as `KVM_SET_USER_MEMORY_REGION` takes it.
+///
+/// ```
+/// use kvm_dirty_shim::{Memslot, MemslotFlags, SlotId};
+/// let m = Memslot::new(SlotId::new(1), 0x10_0000, 0x7f00_0000_0000, 1 << 20)
+///     .with_flags(MemslotFlags::LOG_DIRTY_PAGES);
+/// assert!(m.flags.contains(MemslotFlags::LOG_DIRTY_PAGES));
+/// assert_eq!(m.pages(4096), 256);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memslot {
+    /// The slot.
+    pub slot: SlotId,
+    /// Its flags.
+    pub flags: MemslotFlags,
     /// Guest physical address; page aligned.
     pub guest_phys_addr: u64,
     /// Size in bytes; a multiple of the host page size; 0 deletes the slot.
     pub memory_size: u64,
-    /// Host virtual address of the memory; page aligned. Must stay mapped
-    /// while the slot exists.
+    /// Host virtual address of the memory; page aligned.
     pub userspace_addr: u64,
+}
+
+impl Memslot {
+    /// `memory_size` bytes of host memory at `userspace_addr` seen by the
+    /// guest at `guest_phys_addr`, no flags.
+    pub const fn new(
+        slot: SlotId,
+        guest_phys_addr: u64,
+        userspace_addr: u64,
+        memory_size: u64,
+    ) -> Self {
+        Memslot {
+            slot,
+            flags: MemslotFlags::empty(),
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+        }
+    }
+
+    /// The deletion of `slot` (size 0).
+    pub const fn delete(slot: SlotId) -> Self {
+        Memslot::new(slot, 0, 0, 0)
+    }
+
+    /// The same slot with `flags`.
+    pub const fn with_flags(mut self, flags: MemslotFlags) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    /// Pages of `page_size` bytes in the slot.
+    pub const fn pages(&self, page_size: u64) -> u64 {
+        self.memory_size / page_size
+    }
+
+    pub(crate) fn region(&self) -> kvm_bindings::kvm_userspace_memory_region {
+        kvm_bindings::kvm_userspace_memory_region {
+            slot: self.slot.raw(),
+            flags: self.flags.bits(),
+            guest_phys_addr: self.guest_phys_addr,
+            memory_size: self.memory_size,
+            userspace_addr: self.userspace_addr,
+        }
+    }
+}
+
+/// Which sync of a migration [`DirtyTracker::sync_memslot`](crate::DirtyTracker::sync_memslot) is.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncStage {
+    /// A sync while the vCPUs run.
+    Live,
+    /// The last sync of a migration, with the vCPUs stopped: in
+    /// [`Mode::RingWithBitmap`] it also drains the kernel's backup bitmap.
+    Final,
+}
+
+/// What a sync reported.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Pages reported dirty.
+    pub pages: u64,
+    /// Every page of the slot was reported, whatever the guest wrote: the
+    /// kernel overran a ring (or a reset was cut short) since the previous
+    /// sync, so the shim re-armed dirty logging and reports the whole slot
+    /// once. Expect a full resend of the slot this round.
+    pub whole_slot: bool,
+}
+
+/// The adaptive reaper's knobs (`Default`: high water 25 %, checks every
+/// 200 µs to 50 ms).
+///
+/// ```
+/// use std::time::Duration;
+/// use kvm_dirty_shim::ReaperConfig;
+/// let cfg = ReaperConfig::default()
+///     .high_water_pct(50)
+///     .max_interval(Duration::from_millis(10));
+/// assert_eq!(cfg.get_high_water_pct(), 50);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaperConfig {
+    pub(crate) high_water_pct: u32,
+    pub(crate) min_interval: Duration,
+    pub(crate) max_interval: Duration,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        ReaperConfig {
+            high_water_pct: 25,
+            min_interval: Duration::from_micros(200),
+            max_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+impl ReaperConfig {
+    /// Reap as soon as some vCPU's ring holds at least this percentage of
+    /// its entries (1..=90). The check reads one entry's flags per ring, no
+    /// syscall.
+    pub fn high_water_pct(mut self, pct: u32) -> Self {
+        self.high_water_pct = pct;
+        self
+    }
+
+    /// The shortest pause between two checks.
+    pub fn min_interval(mut self, d: Duration) -> Self {
+        self.min_interval = d;
+        self
+    }
+
+    /// The longest pause between two checks (at most 10 s): what an idle
+    /// VM costs. Turning dirty logging on wakes the thread whatever this is.
+    pub fn max_interval(mut self, d: Duration) -> Self {
+        self.max_interval = d;
+        self
+    }
+
+    /// The high-water mark, in percent.
+    pub fn get_high_water_pct(&self) -> u32 {
+        self.high_water_pct
+    }
+
+    /// The shortest pause.
+    pub fn get_min_interval(&self) -> Duration {
+        self.min_interval
+    }
+
+    /// The longest pause.
+    pub fn get_max_interval(&self) -> Duration {
+        self.max_interval
+    }
 }
 
 /// Counters of one VM since its creation, read with kds_stats_get().
 /// Fields are only ever appended; the first 9 are ABI 1's.
 #[repr(C)]
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KdsStats {
+pub struct Stats {
     /// Ring entries harvested.
     pub entries_reaped: u64,
     /// KVM_RESET_DIRTY_RINGS calls.
@@ -155,28 +412,11 @@ pub struct KdsStats {
 /// Counters of one vCPU, read with kds_vcpu_stats_get(): what a VMM's
 /// dirty-rate and dirty-limit features read. Fields are only ever appended.
 #[repr(C)]
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KdsVcpuStats {
+pub struct VcpuStats {
     /// Entries harvested from this vCPU's ring.
     pub entries_reaped: u64,
     /// kds_vcpu_reap() calls for this vCPU that found entries.
     pub ring_full_reaps: u64,
-}
-
-/// Knobs of the adaptive reaper thread, passed to kds_reaper_enable() with
-/// its size. A field left 0 takes its default. Fields are only ever
-/// appended.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KdsReaperConfig {
-    /// Reap as soon as some vCPU's ring holds at least this percentage of
-    /// its entries (1..=90; default 25). The check reads one entry's flags
-    /// per ring, no syscall.
-    pub high_water_pct: u32,
-    /// Shortest pause between two checks, in microseconds (default 200).
-    pub min_interval_us: u32,
-    /// Longest pause between two checks, in microseconds (default 50000):
-    /// what an idle VM costs. Turning dirty logging on wakes the thread
-    /// whatever this is.
-    pub max_interval_us: u32,
 }

@@ -4,13 +4,13 @@
 mod common;
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 fn bitmap_rounds(manual: bool) {
     let vm = TestVm::new_with(None, |h| {
-        assert_eq!(kds_manual_protect_set(h, manual), 0, "{}", last_error());
+        assert_eq!(c!(kds_manual_protect_set(h, manual)), 0, "{}", last_error());
     });
-    assert_eq!(kds_vm_mode(vm.vm()), KdsMode::KDS_MODE_BITMAP as i32);
+    assert_eq!(c!(kds_vm_mode(vm.vm())), KdsMode::KDS_MODE_BITMAP as i32);
     let pages = 4096;
     let (mut c, mut v) = vm.guest(pages, 2000, 21);
     for it in 1..=20 {
@@ -29,7 +29,7 @@ fn bitmap_rounds(manual: bool) {
     assert_eq!(s.bitmap_syncs, 20);
     assert!(s.pages_from_bitmap >= c.changed);
     assert_eq!(s.entries_reaped, 0);
-    assert_eq!(kds_reap(vm.vm()), 0, "reap is a no-op in bitmap mode");
+    assert_eq!(c!(kds_reap(vm.vm())), 0, "reap is a no-op in bitmap mode");
 }
 
 #[test]
@@ -45,7 +45,7 @@ fn bitmap_mode_without_manual_protect() {
 #[test]
 fn manual_protect_choice_comes_before_memslots() {
     let vm = TestVm::new(None);
-    assert_eq!(kds_manual_protect_set(vm.vm(), false), -libc::EBUSY);
+    assert_eq!(c!(kds_manual_protect_set(vm.vm(), false)), -libc::EBUSY);
     assert!(last_error().contains("before the first memslot"));
 }
 

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 const RING: u32 = 4096;
 const PAGES: u64 = 4096;
@@ -88,7 +88,7 @@ fn signals_at_the_reaping_thread_lose_nothing() {
             // SAFETY: gettid has no preconditions.
             reaper_tid.store(unsafe { libc::gettid() }, Ordering::Release);
             while !stop.load(Ordering::Relaxed) {
-                let r = kds_reap(vm.vm());
+                let r = c!(kds_reap(vm.vm()));
                 assert!(r >= 0, "kds_reap: {r}: {}", last_error());
                 reaps.fetch_add(1, Ordering::Relaxed);
             }

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::*;
 use kvm_bindings::{KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, kvm_enable_cap};
-use kvm_dirty_shim::KDS_MEM_LOG_DIRTY_PAGES;
+use kvm_dirty_shim::capi::KDS_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 const RING: u32 = 4096;

@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::ptr;
 
 use common::*;
+use kvm_dirty_shim::capi::*;
 use kvm_dirty_shim::*;
 use kvm_ioctls::{Cap, Kvm};
 
@@ -55,7 +56,7 @@ fn slot_count(vm: &TestVm) -> usize {
     let mut bm = [0u64; 1];
     (0..40000u32)
         .filter(|&s| {
-            kds_memslot_sync(vm.vm(), s, bm.as_mut_ptr(), 64, 0) != -i64::from(libc::ENOENT)
+            c!(kds_memslot_sync(vm.vm(), s, bm.as_mut_ptr(), 64, 0)) != -i64::from(libc::ENOENT)
         })
         .count()
 }
@@ -72,7 +73,7 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
     let fd = vm.kvm_vm.create_vcpu(0).unwrap();
     let saved = limit(libc::RLIMIT_AS);
     set_limit(libc::RLIMIT_AS, vm_size() + (512 << 10), saved.rlim_max);
-    let r_vcpu = kds_vcpu_add(vm.vm(), fd.as_raw_fd(), 0);
+    let r_vcpu = c!(kds_vcpu_add(vm.vm(), fd.as_raw_fd(), 0));
     let msg_vcpu = last_error();
     let big = KdsMemslot {
         slot: 5,
@@ -81,7 +82,7 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
         memory_size: huge.len as u64,
         userspace_addr: huge.addr(),
     };
-    let r_slot = kds_memslot_update(vm.vm(), &big, size_of::<KdsMemslot>());
+    let r_slot = c!(kds_memslot_update(vm.vm(), &big, size_of::<KdsMemslot>()));
     let msg_slot = last_error();
     set_limit(libc::RLIMIT_AS, saved.rlim_cur, saved.rlim_max);
     assert_eq!(r_vcpu, -libc::ENOMEM, "{msg_vcpu}");
@@ -89,18 +90,23 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
     assert_eq!(r_slot, -libc::ENOMEM, "{msg_slot}");
     assert!(msg_slot.contains("out of memory"), "{msg_slot}");
     // State unchanged: vCPU 0 unknown, slot 5 unknown; then both work.
-    let mut st = KdsVcpuStats::default();
+    let mut st = VcpuStats::default();
     assert_eq!(
-        kds_vcpu_stats_get(vm.vm(), 0, &mut st, size_of::<KdsVcpuStats>()),
+        c!(kds_vcpu_stats_get(
+            vm.vm(),
+            0,
+            &mut st,
+            size_of::<VcpuStats>()
+        )),
         -libc::ENOENT
     );
     let mut bm = [0u64; 1];
     assert_eq!(
-        kds_memslot_sync(vm.vm(), 5, bm.as_mut_ptr(), 64, 0),
+        c!(kds_memslot_sync(vm.vm(), 5, bm.as_mut_ptr(), 64, 0)),
         -i64::from(libc::ENOENT)
     );
     assert_eq!(
-        kds_vcpu_add(vm.vm(), fd.as_raw_fd(), 0),
+        c!(kds_vcpu_add(vm.vm(), fd.as_raw_fd(), 0)),
         0,
         "{}",
         last_error()
@@ -112,7 +118,11 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
         ..big
     };
     assert_eq!(
-        kds_memslot_update(vm.vm(), &smaller, size_of::<KdsMemslot>()),
+        c!(kds_memslot_update(
+            vm.vm(),
+            &smaller,
+            size_of::<KdsMemslot>()
+        )),
         0,
         "{}",
         last_error()
@@ -136,9 +146,9 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
         filler.push(d);
     }
     let mut h = ptr::null_mut();
-    let r = kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h);
+    let r = c!(kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h));
     let msg = last_error();
-    let r2 = kds_vm_create(0, &mut h);
+    let r2 = c!(kds_vm_create(0, &mut h));
     let msg2 = last_error();
     for d in filler {
         // SAFETY: our duplicates.
@@ -151,11 +161,11 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
     assert!(h.is_null(), "no handle on failure");
     assert_eq!(open_fds(), fds, "no fd leaked");
     assert_eq!(
-        kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h),
+        c!(kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h)),
         0,
         "next call works"
     );
-    kds_vm_free(h);
+    c!(kds_vm_free(h));
     eprintln!("RLIMIT_NOFILE at its end: kds_vm_adopt and kds_vm_create -EMFILE, then fine");
 
     // -- the kernel's memslot limit
@@ -171,7 +181,7 @@ fn limits_are_refused_cleanly_and_the_next_call_works() {
             memory_size: size,
             userspace_addr: page.addr(),
         };
-        kds_memslot_update(vm.vm(), &m, size_of::<KdsMemslot>())
+        c!(kds_memslot_update(vm.vm(), &m, size_of::<KdsMemslot>()))
     };
     // Slot 0 is the test VM's code slot: fill 1 .. nr - 1.
     for s in 1..nr {

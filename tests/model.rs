@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::ptr;
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 use kvm_ioctls::{Kvm, VcpuFd};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -125,7 +125,7 @@ impl Run {
     fn new() -> Run {
         let kvm_vm = Kvm::new().unwrap().create_vm().unwrap();
         let mut h = ptr::null_mut();
-        assert_eq!(kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h), 0);
+        assert_eq!(c!(kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h)), 0);
         Run {
             kvm_vm,
             h,
@@ -136,9 +136,9 @@ impl Run {
 
     fn call(&mut self, c: Call) -> i64 {
         match c {
-            Call::Ring => i64::from(kds_dirty_ring_enable(self.h, 1024)),
-            Call::Board0 => i64::from(kds_board_init(self.h, 0)),
-            Call::BoardIts => i64::from(kds_board_init(self.h, KDS_BOARD_VGIC_ITS)),
+            Call::Ring => i64::from(c!(kds_dirty_ring_enable(self.h, 1024))),
+            Call::Board0 => i64::from(c!(kds_board_init(self.h, 0))),
+            Call::BoardIts => i64::from(c!(kds_board_init(self.h, KDS_BOARD_VGIC_ITS))),
             Call::SlotAdd => {
                 let m = Mem::new(PAGE as usize * 4);
                 let n = self.mem.len() as u64;
@@ -149,7 +149,7 @@ impl Run {
                     memory_size: m.len as u64,
                     userspace_addr: m.addr(),
                 };
-                let r = kds_memslot_update(self.h, &s, size_of::<KdsMemslot>());
+                let r = c!(kds_memslot_update(self.h, &s, size_of::<KdsMemslot>()));
                 if r == 0 {
                     self.mem.push(m);
                 }
@@ -161,13 +161,13 @@ impl Run {
                         slot: 99,
                         ..KdsMemslot::default()
                     };
-                    return i64::from(kds_memslot_update(self.h, &s, size_of::<KdsMemslot>()));
+                    return i64::from(c!(kds_memslot_update(self.h, &s, size_of::<KdsMemslot>())));
                 };
                 let s = KdsMemslot {
                     slot: 10 + last as u32,
                     ..KdsMemslot::default()
                 };
-                let r = kds_memslot_update(self.h, &s, size_of::<KdsMemslot>());
+                let r = c!(kds_memslot_update(self.h, &s, size_of::<KdsMemslot>()));
                 if r == 0 {
                     self.mem.pop();
                 }
@@ -176,7 +176,7 @@ impl Run {
             Call::Vcpu => {
                 let id = self.vcpus.len() as u32;
                 let fd = self.kvm_vm.create_vcpu(u64::from(id)).unwrap();
-                let r = kds_vcpu_add(self.h, fd.as_raw_fd(), id);
+                let r = c!(kds_vcpu_add(self.h, fd.as_raw_fd(), id));
                 self.vcpus.push(fd);
                 i64::from(r)
             }
@@ -186,7 +186,7 @@ impl Run {
 
 impl Drop for Run {
     fn drop(&mut self) {
-        kds_vm_free(self.h);
+        c!(kds_vm_free(self.h));
     }
 }
 
@@ -215,7 +215,7 @@ fn explore(depth: usize, backup_cap: bool) -> u64 {
             if got < 0 {
                 assert!(!last_error().is_empty(), "{calls:?}: no message");
             }
-            assert_eq!(kds_vm_mode(run.h), o.mode, "mode after {calls:?}");
+            assert_eq!(c!(kds_vm_mode(run.h)), o.mode, "mode after {calls:?}");
         }
         count += 1;
         // Next sequence (odometer).

@@ -13,7 +13,7 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 const RING: u32 = 4096;
 
@@ -48,7 +48,7 @@ extern "C" fn rogue(_level: i32, msg: *const libc::c_char, _: *mut libc::c_void)
 
 #[test]
 fn an_entry_overwritten_before_the_reset_reports_every_page_and_rearms_logging() {
-    assert_eq!(kds_logger_set(Some(rogue), std::ptr::null_mut(), 2), 0);
+    assert_eq!(c!(kds_logger_set(Some(rogue), std::ptr::null_mut(), 2)), 0);
     let vm = TestVm::new(Some(RING));
     let (mut c, mut v) = vm.guest(64, 40, 5);
     let ring = map_ring(&v.fd, RING);

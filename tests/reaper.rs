@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 const RING: u32 = 4096;
 
@@ -21,7 +21,11 @@ fn the_reaper_reaps_a_busy_guest_and_loses_nothing() {
         max_interval_us: 20_000,
     };
     assert_eq!(
-        kds_reaper_enable(vm.vm(), &cfg, size_of::<KdsReaperConfig>()),
+        c!(kds_reaper_enable(
+            vm.vm(),
+            &cfg,
+            size_of::<KdsReaperConfig>()
+        )),
         0,
         "{}",
         last_error()
@@ -35,7 +39,7 @@ fn the_reaper_reaps_a_busy_guest_and_loses_nothing() {
         let (changed, _, lost) = c.check(vm.h, 0);
         assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
     }
-    assert_eq!(kds_reaper_disable(vm.vm()), 0);
+    assert_eq!(c!(kds_reaper_disable(vm.vm())), 0);
     let s = vm.stats();
     assert!(s.reaper_reaps > 0, "the reaper never reaped: {s:?}");
     // The entries it harvested are part of the total, and the stop left
@@ -65,7 +69,11 @@ fn the_reaper_wakes_when_dirty_logging_starts() {
     };
     let start = std::time::Instant::now();
     assert_eq!(
-        kds_reaper_enable(vm.vm(), &cfg, size_of::<KdsReaperConfig>()),
+        c!(kds_reaper_enable(
+            vm.vm(),
+            &cfg,
+            size_of::<KdsReaperConfig>()
+        )),
         0,
         "{}",
         last_error()
@@ -89,7 +97,7 @@ fn the_reaper_wakes_when_dirty_logging_starts() {
         "no reap {:?} after logging started: the reaper slept through it ({s:?})",
         start.elapsed()
     );
-    assert_eq!(kds_reaper_disable(vm.vm()), 0);
+    assert_eq!(c!(kds_reaper_disable(vm.vm())), 0);
     let (changed, _, lost) = c.check(vm.h, 0);
     assert!(changed > 1000, "{changed}");
     assert_eq!(lost, 0);
@@ -99,7 +107,7 @@ fn the_reaper_wakes_when_dirty_logging_starts() {
 fn reaper_misuse_is_refused() {
     let vm = TestVm::new(Some(RING));
     assert_eq!(
-        kds_reaper_disable(vm.vm()),
+        c!(kds_reaper_disable(vm.vm())),
         0,
         "stop without start is a no-op"
     );
@@ -110,40 +118,60 @@ fn reaper_misuse_is_refused() {
             max_interval_us: max,
         };
         assert_eq!(
-            kds_reaper_enable(vm.vm(), &cfg, size_of::<KdsReaperConfig>()),
+            c!(kds_reaper_enable(
+                vm.vm(),
+                &cfg,
+                size_of::<KdsReaperConfig>()
+            )),
             -libc::EINVAL
         );
         assert!(last_error().contains("out of range"), "{}", last_error());
     }
     assert_eq!(
-        kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        c!(kds_reaper_enable(
+            vm.vm(),
+            std::ptr::null(),
+            size_of::<KdsReaperConfig>()
+        )),
         0
     );
     assert_eq!(
-        kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        c!(kds_reaper_enable(
+            vm.vm(),
+            std::ptr::null(),
+            size_of::<KdsReaperConfig>()
+        )),
         -libc::EBUSY
     );
-    assert_eq!(kds_reaper_disable(vm.vm()), 0);
+    assert_eq!(c!(kds_reaper_disable(vm.vm())), 0);
     assert_eq!(
-        kds_reaper_enable(vm.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        c!(kds_reaper_enable(
+            vm.vm(),
+            std::ptr::null(),
+            size_of::<KdsReaperConfig>()
+        )),
         0,
         "restart"
     );
     assert_eq!(
-        kds_reaper_enable(
+        c!(kds_reaper_enable(
             std::ptr::null_mut(),
             std::ptr::null(),
             size_of::<KdsReaperConfig>()
-        ),
+        )),
         -libc::EINVAL
     );
-    assert_eq!(kds_reaper_disable(std::ptr::null_mut()), -libc::EINVAL);
+    assert_eq!(c!(kds_reaper_disable(std::ptr::null_mut())), -libc::EINVAL);
     // Dropping the TestVm frees the VM with the reaper running: kds_vm_free
     // stops it.
 
     let bitmap = TestVm::new(None);
     assert_eq!(
-        kds_reaper_enable(bitmap.vm(), std::ptr::null(), size_of::<KdsReaperConfig>()),
+        c!(kds_reaper_enable(
+            bitmap.vm(),
+            std::ptr::null(),
+            size_of::<KdsReaperConfig>()
+        )),
         -libc::ENOTSUP
     );
     assert!(last_error().contains("bitmap mode"), "{}", last_error());

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 use kvm_ioctls::VcpuExit;
 
 const RING: u32 = 4096;
@@ -37,7 +37,7 @@ fn ring_rounds(vm: &TestVm, pages: u64, stores: u32, rounds: u32) -> (Checker, u
 #[test]
 fn ring_mode_loses_nothing() {
     let vm = TestVm::new(Some(RING));
-    assert_eq!(kds_vm_mode(vm.vm()), KdsMode::KDS_MODE_RING as i32);
+    assert_eq!(c!(kds_vm_mode(vm.vm())), KdsMode::KDS_MODE_RING as i32);
     let (c, _, wedged) = ring_rounds(&vm, 1024, 500, 20);
     assert!(!wedged);
     assert_eq!(c.lost, 0);
@@ -154,10 +154,16 @@ fn corrupted_ring_entries_are_skipped_and_counted() {
         write_ring_entry(&ring, RING, at + i as u32, *slot, *off);
     }
     write_ring_entry(&ring, RING, at + bogus.len() as u32, 1, 5); // one valid entry
-    let n = kds_reap(vm.vm());
+    let n = c!(kds_reap(vm.vm()));
     assert_eq!(n, bogus.len() as i64 + 1, "{}", last_error());
     assert_eq!(vm.stats().invalid_entries, bogus.len() as u64);
-    let r = kds_memslot_sync(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0);
+    let r = c!(kds_memslot_sync(
+        vm.vm(),
+        1,
+        c.bitmap.as_mut_ptr(),
+        pages,
+        0
+    ));
     assert_eq!(r, 1, "only the valid entry is reported");
     assert_eq!(c.bitmap[0], 1 << 5);
     // Nothing else was touched: the guest memory is still all zero.
@@ -181,14 +187,14 @@ fn slot_deleted_with_entries_pending() {
         ..Default::default()
     };
     assert_eq!(
-        kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()),
+        c!(kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>())),
         0,
         "{}",
         last_error()
     );
     // The delete harvested them for the slot (none is left to name an
     // unknown slot, or a new slot that reuses the id).
-    assert_eq!(kds_reap(vm.vm()), 0);
+    assert_eq!(c!(kds_reap(vm.vm())), 0);
     assert_eq!(vm.stats().invalid_entries, 0);
     // The memory comes back as another slot id at another address (a PCI
     // BAR moved): the pages written before the delete are reported there.
@@ -255,13 +261,13 @@ fn vcpu_remove_harvests_what_is_left() {
     let (mut c, mut v) = vm.guest(pages, 400, 5);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
-    assert_eq!(kds_vcpu_remove(vm.vm(), 0), 0, "{}", last_error());
+    assert_eq!(c!(kds_vcpu_remove(vm.vm(), 0)), 0, "{}", last_error());
     assert!(vm.stats().entries_reaped > 0);
     let (changed, _, lost) = c.check(vm.h, 0);
     assert!(changed > 300);
     assert_eq!(lost, 0);
-    assert_eq!(kds_vcpu_remove(vm.vm(), 0), -libc::ENOENT);
-    assert_eq!(kds_vcpu_reap(vm.vm(), 0), -i64::from(libc::ENOENT));
+    assert_eq!(c!(kds_vcpu_remove(vm.vm(), 0)), -libc::ENOENT);
+    assert_eq!(c!(kds_vcpu_reap(vm.vm(), 0)), -i64::from(libc::ENOENT));
 }
 
 #[test]
@@ -276,7 +282,13 @@ fn logging_toggled_and_slot_moved() {
     v.run_round(vm.h);
     // Not logged: sync refuses.
     assert_eq!(
-        kds_memslot_sync(vm.vm(), 1, c.bitmap.as_mut_ptr(), pages, 0),
+        c!(kds_memslot_sync(
+            vm.vm(),
+            1,
+            c.bitmap.as_mut_ptr(),
+            pages,
+            0
+        )),
         -i64::from(libc::ENOENT)
     );
     assert!(last_error().contains("KDS_MEM_LOG_DIRTY_PAGES"));
@@ -317,17 +329,21 @@ fn flush_calls_the_kick_then_reaps() {
         KICKS.fetch_add(1, Ordering::Relaxed);
     }
     let vm = TestVm::new(Some(RING));
-    assert_eq!(kds_flush(vm.vm()), -i64::from(libc::EBUSY));
+    assert_eq!(c!(kds_flush(vm.vm())), -i64::from(libc::EBUSY));
     assert!(last_error().contains("kds_kick_set"));
     let pages = 256;
     let (_c, mut v) = vm.guest(pages, 100, 1);
     vm.set_iteration(0, 1);
     v.run_round(vm.h);
     assert_eq!(
-        kds_kick_set(vm.vm(), Some(kick), 0x1234 as *mut libc::c_void),
+        c!(kds_kick_set(
+            vm.vm(),
+            Some(kick),
+            0x1234 as *mut libc::c_void
+        )),
         0
     );
-    let n = kds_flush(vm.vm());
+    let n = c!(kds_flush(vm.vm()));
     assert!(n > 0, "{n}");
     assert_eq!(KICKS.load(Ordering::Relaxed), 1);
 }
@@ -335,16 +351,16 @@ fn flush_calls_the_kick_then_reaps() {
 #[test]
 fn create_owns_its_fd() {
     let mut h = std::ptr::null_mut();
-    assert_eq!(kds_vm_create(0, &mut h), 0, "{}", last_error());
-    let fd = kds_vm_fd(h);
+    assert_eq!(c!(kds_vm_create(0, &mut h)), 0, "{}", last_error());
+    let fd = c!(kds_vm_fd(h));
     assert!(fd >= 0);
-    assert_eq!(kds_dirty_ring_enable(h, RING), 0, "{}", last_error());
+    assert_eq!(c!(kds_dirty_ring_enable(h, RING)), 0, "{}", last_error());
     // A second descriptor of the shim's open file, to tell it apart from
     // whatever other test thread gets the number after kds_vm_free.
     // SAFETY: dup of an open fd; `probe` is closed below.
     let probe = unsafe { libc::dup(fd) };
     assert!(probe >= 0);
-    kds_vm_free(h);
+    c!(kds_vm_free(h));
     let pid = std::process::id() as libc::c_long;
     // SAFETY: kcmp(KCMP_FILE) only compares two fds of this process.
     let same = unsafe {
@@ -385,10 +401,10 @@ fn reap_vcpu_on_ring_full_races_a_reaper_thread() {
                     let (by_reaper, by_vcpu) = std::thread::scope(|sc| {
                         let reaper = sc.spawn(|| {
                             go.wait();
-                            kds_reap(h.get())
+                            c!(kds_reap(h.get()))
                         });
                         go.wait();
-                        let n = kds_vcpu_reap(h.get(), 0);
+                        let n = c!(kds_vcpu_reap(h.get(), 0));
                         (reaper.join().unwrap(), n)
                     });
                     assert!(by_reaper >= 0, "kds_reap: {by_reaper}: {}", last_error());

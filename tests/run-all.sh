@@ -33,15 +33,29 @@ trap step_report EXIT
 tests/quick.sh
 
 step "Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules, the sized structs"
-timeout 1800 cargo +nightly miri test --lib
+timeout 1800 cargo +nightly miri test --lib --features capi
 
 step "demo (1 s per mode; exits non-zero on any lost page)"
-timeout 300 cargo run --release --example demo 1 > target/demo.out
+timeout 300 cargo run --release --features capi --example demo 1 > target/demo.out
 tail -n 3 target/demo.out
 
-step "the example Rust VMM (the Rust API only; 2 vCPUs; exits non-zero on any lost page)"
-timeout 300 cargo run --release --example rust_vmm 10 > target/rust_vmm.out
+step "the example Rust VMM (kvm-ioctls, vm-memory and the Rust API only; 2 unpaced vCPUs; exits non-zero on any lost page)"
+timeout 300 cargo run --release --features vm-memory --example rust_vmm 10 > target/rust_vmm.out
 tail -n 3 target/rust_vmm.out
+
+step "a Rust user's build: no cbindgen, no staticlib; the crate packages and builds as published"
+if cargo tree -e build,normal --prefix none | grep -q "^cbindgen "; then
+    echo "a Rust-only build compiles cbindgen" >&2; exit 1
+fi
+cargo tree -e build --all-features --prefix none | grep -q "^cbindgen " ||
+    { echo "the capi feature lost cbindgen" >&2; exit 1; }
+rm -rf target/rust-only && cargo build --quiet --release --lib --target-dir target/rust-only
+if find target/rust-only -name 'libkvm_dirty_shim.a' | grep -q .; then
+    echo "a Rust-only build produced the staticlib" >&2; exit 1
+fi
+cargo package --list --allow-dirty > target/package.list
+cat target/package.list | tr '\n' ' '; echo
+timeout 900 cargo publish --dry-run --allow-dirty 2>&1 | tail -n 3
 
 step "C tests (meson) under AddressSanitizer + UndefinedBehaviorSanitizer (plain: quick tier)"
 build=target/meson
@@ -55,7 +69,7 @@ meson setup "$build/tsan" c-tests -Db_sanitize=thread -Db_lundef=false >/dev/nul
 TSAN_OPTIONS=halt_on_error=1 setarch "$(uname -m)" -R meson test -C "$build/tsan" --print-errorlogs tracking abi
 
 step "the native libraries the snippet, c-tests and kvm_dirty_shim.pc link match rustc's"
-want=$(cargo rustc --quiet --release --lib --crate-type staticlib -- --print native-static-libs 2>&1 |
+want=$(cargo rustc --quiet --release --lib --features capi --crate-type staticlib -- --print native-static-libs 2>&1 |
        sed -n 's/.*native-static-libs: //p' | head -n 1)
 for f in meson-snippet/meson.build c-tests/meson.build install.sh; do
     for lib in $want; do

@@ -11,7 +11,7 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 
 const RING: u32 = 4096;
 
@@ -39,7 +39,7 @@ extern "C" fn rogue(_level: i32, msg: *const libc::c_char, _: *mut libc::c_void)
 
 #[test]
 fn a_reset_that_counts_less_is_counted_not_fatal() {
-    assert_eq!(kds_logger_set(Some(rogue), std::ptr::null_mut(), 2), 0);
+    assert_eq!(c!(kds_logger_set(Some(rogue), std::ptr::null_mut(), 2)), 0);
     let vm = TestVm::new(Some(RING));
     let (mut c, mut v) = vm.guest(64, 40, 5);
     let ring = map_ring(&v.fd, RING);
@@ -56,7 +56,7 @@ fn a_reset_that_counts_less_is_counted_not_fatal() {
         ..KdsMemslot::default()
     };
     assert_eq!(
-        kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()),
+        c!(kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>())),
         0
     );
     raw_memslot(
@@ -74,7 +74,7 @@ fn a_reset_that_counts_less_is_counted_not_fatal() {
     AT.store(vcpu_stats(vm.h, 0).entries_reaped as u32, Ordering::Relaxed);
     RING_PTR.store(ring.ptr as usize, Ordering::Relaxed);
     let before = vm.stats();
-    let n = kds_reap(vm.vm());
+    let n = c!(kds_reap(vm.vm()));
     assert!(n > 0, "{n}: {}", last_error());
     let s = vm.stats();
     assert_eq!(s.invalid_entries - before.invalid_entries, n as u64);
@@ -91,7 +91,7 @@ fn a_reset_that_counts_less_is_counted_not_fatal() {
     for it in 3..6 {
         vm.set_iteration(0, it);
         assert!(!v.run_round(vm.h).wedged);
-        assert!(kds_reap(vm.vm()) >= 0, "{}", last_error());
+        assert!(c!(kds_reap(vm.vm())) >= 0, "{}", last_error());
     }
     let after = vm.stats();
     assert_eq!(after.reset_shortfall, s.reset_shortfall, "no new shortfall");

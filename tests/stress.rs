@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kvm_dirty_shim::*;
+use kvm_dirty_shim::capi::*;
 use parking_lot::Mutex;
 
 const RING: u32 = 4096;
@@ -77,7 +77,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                         vm.set_iteration(v.index, it);
                         assert!(!v.run_round(vm.h).wedged, "vCPU {} wedged", v.index);
                         let mut sh = s.lock();
-                        let n = kds_memslot_sync(vm.vm(), c.slot, sh.as_mut_ptr(), PAGES, 0);
+                        let n = c!(kds_memslot_sync(vm.vm(), c.slot, sh.as_mut_ptr(), PAGES, 0));
                         ok_or(n, &[], "kds_memslot_sync (checker)");
                         c.bitmap.copy_from_slice(&sh);
                         sh.fill(0);
@@ -96,7 +96,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
             // The reaper.
             sc.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    ok_or(kds_reap(vm.vm()), &[], "kds_reap");
+                    ok_or(c!(kds_reap(vm.vm())), &[], "kds_reap");
                     std::thread::sleep(Duration::from_micros(500));
                 }
             });
@@ -107,11 +107,23 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                 while !stop.load(Ordering::Relaxed) {
                     for (i, s) in shared.iter().enumerate() {
                         let mut sh = s.lock();
-                        let n = kds_memslot_sync(vm.vm(), 1 + i as u32, sh.as_mut_ptr(), PAGES, 0);
+                        let n = c!(kds_memslot_sync(
+                            vm.vm(),
+                            1 + i as u32,
+                            sh.as_mut_ptr(),
+                            PAGES,
+                            0
+                        ));
                         ok_or(n, &[], "kds_memslot_sync (sync thread)");
                     }
                     for slot in [3, 10, 11, 12, 13] {
-                        let n = kds_memslot_sync(vm.vm(), slot, scratch.as_mut_ptr(), 65536, 0);
+                        let n = c!(kds_memslot_sync(
+                            vm.vm(),
+                            slot,
+                            scratch.as_mut_ptr(),
+                            65536,
+                            0
+                        ));
                         ok_or(n, &[libc::ENOENT], "kds_memslot_sync (other slots)");
                     }
                     std::thread::sleep(Duration::from_millis(2));
@@ -138,7 +150,8 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                                 ..KdsMemslot::default()
                             };
                             ok_or(
-                                kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()).into(),
+                                c!(kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()))
+                                    .into(),
                                 &[],
                                 "delete",
                             );
@@ -159,7 +172,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                         userspace_addr: m.addr(),
                     };
                     ok_or(
-                        kds_memslot_update(vm.vm(), &s, size_of::<KdsMemslot>()).into(),
+                        c!(kds_memslot_update(vm.vm(), &s, size_of::<KdsMemslot>())).into(),
                         &[],
                         "create/resize",
                     );
@@ -174,7 +187,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                             ..KdsMemslot::default()
                         };
                         ok_or(
-                            kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>()).into(),
+                            c!(kds_memslot_update(vm.vm(), &del, size_of::<KdsMemslot>())).into(),
                             &[],
                             "delete",
                         );
@@ -195,7 +208,7 @@ fn everything_at_once_loses_nothing_and_leaks_nothing() {
                         userspace_addr: toggled.addr(),
                     };
                     ok_or(
-                        kds_memslot_update(vm.vm(), &s, size_of::<KdsMemslot>()).into(),
+                        c!(kds_memslot_update(vm.vm(), &s, size_of::<KdsMemslot>())).into(),
                         &[],
                         "toggle",
                     );

@@ -1,11 +1,14 @@
 //! The Rust API (`DirtyTracker`) on the real kernel: the ordering rules are
-//! the C ABI's, and dropping a tracker with its reaper running gives back
-//! the reaper thread, every ring mapping and its VM fd.
+//! the C ABI's, and dropping a tracker with its reaper running stops the
+//! reaper thread; dropping its vCPU handles too gives back every ring
+//! mapping and its VM fd.
 
 mod common;
 
 use common::*;
-use kvm_dirty_shim::{DirtyTracker, KDS_MEM_LOG_DIRTY_PAGES, KdsMemslot, KdsReaperConfig};
+use kvm_dirty_shim::{
+    BoardFlags, DirtyTracker, ErrorKind, Memslot, MemslotFlags, ReaperConfig, SlotId, SyncStage,
+};
 use kvm_ioctls::Kvm;
 
 /// fds, mappings and threads are counted per process: the tests of this
@@ -13,14 +16,9 @@ use kvm_ioctls::Kvm;
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Slot 0 at guest-physical 0 over `mem`, dirty-logged.
-fn logged_slot0(mem: &Mem) -> KdsMemslot {
-    KdsMemslot {
-        slot: 0,
-        flags: KDS_MEM_LOG_DIRTY_PAGES,
-        guest_phys_addr: 0,
-        memory_size: mem.len as u64,
-        userspace_addr: mem.addr(),
-    }
+fn logged_slot0(mem: &Mem) -> Memslot {
+    Memslot::new(SlotId::new(0), 0, mem.addr(), mem.len as u64)
+        .with_flags(MemslotFlags::LOG_DIRTY_PAGES)
 }
 
 /// Threads named "kds-reaper" in this process.
@@ -41,17 +39,19 @@ fn dropping_a_tracker_stops_its_reaper_and_frees_everything() {
     let fds0 = fds();
     let t = DirtyTracker::adopt(&vm).unwrap();
     t.enable_dirty_ring(4096).unwrap();
-    t.board_init(0).unwrap();
+    t.board_init(BoardFlags::empty()).unwrap();
     // The kernel wants the ring enabled before any vCPU exists.
     let vcpus: Vec<_> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
     let maps0 = vcpu_maps();
     let m = logged_slot0(&mem);
     // SAFETY: `mem` outlives the tracker.
-    unsafe { t.set_memslot(&m) }.unwrap();
-    for (i, v) in vcpus.iter().enumerate() {
-        t.add_vcpu(v, i as u32).unwrap();
-    }
-    t.start_reaper(&KdsReaperConfig::default()).unwrap();
+    unsafe { t.update_memslot(&m) }.unwrap();
+    let handles: Vec<_> = vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, v)| t.add_vcpu(v, i as u32).unwrap())
+        .collect();
+    t.enable_reaper(&ReaperConfig::default()).unwrap();
     assert_eq!(
         fds(),
         fds0 + 1 + 2,
@@ -65,9 +65,12 @@ fn dropping_a_tracker_stops_its_reaper_and_frees_everything() {
     }
     assert_eq!(reapers(), 1, "the reaper thread");
     drop(t);
+    assert_eq!(reapers(), 0, "reaper thread still running");
+    // The vCPU handles hold the VM: its fd and rings go with the last.
+    assert_eq!(fds(), fds0 + 1 + 2);
+    drop(handles);
     assert_eq!(fds(), fds0 + 2, "VM fd not closed");
     assert_eq!(vcpu_maps(), maps0, "rings not unmapped");
-    assert_eq!(reapers(), 0, "reaper thread still running");
 }
 
 #[test]
@@ -79,20 +82,24 @@ fn the_ordering_rules_are_the_c_abis() {
     let mem = Mem::new(1 << 16);
     let m = logged_slot0(&mem);
     // SAFETY: `mem` outlives the tracker.
-    unsafe { t.set_memslot(&m) }.unwrap();
+    unsafe { t.update_memslot(&m) }.unwrap();
     let e = t.enable_dirty_ring(4096).unwrap_err();
     assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Ordering, "{e}");
     assert!(e.message().contains("before the first memslot"), "{e}");
     // The core's messages do not carry C function names in front.
     assert!(!e.message().starts_with("kds_"), "{e}");
-    let e = t
-        .board_init(kvm_dirty_shim::KDS_BOARD_VGIC_ITS)
-        .unwrap_err();
-    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    let e = t.board_init(BoardFlags::VGIC_ITS).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Ordering, "{e}");
     let mut bits = vec![0u64; 1];
-    assert_eq!(t.sync_slot(0, &mut bits, false).unwrap(), 0);
+    let r = t
+        .sync_memslot(SlotId::new(0), &mut bits, SyncStage::Live)
+        .unwrap();
+    assert_eq!((r.pages, r.whole_slot), (0, false));
     assert_eq!(
-        t.sync_slot(9, &mut bits, false).unwrap_err().errno(),
-        libc::ENOENT
+        t.sync_memslot(SlotId::new(9), &mut bits, SyncStage::Live)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
     );
 }

@@ -14,9 +14,19 @@
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
+use kvm_dirty_shim::capi::*;
 use kvm_dirty_shim::*;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use libfuzzer_sys::fuzz_target;
+
+/// Calls a C ABI function: the target passes live handles (or NULL) and
+/// pointers to live locals of the sizes it passes, as the ABI requires.
+macro_rules! c {
+    ($e:expr) => {{
+        // SAFETY: the fuzz target keeps the C ABI's pointer contract.
+        unsafe { $e }
+    }};
+}
 
 const PAGE: u64 = 4096;
 const SLOTS: usize = 8;
@@ -149,13 +159,13 @@ struct Run {
     ring_entries: u32,
     /// Pages of each slot id as the shim should know it (our model).
     slots: std::collections::HashMap<u32, u64>,
-    stats: KdsStats,
+    stats: Stats,
 }
 
 impl Run {
     fn stats_monotone(&mut self) {
-        let mut s = KdsStats::default();
-        assert!(kds_stats_get(self.h, &mut s, size_of::<KdsStats>()) >= 0);
+        let mut s = Stats::default();
+        assert!(c!(kds_stats_get(self.h, &mut s, size_of::<Stats>())) >= 0);
         let (a, b) = (self.stats, s);
         let pairs = [
             (a.entries_reaped, b.entries_reaped),
@@ -200,14 +210,14 @@ impl Run {
                 } else {
                     1u32 << (b % 20)
                 };
-                let r = kds_dirty_ring_enable(h, entries);
+                let r = c!(kds_dirty_ring_enable(h, entries));
                 check(r.into(), "kds_dirty_ring_enable");
                 if r == 0 {
                     self.ring_entries = entries;
                 }
             }
             1 => check(
-                kds_board_init(h, u32::from(inp.u8()) % 4).into(),
+                c!(kds_board_init(h, u32::from(inp.u8()) % 4)).into(),
                 "kds_board_init",
             ),
             2 | 3 => {
@@ -227,7 +237,7 @@ impl Run {
                     memory_size: pages * PAGE,
                     userspace_addr: host() + region * SLOT_PAGES * PAGE,
                 };
-                let r = kds_memslot_update(h, &m, size_of::<KdsMemslot>());
+                let r = c!(kds_memslot_update(h, &m, size_of::<KdsMemslot>()));
                 check(r.into(), "kds_memslot_update");
                 if r == 0 {
                     self.slots.insert(id, pages);
@@ -238,7 +248,7 @@ impl Run {
                     slot: self.slot_id(inp.u8()),
                     ..KdsMemslot::default()
                 };
-                let r = kds_memslot_update(h, &m, size_of::<KdsMemslot>());
+                let r = c!(kds_memslot_update(h, &m, size_of::<KdsMemslot>()));
                 check(r.into(), "kds_memslot_update (delete)");
                 if r == 0 {
                     self.slots.remove(&m.slot);
@@ -258,7 +268,7 @@ impl Run {
                     _ => self.vcpus[i].as_ref().map_or(-1, |(f, _)| f.as_raw_fd()),
                 };
                 let index = if b & 0x20 != 0 { inp.u32() } else { i as u32 };
-                let r = kds_vcpu_add(h, fd, index);
+                let r = c!(kds_vcpu_add(h, fd, index));
                 check(r.into(), "kds_vcpu_add");
                 if r == 0 && self.ring_entries > 0 {
                     if let Some((f, m)) = self.vcpus[i].as_mut() {
@@ -269,11 +279,14 @@ impl Run {
                 }
             }
             6 => check(
-                kds_vcpu_remove(h, u32::from(inp.u8()) % 6).into(),
+                c!(kds_vcpu_remove(h, u32::from(inp.u8()) % 6)).into(),
                 "kds_vcpu_remove",
             ),
-            7 => check(kds_reap(h), "kds_reap"),
-            8 => check(kds_vcpu_reap(h, u32::from(inp.u8()) % 6), "kds_vcpu_reap"),
+            7 => check(c!(kds_reap(h)), "kds_reap"),
+            8 => check(
+                c!(kds_vcpu_reap(h, u32::from(inp.u8()) % 6)),
+                "kds_vcpu_reap",
+            ),
             9 | 10 => {
                 let slot = self.slot_id(inp.u8());
                 let nbits = u64::from(inp.u16()) % 200;
@@ -283,7 +296,7 @@ impl Run {
                 let mut buf = vec![0u64; words + 2];
                 buf[words] = CANARY;
                 buf[words + 1] = CANARY;
-                let r = kds_memslot_sync(h, slot, buf.as_mut_ptr(), nbits, flags);
+                let r = c!(kds_memslot_sync(h, slot, buf.as_mut_ptr(), nbits, flags));
                 check(r, "kds_memslot_sync");
                 assert_eq!(buf[words..], [CANARY, CANARY], "sync wrote past the bitmap");
                 if r >= 0 {
@@ -302,27 +315,30 @@ impl Run {
             11 => {
                 if inp.u8() & 1 == 0 {
                     check(
-                        kds_kick_set(h, Some(kick), std::ptr::null_mut()).into(),
+                        c!(kds_kick_set(h, Some(kick), std::ptr::null_mut())).into(),
                         "kick",
                     );
                 } else {
-                    check(kds_kick_set(h, None, std::ptr::null_mut()).into(), "kick");
+                    check(
+                        c!(kds_kick_set(h, None, std::ptr::null_mut())).into(),
+                        "kick",
+                    );
                 }
-                check(kds_flush(h), "kds_flush");
+                check(c!(kds_flush(h)), "kds_flush");
             }
             12 => {
-                let mut v = KdsVcpuStats::default();
+                let mut v = VcpuStats::default();
                 check(
-                    kds_vcpu_stats_get(
+                    c!(kds_vcpu_stats_get(
                         h,
                         u32::from(inp.u8()) % 6,
                         &mut v,
-                        size_of::<KdsVcpuStats>(),
-                    )
+                        size_of::<VcpuStats>(),
+                    ))
                     .into(),
                     "vcpu_stats",
                 );
-                check(kds_vm_mode(h).into(), "kds_vm_mode");
+                check(c!(kds_vm_mode(h)).into(), "kds_vm_mode");
             }
             13 => {
                 let c = KdsReaperConfig {
@@ -331,11 +347,11 @@ impl Run {
                     max_interval_us: 100 + u32::from(inp.u8()) * 10,
                 };
                 check(
-                    kds_reaper_enable(h, &c, size_of::<KdsReaperConfig>()).into(),
+                    c!(kds_reaper_enable(h, &c, size_of::<KdsReaperConfig>())).into(),
                     "kds_reaper_enable",
                 );
             }
-            14 => check(kds_reaper_disable(h).into(), "kds_reaper_disable"),
+            14 => check(c!(kds_reaper_disable(h)).into(), "kds_reaper_disable"),
             _ => {
                 // A hostile kernel: an arbitrary entry in a mapped ring.
                 let i = usize::from(inp.u8()) % VCPUS;
@@ -373,14 +389,14 @@ fuzz_target!(|data: &[u8]| {
     let Ok(kvm) = Kvm::new() else { return };
     let Ok(vm) = kvm.create_vm() else { return };
     let mut h = std::ptr::null_mut();
-    assert_eq!(kds_vm_adopt(vm.as_raw_fd(), &mut h), 0);
+    assert_eq!(c!(kds_vm_adopt(vm.as_raw_fd(), &mut h)), 0);
     let mut run = Run {
         _kvm_vm: vm,
         h,
         vcpus: (0..VCPUS).map(|_| None).collect(),
         ring_entries: 0,
         slots: Default::default(),
-        stats: KdsStats::default(),
+        stats: Stats::default(),
     };
     let mut inp = Input(data);
     for _ in 0..64 {
@@ -389,5 +405,5 @@ fuzz_target!(|data: &[u8]| {
         }
         run.op(&mut inp);
     }
-    kds_vm_free(run.h);
+    c!(kds_vm_free(run.h));
 });

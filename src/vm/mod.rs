@@ -15,6 +15,7 @@
 //!   kernel serialises that ioctl on its own `slots_lock` anyway.
 //! - `vcpus` and `slots` are held only briefly, never across a syscall.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -24,18 +25,21 @@ use std::time::Instant;
 use kvm_bindings::kvm_userspace_memory_region;
 use parking_lot::{Mutex, RwLock};
 
-use crate::bitmap::{AtomicBitmap, count_masked, or_masked};
+use crate::bitmap::{AtomicBitmap, count_masked, word_mask};
 use crate::counters::{Counters, stat};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kvm::{KvmVm, RING_NEEDS_SLOT_BITMAP, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
-use crate::reaper::{Config as ReaperConfig, Reaper};
+use crate::reaper::Wake;
 use crate::ring::{ENTRY_SIZE, Harvest, MAX_UNWEDGES, Ring, Wedge};
-use crate::types::{
-    KDS_BOARD_VGIC_ITS, KDS_MEM_LOG_DIRTY_PAGES as MEM_LOG_DIRTY_PAGES,
-    KDS_MEM_READONLY as MEM_READONLY, KDS_SYNC_FINAL as SYNC_FINAL, KdsMemslot, KdsMode,
-    KdsReaperConfig, KdsStats, KdsVcpuStats,
-};
+use crate::types::{BoardFlags, MemslotFlags, Mode, Stats, SyncReport, VcpuStats};
+
+/// A memslot as the kernel takes it (the Rust API's `Memslot` and the C
+/// ABI's `KdsMemslot` both become one).
+pub(crate) type Region = kvm_userspace_memory_region;
+
+const MEM_LOG_DIRTY_PAGES: u32 = MemslotFlags::LOG_DIRTY_PAGES.bits();
+const MEM_READONLY: u32 = MemslotFlags::READONLY.bits();
 
 mod reap;
 mod slots;
@@ -72,7 +76,7 @@ type IdMap<V> = HashMap<u32, Arc<V>, BuildHasherDefault<IdHasher>>;
 
 /// A memslot the shim knows about.
 struct Slot {
-    region: KdsMemslot,
+    region: Region,
     npages: u64,
     /// The shim's bitmap of harvested, published pages; `Some` while the
     /// slot has `KDS_MEM_LOG_DIRTY_PAGES`.
@@ -114,7 +118,7 @@ struct ReapState {
     harvested: u64,
 }
 
-/// Counts behind the log's powers of two (not in `KdsStats`).
+/// Counts behind the log's powers of two (not in `Stats`).
 #[derive(Default)]
 struct LogCounts {
     short_resets: AtomicU64,
@@ -124,6 +128,9 @@ struct LogCounts {
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
+
+/// What keeps a slot's memory mapped (a vm-memory region, say).
+pub(crate) type Keeper = Arc<dyn Any + Send + Sync>;
 
 /// One VM's dirty tracking.
 pub struct Vm {
@@ -142,7 +149,12 @@ pub struct Vm {
     retired: Mutex<Vec<Retired>>,
     stats: Counters,
     log_counts: LogCounts,
-    reaper: Mutex<Option<Reaper>>,
+    /// The reaper thread's wake flags while one runs (the tracker owns
+    /// the thread).
+    reaper_wake: Mutex<Option<Arc<Wake>>>,
+    /// What keeps each slot's memory mapped, by slot, with the host address
+    /// it keeps (`keep_memory`). The last field: dropped after the VM fd.
+    kept: Mutex<HashMap<u32, (u64, Keeper)>>,
 }
 
 impl Vm {
@@ -150,7 +162,7 @@ impl Vm {
         Vm {
             kvm,
             page_size: page_size(),
-            mode: AtomicU8::new(KdsMode::KDS_MODE_BITMAP as u8),
+            mode: AtomicU8::new(Mode::Bitmap.to_u8()),
             ring_entries: AtomicU32::new(0),
             want_manual_protect: AtomicBool::new(true),
             manual_protect: AtomicBool::new(false),
@@ -161,7 +173,8 @@ impl Vm {
             retired: Mutex::new(Vec::new()),
             stats: Counters::default(),
             log_counts: LogCounts::default(),
-            reaper: Mutex::new(None),
+            reaper_wake: Mutex::new(None),
+            kept: Mutex::new(HashMap::new()),
         }
     }
 
@@ -181,12 +194,12 @@ impl Vm {
     }
 
     /// The tracking mode.
-    pub fn mode(&self) -> KdsMode {
-        KdsMode::from_u8(self.mode.load(Ordering::Acquire))
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Acquire))
     }
 
-    fn set_mode(&self, m: KdsMode) {
-        self.mode.store(m as u8, Ordering::Release);
+    fn set_mode(&self, m: Mode) {
+        self.mode.store(m.to_u8(), Ordering::Release);
     }
 
     /// Host page size used for slots and bitmaps.
@@ -200,7 +213,7 @@ impl Vm {
     }
 
     /// Enables the per-vCPU dirty ring with `entries` entries.
-    pub fn dirty_ring_enable(&self, entries: u32) -> Result<()> {
+    pub fn enable_dirty_ring(&self, entries: u32) -> Result<()> {
         let mut life = self.life.lock();
         life.check_ring_enable()?;
         let (capnr, name) = if self.kvm.check_cap(cap::DIRTY_LOG_RING_ACQ_REL) > 0 {
@@ -235,31 +248,47 @@ impl Vm {
         if backup && self.kvm.check_cap(cap::DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
-                if life.ring_always_with_bitmap {
+                if life.ring_always_with_bitmap() {
                     "the kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, \
                      and on this architecture a memslot without a dirty bitmap does not log \
                      writes reliably (arm64 maps it with huge pages): stay in bitmap mode"
                 } else {
-                    "the board has a vGIC ITS (kds_board_init) but the \
+                    "the board has a vGIC ITS (board_init) but the \
                      kernel lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: the ring would miss the \
                      ITS's writes; stay in bitmap mode"
                 },
             ));
         }
         self.kvm.enable_cap(capnr, bytes).map_err(|e| {
-            Error::sys(
-                &format!("KVM_ENABLE_CAP({name}, {bytes} bytes)"),
-                &e,
-                "the kernel refused this ring size; try another power of two, or stay in bitmap mode",
-            )
+            let what = format!("KVM_ENABLE_CAP({name}, {bytes} bytes)");
+            // The size was checked above: the kernel's other refusal is a
+            // vCPU created already (kvm_vm_ioctl_enable_dirty_log_ring).
+            if e == libc::EINVAL {
+                Error::with_kind(
+                    ErrorKind::Ordering,
+                    libc::EBUSY,
+                    format!(
+                        "{what} failed: EINVAL: a vCPU exists on this VM already \
+                         (KVM_CREATE_VCPU was called): the kernel enables the ring only before \
+                         the first vCPU is created; enable it at accelerator init"
+                    ),
+                )
+            } else {
+                Error::sys(
+                    &what,
+                    e,
+                    "the kernel refused this ring size; try another power of two, or stay in \
+                     bitmap mode",
+                )
+            }
         })?;
-        life.ring = true;
+        life.record_ring();
         self.ring_entries.store(entries, Ordering::Relaxed);
-        self.set_mode(KdsMode::KDS_MODE_RING);
+        self.set_mode(Mode::Ring);
         log::info!("dirty ring enabled: {entries} entries per vCPU via {name}");
         if backup {
             self.enable_backup_bitmap()?;
-            life.backup_bitmap = true;
+            life.record_backup_bitmap();
         }
         Ok(())
     }
@@ -268,10 +297,10 @@ impl Vm {
         if self.kvm.check_cap(cap::DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
             return Err(Error::new(
                 libc::ENOTSUP,
-                "the vGIC ITS (KDS_BOARD_VGIC_ITS): the kernel reports \
+                "the vGIC ITS (BoardFlags::VGIC_ITS): the kernel reports \
                  KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 0, so the ITS's writes could not be \
                  tracked with the dirty ring: do not use the ring with an ITS on this kernel \
-                 (create the VM without kds_dirty_ring_enable)",
+                 (create the VM without enable_dirty_ring)",
             ));
         }
         self.kvm
@@ -279,11 +308,11 @@ impl Vm {
             .map_err(|e| {
                 Error::sys(
                     "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)",
-                    &e,
+                    e,
                     "the kernel refused the backup bitmap; do not use the ring with an ITS",
                 )
             })?;
-        self.set_mode(KdsMode::KDS_MODE_RING_WITH_BITMAP);
+        self.set_mode(Mode::RingWithBitmap);
         log::info!("backup bitmap enabled (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)");
         Ok(())
     }
@@ -295,13 +324,13 @@ impl Vm {
             BoardAction::Record => {}
             BoardAction::EnableBackupBitmap => {
                 self.enable_backup_bitmap()?;
-                life.backup_bitmap = true;
+                life.record_backup_bitmap();
             }
         }
-        life.board_initialised(flags);
+        life.record_board(flags);
         log::debug!(
             "board initialised (flags {flags:#x}, ITS: {})",
-            flags & KDS_BOARD_VGIC_ITS != 0
+            flags & BoardFlags::VGIC_ITS.bits() != 0
         );
         Ok(())
     }
@@ -310,7 +339,7 @@ impl Vm {
     /// (default: yes where offered). Before the first memslot.
     pub fn set_manual_protect(&self, enable: bool) -> Result<()> {
         let life = self.life.lock();
-        if life.memslot_created {
+        if life.has_memslot() {
             return Err(Error::busy(
                 "manual protect after a memslot: choose before the first memslot",
             ));
@@ -331,7 +360,7 @@ impl Vm {
     }
 
     fn maybe_enable_manual_protect(&self) {
-        if self.mode() == KdsMode::KDS_MODE_RING
+        if self.mode() == Mode::Ring
             || self.manual_protect()
             || !self.want_manual_protect.load(Ordering::Relaxed)
         {
@@ -353,6 +382,24 @@ impl Vm {
                 "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) failed ({e}); \
                  KVM_GET_DIRTY_LOG will re-protect by itself"
             ),
+        }
+    }
+
+    /// After a successful update of `slot` to host address `addr`: keeps
+    /// `keeper` (the memory's owner) alive while the slot maps it, or, with
+    /// `None`, lets go of what the slot kept unless it still maps the same
+    /// memory (a flags change). A deleted slot passes address 0.
+    pub(crate) fn keep_memory(&self, slot: u32, addr: u64, keeper: Option<Keeper>) {
+        let mut kept = self.kept.lock();
+        match keeper {
+            Some(k) => {
+                kept.insert(slot, (addr, k));
+            }
+            None => {
+                if kept.get(&slot).is_some_and(|(a, _)| *a != addr) {
+                    kept.remove(&slot);
+                }
+            }
         }
     }
 

@@ -45,7 +45,7 @@ impl Vm {
                 log::warn!(
                     "dirty ring: skipped a hole of {} entries the kernel left after overrunning \
                      the ring; the ring works again (recovery {n} on this VM; logged at powers \
-                     of two, see kds_stats_get)",
+                     of two, see the stats)",
                     h.skipped
                 );
             }
@@ -60,7 +60,7 @@ impl Vm {
                 log::error!(
                     "dirty ring found completely full ({} entries): the kernel may have dropped \
                      entries; reporting every dirty-logged page dirty. Reap more often \
-                     (overflow {n} on this VM; logged at powers of two, see kds_stats_get).",
+                     (overflow {n} on this VM; logged at powers of two, see the stats).",
                     ring.entries()
                 );
             }
@@ -144,7 +144,7 @@ impl Vm {
                      (SIGSTOP, a debugger, the cgroup freezer, or the kernel's memslot lock); \
                      the kernel may have left pages write-enabled without ring entries: \
                      re-arming dirty logging and reporting every page (reset {n} on this VM; \
-                     logged at powers of two, see kds_stats_get)"
+                     logged at powers of two, see the stats)"
                 );
             }
         }
@@ -174,7 +174,7 @@ impl Vm {
                     "KVM_RESET_DIRTY_RINGS left {unreached} marked ring entries unreached (a \
                      vCPU overran its ring before the reset, or something else touched it): \
                      their pages are reported at every sync until a reset reaches them (short \
-                     reset {n} on this VM; logged at powers of two, see kds_stats_get)"
+                     reset {n} on this VM; logged at powers of two, see the stats)"
                 );
             }
         }
@@ -201,7 +201,7 @@ impl Vm {
         let Some(_life) = self.life.try_lock() else {
             return Ok(false);
         };
-        let slots: Vec<KdsMemslot> = self
+        let slots: Vec<Region> = self
             .slots
             .read()
             .values()
@@ -209,7 +209,7 @@ impl Vm {
             .map(|s| s.region)
             .collect();
         for m in &slots {
-            let off = KdsMemslot {
+            let off = Region {
                 flags: m.flags & !MEM_LOG_DIRTY_PAGES,
                 ..*m
             };
@@ -311,51 +311,28 @@ impl Vm {
         Ok(n)
     }
 
-    /// Starts the adaptive reaper thread (see `reaper`). `EBUSY` when one
-    /// runs, `ENOTSUP` without a dirty ring.
-    pub fn reaper_start(self: &Arc<Self>, cfg: &KdsReaperConfig) -> Result<()> {
-        let cfg = ReaperConfig::new(cfg)?;
-        if !self.mode().has_ring() {
-            return Err(Error::new(
-                libc::ENOTSUP,
-                "this VM has no dirty ring (bitmap mode): there is nothing to \
-                 reap; enable the ring with kds_dirty_ring_enable first",
-            ));
+    /// May the adaptive reaper run on this VM? `ENOTSUP` without a dirty
+    /// ring. (The tracker owns the thread: `DirtyTracker::enable_reaper`.)
+    pub(crate) fn check_reaper(&self) -> Result<()> {
+        if self.mode().has_ring() {
+            return Ok(());
         }
-        let mut r = self.reaper.lock();
-        if r.is_some() {
-            return Err(Error::busy(
-                "the reaper already runs; kds_reaper_disable it first",
-            ));
-        }
-        let reaper = Reaper::start(Arc::clone(self), cfg)?;
-        if self.slots.read().values().any(|s| s.dirty.is_some()) {
-            reaper.wake();
-        }
-        *r = Some(reaper);
-        Ok(())
+        Err(Error::new(
+            libc::ENOTSUP,
+            "this VM has no dirty ring (bitmap mode): there is nothing for the reaper to \
+             reap; enable the ring (enable_dirty_ring) first",
+        ))
     }
 
-    /// Stops the adaptive reaper thread and waits for it; nothing to do
-    /// when none runs. `EDEADLK` from the reaper thread itself (a logger
-    /// callback calling it).
-    pub fn reaper_stop(&self) -> Result<()> {
-        let mut g = self.reaper.lock();
-        if g.as_ref()
-            .is_some_and(|r| r.thread_id() == std::thread::current().id())
+    /// The running reaper's wake flags (`None`: no reaper runs); woken at
+    /// once when a slot logs already.
+    pub(crate) fn set_reaper_wake(&self, w: Option<Arc<Wake>>) {
+        if let Some(w) = &w
+            && self.slots.read().values().any(|s| s.dirty.is_some())
         {
-            return Err(Error::new(
-                libc::EDEADLK,
-                "stopping the reaper from the reaper thread itself (a logger callback?): it would \
-                 wait for itself; call it from another thread",
-            ));
+            w.wake();
         }
-        let r = g.take();
-        drop(g);
-        if let Some(r) = r {
-            r.stop();
-        }
-        Ok(())
+        *self.reaper_wake.lock() = w;
     }
 
     /// For each vCPU ring: (vCPU index, entries the kernel pushed so far,
@@ -373,8 +350,8 @@ impl Vm {
     /// Tells the reaper thread, if one runs, that dirty logging started on
     /// a memslot (`memslot_set`).
     pub(crate) fn wake_reaper(&self) {
-        if let Some(r) = self.reaper.lock().as_ref() {
-            r.wake();
+        if let Some(w) = self.reaper_wake.lock().as_ref() {
+            w.wake();
         }
     }
 

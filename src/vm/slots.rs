@@ -4,23 +4,13 @@
 use super::*;
 
 impl Vm {
-    pub(super) fn region(m: &KdsMemslot) -> kvm_userspace_memory_region {
-        kvm_userspace_memory_region {
-            slot: m.slot,
-            flags: m.flags,
-            guest_phys_addr: m.guest_phys_addr,
-            memory_size: m.memory_size,
-            userspace_addr: m.userspace_addr,
-        }
-    }
-
-    pub(super) fn kernel_set(&self, m: &KdsMemslot, what: &str) -> Result<()> {
+    pub(super) fn kernel_set(&self, m: &Region, what: &str) -> Result<()> {
         // SAFETY: the C caller promises (ABI) that the host range of the
         // slot stays mapped while the slot exists; a deletion passes size 0.
-        unsafe { self.kvm.set_memslot(&Self::region(m)) }.map_err(|e| {
+        unsafe { self.kvm.update_memslot(m) }.map_err(|e| {
             Error::sys(
                 &format!("KVM_SET_USER_MEMORY_REGION ({what} slot {:#x})", m.slot),
-                &e,
+                e,
                 "check the slot id, the address ranges (no overlap) and the slot limit",
             )
         })
@@ -32,12 +22,12 @@ impl Vm {
     /// # Safety
     /// `m.userspace_addr .. + m.memory_size` must be memory of this process
     /// that stays mapped while the slot exists.
-    pub unsafe fn memslot_set(&self, m: &KdsMemslot) -> Result<()> {
+    pub unsafe fn update_memslot(&self, m: &Region) -> Result<()> {
         let known = MEM_LOG_DIRTY_PAGES | MEM_READONLY;
         if m.flags & !known != 0 {
             return Err(Error::inval(format!(
-                "unknown flags {:#x} (known: KDS_MEM_LOG_DIRTY_PAGES, \
-                 KDS_MEM_READONLY)",
+                "unknown flags {:#x} (known: LOG_DIRTY_PAGES, \
+                 READONLY)",
                 m.flags & !known
             )));
         }
@@ -81,7 +71,7 @@ impl Vm {
             log::debug!("slot {:#x} deleted ({} pages)", m.slot, old.npages);
             return Ok(());
         }
-        if old.is_none() && !life.memslot_created {
+        if old.is_none() && !life.has_memslot() {
             self.maybe_enable_manual_protect();
             log::info!("first memslot: the mode is now fixed at {:?}", self.mode());
         }
@@ -120,7 +110,7 @@ impl Vm {
             )
         })?;
         if let Some(o) = old.as_ref().filter(|_| recreate) {
-            let del = KdsMemslot {
+            let del = Region {
                 memory_size: 0,
                 ..o.region
             };
@@ -204,7 +194,7 @@ impl Vm {
                 dirty,
             }),
         );
-        life.memslot_created();
+        life.record_memslot();
         drop(reap_lock);
         drop(life);
         if started_logging && self.mode().has_ring() {
@@ -228,7 +218,7 @@ impl Vm {
     /// disabled and enabled, or moved: QEMU deletes and creates the slot);
     /// `adopt_retired` hands them to the new slot. Merged with an earlier
     /// retirement of the same memory; at most `MAX_RETIRED` kept.
-    fn retire(&self, region: &KdsMemslot, npages: u64, dirty: Arc<AtomicBitmap>) {
+    fn retire(&self, region: &Region, npages: u64, dirty: Arc<AtomicBitmap>) {
         const MAX_RETIRED: usize = 64;
         let mut r = self.retired.lock();
         if let Some(e) = r
@@ -258,7 +248,7 @@ impl Vm {
 
     /// Gives a new dirty-logged slot (reap lock held) the retired bits of
     /// the memory it maps; a retired entry its range covers whole is done.
-    fn adopt_retired(&self, m: &KdsMemslot, dirty: &AtomicBitmap) {
+    fn adopt_retired(&self, m: &Region, dirty: &AtomicBitmap) {
         let ps = self.page_size;
         let (lo, hi) = (m.userspace_addr, m.userspace_addr + m.memory_size);
         let mut adopted = 0;

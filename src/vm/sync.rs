@@ -5,25 +5,65 @@ use super::*;
 
 impl Vm {
     /// ORs into `out` (`nbits` valid bits) every page of `slot` dirtied
-    /// since its previous sync. Returns the number of pages reported.
-    pub fn sync_slot(&self, slot: u32, out: &mut [u64], nbits: u64, flags: u32) -> Result<u64> {
+    /// since its previous sync.
+    pub fn sync_memslot(
+        &self,
+        slot: u32,
+        out: &mut [u64],
+        nbits: u64,
+        final_stage: bool,
+    ) -> Result<SyncReport> {
         let nbits = nbits.min(out.len() as u64 * 64);
-        if flags & !SYNC_FINAL != 0 {
-            return Err(Error::inval(format!(
-                "unknown flags {:#x} (known: KDS_SYNC_FINAL)",
-                flags & !SYNC_FINAL
-            )));
-        }
+        self.sync_words(slot, Some(nbits), final_stage, |i, v| out[i] |= v)
+    }
+
+    /// Hands every page of `slot` dirtied since its previous sync to `f`
+    /// (its index in the slot), in ascending order, with no buffer of the
+    /// slot's size in ring modes.
+    pub fn sync_memslot_each(
+        &self,
+        slot: u32,
+        final_stage: bool,
+        mut f: impl FnMut(u64),
+    ) -> Result<SyncReport> {
+        self.sync_words(slot, None, final_stage, |i, mut v| {
+            while v != 0 {
+                f(i as u64 * 64 + u64::from(v.trailing_zeros()));
+                v &= v - 1;
+            }
+        })
+    }
+
+    /// The sync: each non-zero word of the slot's dirty pages (its index,
+    /// its bits) to `f`. `nbits`: the caller's bitmap size, checked.
+    fn sync_words(
+        &self,
+        slot: u32,
+        nbits: Option<u64>,
+        final_stage: bool,
+        mut f: impl FnMut(usize, u64),
+    ) -> Result<SyncReport> {
         let s = self.logged_slot(slot, nbits)?;
         let mode = self.mode();
         if !mode.has_ring() {
-            let n = or_masked(out, &self.kernel_bitmap(&s)?, s.npages);
-            log::debug!("sync slot {slot:#x}: {n} pages reported (KVM_GET_DIRTY_LOG)");
-            return Ok(n);
+            let bm = self.kernel_bitmap(&s)?;
+            let mut pages = 0;
+            for (i, &w) in bm.iter().enumerate() {
+                let v = w & word_mask(s.npages, i);
+                if v != 0 {
+                    f(i, v);
+                    pages += u64::from(v.count_ones());
+                }
+            }
+            log::debug!("sync slot {slot:#x}: {pages} pages reported (KVM_GET_DIRTY_LOG)");
+            return Ok(SyncReport {
+                pages,
+                whole_slot: false,
+            });
         }
         // The backup bitmap (ring-with-bitmap, final stage) is the kernel's
         // own: read it before taking the reap lock.
-        let backup = if mode == KdsMode::KDS_MODE_RING_WITH_BITMAP && flags & SYNC_FINAL != 0 {
+        let backup = if mode == Mode::RingWithBitmap && final_stage {
             let bm = self.kernel_bitmap(&s)?;
             self.log_backup_pages(&s, &bm);
             Some(bm)
@@ -38,12 +78,13 @@ impl Vm {
         // Look the slot up again: the reap published into the current one.
         let s = self.logged_slot(slot, nbits)?;
         let dirty = s.dirty.as_ref().expect("logged slot has a bitmap");
-        let n = dirty.drain_into(out, backup.as_deref());
+        let whole_slot = dirty.take_whole();
+        let pages = dirty.drain_words(backup.as_deref(), f);
         log::debug!(
-            "sync slot {slot:#x}: {n} pages reported (final: {})",
-            flags & SYNC_FINAL != 0
+            "sync slot {slot:#x}: {pages} pages reported (final: {final_stage}, whole slot: \
+             {whole_slot})"
         );
-        Ok(n)
+        Ok(SyncReport { pages, whole_slot })
     }
 
     /// Names (at debug level) the guest-physical pages that the backup
@@ -70,7 +111,7 @@ impl Vm {
         );
     }
 
-    pub(super) fn logged_slot(&self, slot: u32, nbits: u64) -> Result<Arc<Slot>> {
+    pub(super) fn logged_slot(&self, slot: u32, nbits: Option<u64>) -> Result<Arc<Slot>> {
         let s = self.slot(slot).ok_or_else(|| {
             Error::new(
                 libc::ENOENT,
@@ -81,12 +122,14 @@ impl Vm {
             return Err(Error::new(
                 libc::ENOENT,
                 format!(
-                    "slot {slot:#x} does not have KDS_MEM_LOG_DIRTY_PAGES: turn \
-                     dirty logging on with kds_memslot_update first"
+                    "slot {slot:#x} does not log dirty pages: turn dirty logging on \
+                     (LOG_DIRTY_PAGES) with update_memslot first"
                 ),
             ));
         }
-        if nbits < s.npages {
+        if let Some(nbits) = nbits
+            && nbits < s.npages
+        {
             return Err(Error::inval(format!(
                 "bitmap too small for slot {slot:#x}: it has {} pages, the \
                  bitmap {nbits} bits",
@@ -106,7 +149,7 @@ impl Vm {
             .map_err(|e| {
                 Error::sys(
                     &format!("KVM_GET_DIRTY_LOG (slot {slot:#x})"),
-                    &e,
+                    e,
                     "is dirty logging on for this slot?",
                 )
             })?;
@@ -120,14 +163,14 @@ impl Vm {
     }
 
     /// Counters since creation.
-    pub fn stats(&self) -> KdsStats {
+    pub fn stats(&self) -> Stats {
         self.stats.snapshot()
     }
 
     /// Counters of one vCPU.
-    pub fn vcpu_stats(&self, index: u32) -> Result<KdsVcpuStats> {
+    pub fn vcpu_stats(&self, index: u32) -> Result<VcpuStats> {
         let v = self.vcpu(index)?;
-        Ok(KdsVcpuStats {
+        Ok(VcpuStats {
             entries_reaped: v.ring.as_ref().map_or(0, |r| r.harvested()),
             ring_full_reaps: v.ring_full_reaps.load(Ordering::Relaxed),
         })

@@ -4,7 +4,7 @@ use super::*;
 
 impl Vm {
     /// Registers a vCPU fd; in ring modes maps its ring.
-    pub fn vcpu_add(&self, vcpu_fd: i32, index: u32) -> Result<()> {
+    pub fn add_vcpu(&self, vcpu_fd: i32, index: u32) -> Result<()> {
         if vcpu_fd < 0 {
             return Err(Error::inval(format!("bad vCPU fd {vcpu_fd}")));
         }
@@ -26,13 +26,13 @@ impl Vm {
             ring_full_reaps: AtomicU64::new(0),
         });
         self.vcpus.write().insert(index, v);
-        life.vcpu_added = true;
+        life.record_vcpu();
         log::debug!("vCPU {index} added (fd {vcpu_fd})");
         Ok(())
     }
 
     /// Unregisters a vCPU: harvests what is left in its ring, unmaps it.
-    pub fn vcpu_remove(&self, index: u32) -> Result<()> {
+    pub fn remove_vcpu(&self, index: u32) -> Result<()> {
         let _life = self.life.lock();
         let mut st = self.reap.lock();
         let Some(v) = self.vcpus.write().remove(&index) else {
@@ -59,6 +59,6 @@ impl Vm {
 fn unknown_vcpu(index: u32) -> Error {
     Error::new(
         libc::ENOENT,
-        format!("unknown vCPU index {index}: register it with kds_vcpu_add first"),
+        format!("unknown vCPU index {index}: register it with add_vcpu first"),
     )
 }

@@ -3,13 +3,26 @@
 //!
 //! Everything here drives the shim through its C ABI (`kds_*`), as a VMM
 //! would; the vCPUs are created and run with kvm-ioctls.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
+
+/// Calls C ABI functions (`unsafe extern "C"`) from a test: every test
+/// keeps their pointer contract (doc/abi.md): a live handle from
+/// kds_vm_create/kds_vm_adopt or NULL, pointers to live locals of the size
+/// passed, memslots over mappings that outlive them.
+macro_rules! c {
+    ($e:expr) => {{
+        // SAFETY: the tests keep the C ABI's pointer contract (see above).
+        unsafe { $e }
+    }};
+}
+pub(crate) use c;
 
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
+use kvm_dirty_shim::capi::*;
 use kvm_dirty_shim::*;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -70,15 +83,15 @@ impl TestVm {
         let kvm_vm = kvm.create_vm().expect("KVM_CREATE_VM");
         let mut h = ptr::null_mut();
         assert_eq!(
-            kds_vm_adopt(kvm_vm.as_raw_fd_(), &mut h),
+            c!(kds_vm_adopt(kvm_vm.as_raw_fd_(), &mut h)),
             0,
             "{}",
             last_error()
         );
         if let Some(n) = ring_entries {
-            assert_eq!(kds_dirty_ring_enable(h, n), 0, "{}", last_error());
+            assert_eq!(c!(kds_dirty_ring_enable(h, n)), 0, "{}", last_error());
         }
-        assert_eq!(kds_board_init(h, 0), 0, "{}", last_error());
+        assert_eq!(c!(kds_board_init(h, 0)), 0, "{}", last_error());
         before_memslots(h);
         let code = Mem::new((CODE_PAGES * PAGE) as usize);
         // SAFETY: in bounds of the fresh mapping.
@@ -105,7 +118,7 @@ impl TestVm {
             userspace_addr: mem.addr(),
         };
         assert_eq!(
-            kds_memslot_update(self.vm(), &m, size_of::<KdsMemslot>()),
+            c!(kds_memslot_update(self.vm(), &m, size_of::<KdsMemslot>())),
             0,
             "{}",
             last_error()
@@ -133,7 +146,11 @@ impl TestVm {
     pub fn vcpu(&self, id: u32) -> Vcpu {
         let fd = self.kvm_vm.create_vcpu(id as u64).expect("KVM_CREATE_VCPU");
         assert_eq!(
-            kds_vcpu_add(self.vm(), std::os::fd::AsRawFd::as_raw_fd(&fd), id),
+            c!(kds_vcpu_add(
+                self.vm(),
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                id
+            )),
             0,
             "{}",
             last_error()
@@ -165,11 +182,11 @@ impl TestVm {
         self.code.write_u32(self.mailbox_gpa(id), it);
     }
 
-    pub fn stats(&self) -> KdsStats {
-        let mut s = KdsStats::default();
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
         assert_eq!(
-            kds_stats_get(self.vm(), &mut s, size_of::<KdsStats>()),
-            size_of::<KdsStats>() as i32
+            c!(kds_stats_get(self.vm(), &mut s, size_of::<Stats>())),
+            size_of::<Stats>() as i32
         );
         s
     }
@@ -177,7 +194,7 @@ impl TestVm {
 
 impl Drop for TestVm {
     fn drop(&mut self) {
-        kds_vm_free(self.h.0);
+        c!(kds_vm_free(self.h.0));
     }
 }
 
@@ -216,7 +233,7 @@ impl Vcpu {
                 VcpuExit::IoOut(0x10, _) => return r,
                 VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => {
                     r.ring_full_exits += 1;
-                    let n = kds_vcpu_reap(vm.0, self.index);
+                    let n = c!(kds_vcpu_reap(vm.0, self.index));
                     if n == -i64::from(libc::EOVERFLOW) {
                         r.wedged = true;
                         return r;
@@ -265,13 +282,13 @@ impl Checker {
     /// check.
     pub fn check(&mut self, vm: Handle, flags: u32) -> (u64, u64, u64) {
         self.bitmap.fill(0);
-        let n = kds_memslot_sync(
+        let n = c!(kds_memslot_sync(
             vm.0,
             self.slot,
             self.bitmap.as_mut_ptr(),
             self.pages(),
             flags,
-        );
+        ));
         assert!(n >= 0, "kds_memslot_sync: {n}: {}", last_error());
         self.compare(n as u64)
     }
@@ -316,7 +333,7 @@ pub fn with_reaper<R>(h: Handle, pause: Duration, body: impl FnOnce() -> R) -> (
         let reaper = sc.spawn(|| {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let r = kds_reap(h.get());
+                let r = c!(kds_reap(h.get()));
                 assert!(r >= 0, "kds_reap: {r}: {}", last_error());
                 n += r as u64;
                 std::thread::sleep(pause);
@@ -331,10 +348,15 @@ pub fn with_reaper<R>(h: Handle, pause: Duration, body: impl FnOnce() -> R) -> (
 }
 
 /// `kds_vcpu_stats_get` of one vCPU.
-pub fn vcpu_stats(vm: Handle, index: u32) -> KdsVcpuStats {
-    let mut s = KdsVcpuStats::default();
+pub fn vcpu_stats(vm: Handle, index: u32) -> VcpuStats {
+    let mut s = VcpuStats::default();
     assert!(
-        kds_vcpu_stats_get(vm.0, index, &mut s, size_of::<KdsVcpuStats>()) >= 0,
+        c!(kds_vcpu_stats_get(
+            vm.0,
+            index,
+            &mut s,
+            size_of::<VcpuStats>()
+        )) >= 0,
         "{}",
         last_error()
     );

@@ -3,7 +3,9 @@
 
 use std::ffi::c_int;
 
-use super::KdsVm;
+use super::{KDS_BOARD_VGIC_ITS, KdsVm};
+use crate::error::Error;
+use crate::types::BoardFlags;
 
 /// Enables the per-vCPU dirty ring: KVM_CAP_DIRTY_LOG_RING_ACQ_REL where
 /// the kernel offers it, else KVM_CAP_DIRTY_LOG_RING. Call it at
@@ -25,7 +27,7 @@ use super::KdsVm;
 ///         exists, or when the ring is already on; the errno of
 ///         KVM_ENABLE_CAP otherwise.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
+pub unsafe extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
     ffi_boundary!("kds_dirty_ring_enable", {
         try_ref_from_ptr!(vm).tracker.enable_dirty_ring(entries)
     })
@@ -47,9 +49,16 @@ pub extern "C" fn kds_dirty_ring_enable(vm: *mut KdsVm, entries: u32) -> c_int {
 ///         crash later), or with flags different from an earlier call;
 ///         -EINVAL for NULL or unknown flags.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
+pub unsafe extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
     ffi_boundary!("kds_board_init", {
-        try_ref_from_ptr!(vm).tracker.board_init(board_flags)
+        let v = try_ref_from_ptr!(vm);
+        let flags = BoardFlags::from_bits(board_flags).ok_or_else(|| {
+            Error::inval(format!(
+                "unknown board flags {:#x} (known: KDS_BOARD_VGIC_ITS)",
+                board_flags & !KDS_BOARD_VGIC_ITS
+            ))
+        })?;
+        v.tracker.board_init(flags)
     })
 }
 
@@ -65,7 +74,7 @@ pub extern "C" fn kds_board_init(vm: *mut KdsVm, board_flags: u32) -> c_int {
 /// @return 0; -EBUSY after the first memslot; -ENOTSUP to enable it where
 ///         the kernel lacks it; -EINVAL for NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_manual_protect_set(vm: *mut KdsVm, enable: bool) -> c_int {
+pub unsafe extern "C" fn kds_manual_protect_set(vm: *mut KdsVm, enable: bool) -> c_int {
     ffi_boundary!("kds_manual_protect_set", {
         try_ref_from_ptr!(vm).tracker.set_manual_protect(enable)
     })

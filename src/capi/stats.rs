@@ -4,7 +4,7 @@ use std::ffi::c_int;
 
 use super::{KdsVm, write_sized};
 use crate::error::Error;
-use crate::types::{KdsStats, KdsVcpuStats};
+use crate::types::{Stats, VcpuStats};
 
 /// Copies the VM's counters since its creation into *out.
 ///
@@ -17,10 +17,11 @@ use crate::types::{KdsStats, KdsVcpuStats};
 ///         (sizeof(KdsStats) of the library, >= 0); -EINVAL for NULL or
 ///         a size above 4096.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_stats_get(vm: *const KdsVm, out: *mut KdsStats, size: usize) -> c_int {
+pub unsafe extern "C" fn kds_stats_get(vm: *const KdsVm, out: *mut Stats, size: usize) -> c_int {
     ffi_boundary!("kds_stats_get", {
         let v = try_ref_from_ptr!(vm);
-        write_sized(out, size, &v.tracker.stats())
+        // SAFETY: `out` is NULL or `size` writable bytes (the export's contract).
+        unsafe { write_sized(out, size, &v.tracker.stats()) }
     })
 }
 
@@ -33,10 +34,10 @@ pub extern "C" fn kds_stats_get(vm: *const KdsVm, out: *mut KdsStats, size: usiz
 ///         -ENOENT for an unknown index; -EINVAL for NULL or a size above
 ///         4096.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vcpu_stats_get(
+pub unsafe extern "C" fn kds_vcpu_stats_get(
     vm: *const KdsVm,
     vcpu_index: u32,
-    out: *mut KdsVcpuStats,
+    out: *mut VcpuStats,
     size: usize,
 ) -> c_int {
     ffi_boundary!("kds_vcpu_stats_get", {
@@ -45,6 +46,7 @@ pub extern "C" fn kds_vcpu_stats_get(
             return Err(Error::inval("out is NULL"));
         }
         let s = v.tracker.vcpu_stats(vcpu_index)?;
-        write_sized(out, size, &s)
+        // SAFETY: as above.
+        unsafe { write_sized(out, size, &s) }
     })
 }

@@ -3,8 +3,7 @@
 
 use std::ffi::c_int;
 
-use super::{KdsVm, read_sized};
-use crate::types::KdsReaperConfig;
+use super::{KdsReaperConfig, KdsVm, read_sized};
 
 /// Starts the adaptive reaper: a thread inside the library that checks
 /// every vCPU ring's fill level (reading entry flags, no syscall) and
@@ -28,7 +27,7 @@ use crate::types::KdsReaperConfig;
 ///         -EINVAL for NULL vm, a bad size or knobs out of range; -E2BIG
 ///         when cfg sets a field this library does not know.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_reaper_enable(
+pub unsafe extern "C" fn kds_reaper_enable(
     vm: *mut KdsVm,
     cfg: *const KdsReaperConfig,
     size: usize,
@@ -38,9 +37,10 @@ pub extern "C" fn kds_reaper_enable(
         let c = if cfg.is_null() {
             KdsReaperConfig::default()
         } else {
-            read_sized(cfg, size)?
+            // SAFETY: `cfg` is `size` readable bytes (the export's contract).
+            unsafe { read_sized(cfg, size) }?
         };
-        v.tracker.start_reaper(&c)
+        v.tracker.enable_reaper(&c.to_config())
     })
 }
 
@@ -50,8 +50,8 @@ pub extern "C" fn kds_reaper_enable(
 /// @return 0, also when none runs; -EDEADLK when called from the reaper
 ///         thread itself (from a logger callback); -EINVAL for NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_reaper_disable(vm: *mut KdsVm) -> c_int {
+pub unsafe extern "C" fn kds_reaper_disable(vm: *mut KdsVm) -> c_int {
     ffi_boundary!("kds_reaper_disable", {
-        try_ref_from_ptr!(vm).tracker.stop_reaper()
+        try_ref_from_ptr!(vm).tracker.disable_reaper()
     })
 }

@@ -2,8 +2,8 @@
 
 use std::ffi::c_int;
 
+use super::logger;
 use crate::error::Error;
-use crate::logger;
 
 /// Routes the library's log records to log (level 1 error, 2 warning,
 /// 3 info, 4 debug, 5 trace; records above max_level are dropped; msg is
@@ -14,7 +14,7 @@ use crate::logger;
 /// @return 0; -EBUSY when another logger of the Rust log crate is
 ///         installed in this process (the library's records go there).
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_logger_set(
+pub unsafe extern "C" fn kds_logger_set(
     log: Option<extern "C" fn(level: c_int, msg: *const libc::c_char, opaque: *mut libc::c_void)>,
     opaque: *mut libc::c_void,
     max_level: c_int,

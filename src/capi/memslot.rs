@@ -2,8 +2,8 @@
 
 use std::ffi::c_int;
 
-use super::{KdsVm, read_sized};
-use crate::types::KdsMemslot;
+use super::{KdsMemslot, KdsVm, read_sized};
+use crate::types::Memslot;
 
 /// Creates, moves, resizes, changes the flags of, or deletes (memory_size
 /// 0) a memslot (KVM_SET_USER_MEMORY_REGION). A resize, a new host address
@@ -22,12 +22,17 @@ use crate::types::KdsMemslot;
 ///         field this library does not know; -ENOENT to delete an unknown
 ///         slot; the errno of KVM_SET_USER_MEMORY_REGION otherwise.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_memslot_update(vm: *mut KdsVm, m: *const KdsMemslot, size: usize) -> c_int {
+pub unsafe extern "C" fn kds_memslot_update(
+    vm: *mut KdsVm,
+    m: *const KdsMemslot,
+    size: usize,
+) -> c_int {
     ffi_boundary!("kds_memslot_update", {
         let v = try_ref_from_ptr!(vm);
-        let m = read_sized(m, size)?;
+        // SAFETY: `m` is NULL or `size` readable bytes (the export's contract).
+        let m: Memslot = unsafe { read_sized(m, size) }?.to_memslot()?;
         // SAFETY: the caller promises the host range stays mapped while
         // the slot exists (ABI contract, documented above).
-        unsafe { v.tracker.set_memslot(&m) }
+        unsafe { v.tracker.update_memslot(&m) }
     })
 }

@@ -15,7 +15,7 @@ use crate::error::Error;
 /// @return the number of entries harvested (0 in bitmap mode); -EINVAL
 ///         for NULL; the errno of KVM_RESET_DIRTY_RINGS.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
+pub unsafe extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
     ffi_boundary!("kds_reap", { try_ref_from_ptr!(vm).tracker.reap() })
 }
 
@@ -35,7 +35,7 @@ pub extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
 ///         the migration rather than re-enter the guest expecting
 ///         progress); -ENOENT for an unknown index; -EINVAL for NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vcpu_reap(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
+pub unsafe extern "C" fn kds_vcpu_reap(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
     ffi_boundary!("kds_vcpu_reap", {
         try_ref_from_ptr!(vm).tracker.reap_vcpu(vcpu_index)
     })
@@ -51,7 +51,7 @@ pub extern "C" fn kds_vcpu_reap(vm: *mut KdsVm, vcpu_index: u32) -> i64 {
 /// @param opaque    passed to kick_all
 /// @return 0; -EINVAL for NULL vm.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_kick_set(
+pub unsafe extern "C" fn kds_kick_set(
     vm: *mut KdsVm,
     kick_all: Option<extern "C" fn(opaque: *mut libc::c_void)>,
     opaque: *mut libc::c_void,
@@ -72,7 +72,7 @@ pub extern "C" fn kds_kick_set(
 /// @return the number of entries harvested; -EBUSY without a kick callback
 ///         (see kds_kick_set()); -EINVAL for NULL; as kds_reap() otherwise.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
+pub unsafe extern "C" fn kds_flush(vm: *mut KdsVm) -> i64 {
     ffi_boundary!("kds_flush", {
         let v = try_ref_from_ptr!(vm);
         let Some(k) = *v.kick.lock() else {

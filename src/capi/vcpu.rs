@@ -12,7 +12,7 @@ use crate::error::Error;
 /// @return 0; -EEXIST for an index already registered; -EINVAL for NULL
 ///         or a negative fd; the errno of mapping the ring otherwise.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) -> c_int {
+pub unsafe extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) -> c_int {
     ffi_boundary!("kds_vcpu_add", {
         let v = try_ref_from_ptr!(vm);
         if vcpu_fd < 0 {
@@ -21,7 +21,7 @@ pub extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) 
         // SAFETY: the fd is only used to map the vCPU's ring during the
         // call (a bad one fails that mmap).
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vcpu_fd) };
-        v.tracker.add_vcpu(&fd, vcpu_index)
+        v.tracker.add_vcpu_index(fd, vcpu_index)
     })
 }
 
@@ -31,7 +31,7 @@ pub extern "C" fn kds_vcpu_add(vm: *mut KdsVm, vcpu_fd: c_int, vcpu_index: u32) 
 /// @return 0; -ENOENT for an unknown index; -EINVAL for NULL; the errno of
 ///         KVM_RESET_DIRTY_RINGS otherwise.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vcpu_remove(vm: *mut KdsVm, vcpu_index: u32) -> c_int {
+pub unsafe extern "C" fn kds_vcpu_remove(vm: *mut KdsVm, vcpu_index: u32) -> c_int {
     ffi_boundary!("kds_vcpu_remove", {
         try_ref_from_ptr!(vm).tracker.remove_vcpu(vcpu_index)
     })

@@ -1,30 +1,50 @@
 //! The C ABI (`doc/abi.md`), a thin skin over the Rust API
 //! ([`DirtyTracker`]): each export checks its pointer arguments
-//! ([`try_ref_from_ptr!`]), runs inside the panic boundary
-//! ([`ffi_boundary!`]), makes one call into the Rust API, and maps the
+//! (`try_ref_from_ptr!`), runs inside the panic boundary
+//! (`ffi_boundary!`), makes one call into the Rust API, and maps the
 //! result to C: `>= 0` or `-errno`, with `kds_last_error()` set to the
 //! export's name and the core's message.
 //!
 //! A Rust panic never unwinds into C: it becomes `-ENOTRECOVERABLE` (or
 //! the return type's fallback, see [`ToC`]) with a message.
 //!
-//! The exports take raw pointers from C and are safe `extern "C"` fns, as
-//! in rustls-ffi: the pointer contract is the C ABI's (doc/abi.md), NULL
-//! is checked here, and each dereference says why it is sound.
+//! The exports are `unsafe extern "C"` fns: they take raw pointers whose
+//! contract (doc/abi.md) only the caller can keep, so a Rust caller must
+//! say why it does, in an `unsafe` block. NULL is checked here, and each
+//! dereference says why it is sound. The module is built only with the
+//! `capi` feature (the C library: `cargo rustc --features capi
+//! --crate-type staticlib`, as meson-snippet/cargo-build does).
+//!
+//! # Safety
+//!
+//! Every export's contract is the C ABI's (doc/abi.md, and each
+//! function's comment in the header, which is where a C caller reads it):
+//! a non-NULL `KdsVm *` is a live handle from `kds_vm_create` or
+//! `kds_vm_adopt`, not yet passed to `kds_vm_free`; a pointer argument
+//! points to the object (or, with a size or bit count, the bytes) it
+//! names, for the duration of the call; a memslot's host range stays
+//! mapped while the slot exists. (Hence `missing_safety_doc` is allowed
+//! here: a `# Safety` section per function would repeat this in the C
+//! header.)
 //!
 //! One file per API area, in the header's order (cbindgen emits the
 //! functions in source order; build.rs puts a banner before each group):
 //! `version`, `lifecycle`, `setup`, `memslot`, `vcpu`, `reap`, `sync`,
 //! `reaper`, `stats`, `logging`, then `compat` (the ABI 1 names).
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
+#![allow(clippy::missing_safety_doc)]
 
-use std::ffi::c_int;
+use std::cell::RefCell;
+use std::ffi::{CString, c_int};
 
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result, errno_name, set_last_error};
+use crate::error::{Error, Result, errno_name};
 use crate::tracker::DirtyTracker;
-use crate::types::{KdsMemslot, KdsReaperConfig, KdsStats, KdsVcpuStats};
+use crate::types::{Stats, VcpuStats};
+
+pub mod types;
+pub use types::*;
+mod logger;
 
 /// An opaque handle on one VM's dirty tracking.
 pub struct KdsVm {
@@ -109,8 +129,8 @@ impl ToC for Void {
 /// message gets the export's name in front, in `kds_last_error()`.
 macro_rules! ffi_boundary {
     ($name:literal, $body:block) => {{
-        let _guard = crate::ffi::quiet_panics();
-        crate::ffi::finish(
+        let _guard = crate::capi::quiet_panics();
+        crate::capi::finish(
             $name,
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| $body)),
         )
@@ -136,6 +156,41 @@ macro_rules! try_ref_from_ptr {
     };
 }
 
+/// The core's messages name Rust operations and types; through the C ABI
+/// they name the C functions and constants instead: (Rust, C).
+const C_NAMES: &[(&str, &str)] = &[
+    ("update_memslot", "kds_memslot_update"),
+    ("add_vcpu", "kds_vcpu_add"),
+    ("enable_dirty_ring", "kds_dirty_ring_enable"),
+    ("board_init", "kds_board_init"),
+    ("enable_reaper", "kds_reaper_enable"),
+    ("disable_reaper", "kds_reaper_disable"),
+    ("BoardFlags::VGIC_ITS", "KDS_BOARD_VGIC_ITS"),
+    ("VGIC_ITS, 0x1", "KDS_BOARD_VGIC_ITS"),
+    ("LOG_DIRTY_PAGES", "KDS_MEM_LOG_DIRTY_PAGES"),
+    ("READONLY", "KDS_MEM_READONLY"),
+];
+
+/// `msg` with the Rust names of [`C_NAMES`] (whole words only) replaced
+/// by their C names.
+fn c_names(msg: &str) -> String {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = msg.to_string();
+    for (rust, c) in C_NAMES {
+        let mut from = 0;
+        while let Some(i) = out[from..].find(rust).map(|i| i + from) {
+            let end = i + rust.len();
+            if word(out[..i].chars().next_back()) || word(out[end..].chars().next()) {
+                from = end;
+                continue;
+            }
+            out.replace_range(i..end, c);
+            from = i + c.len();
+        }
+    }
+    out
+}
+
 /// The C value of a finished export.
 pub(crate) fn finish<T: ToC>(name: &str, r: std::thread::Result<Result<T>>) -> T::C {
     match r {
@@ -144,7 +199,7 @@ pub(crate) fn finish<T: ToC>(name: &str, r: std::thread::Result<Result<T>>) -> T
             log::debug!("{name}: {e}");
             set_last_error(&format!(
                 "{name}: {} (-{})",
-                e.message(),
+                c_names(e.message()),
                 errno_name(e.errno())
             ));
             T::err(e.errno())
@@ -194,11 +249,14 @@ pub(crate) fn quiet_panics() -> ExportGuard {
 }
 
 /// Writes `v` through an out-pointer argument, or fails with `EINVAL`.
-fn write_out<T>(out: *mut T, v: T) -> Result<()> {
+///
+/// # Safety
+/// A non-NULL `out` points to a writable `T`.
+unsafe fn write_out<T>(out: *mut T, v: T) -> Result<()> {
     if out.is_null() {
         return Err(Error::inval("out is NULL"));
     }
-    // SAFETY: a non-NULL `out` points to a writable `T` (ABI contract).
+    // SAFETY: a non-NULL `out` points to a writable `T` (our contract).
     unsafe { out.write(v) };
     Ok(())
 }
@@ -223,22 +281,22 @@ unsafe trait SizedStruct: Copy + Default {
 // SAFETY: repr(C), u32 and u64 fields only.
 unsafe impl SizedStruct for KdsMemslot {
     const NAME: &'static str = "KdsMemslot";
-    const SIZE_VER1: usize = crate::types::KDS_MEMSLOT_SIZE_VER1;
+    const SIZE_VER1: usize = KDS_MEMSLOT_SIZE_VER1;
 }
 // SAFETY: repr(C), u32 fields only.
 unsafe impl SizedStruct for KdsReaperConfig {
     const NAME: &'static str = "KdsReaperConfig";
-    const SIZE_VER1: usize = crate::types::KDS_REAPER_CONFIG_SIZE_VER1;
+    const SIZE_VER1: usize = KDS_REAPER_CONFIG_SIZE_VER1;
 }
 // SAFETY: repr(C), u64 fields only.
-unsafe impl SizedStruct for KdsStats {
+unsafe impl SizedStruct for Stats {
     const NAME: &'static str = "KdsStats";
-    const SIZE_VER1: usize = crate::types::KDS_STATS_SIZE_VER1;
+    const SIZE_VER1: usize = KDS_STATS_SIZE_VER1;
 }
 // SAFETY: repr(C), u64 fields only.
-unsafe impl SizedStruct for KdsVcpuStats {
+unsafe impl SizedStruct for VcpuStats {
     const NAME: &'static str = "KdsVcpuStats";
-    const SIZE_VER1: usize = crate::types::KDS_VCPU_STATS_SIZE_VER1;
+    const SIZE_VER1: usize = KDS_VCPU_STATS_SIZE_VER1;
 }
 
 /// Reads a struct the caller passed with its `size` in bytes, by the rule
@@ -247,7 +305,10 @@ unsafe impl SizedStruct for KdsVcpuStats {
 /// are 0; a longer (newer) layout is accepted when every byte past this
 /// library's struct is 0, and is `E2BIG` otherwise (it asks for something
 /// this library cannot do).
-fn read_sized<T: SizedStruct>(p: *const T, size: usize) -> Result<T> {
+///
+/// # Safety
+/// A non-NULL `p` points to `size` readable bytes.
+unsafe fn read_sized<T: SizedStruct>(p: *const T, size: usize) -> Result<T> {
     let ours = std::mem::size_of::<T>();
     if p.is_null() {
         return Err(Error::inval(format!("{} pointer is NULL", T::NAME)));
@@ -260,8 +321,8 @@ fn read_sized<T: SizedStruct>(p: *const T, size: usize) -> Result<T> {
             T::SIZE_VER1
         )));
     }
-    // SAFETY: the caller's struct is `size` readable bytes (ABI contract:
-    // the size argument is the size of the object `p` points to).
+    // SAFETY: the caller's struct is `size` readable bytes (our contract,
+    // the ABI's: the size argument is the size of the object `p` points to).
     let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), size) };
     if let Some(i) = bytes.iter().skip(ours).position(|&b| b != 0) {
         return Err(Error::new(
@@ -270,7 +331,7 @@ fn read_sized<T: SizedStruct>(p: *const T, size: usize) -> Result<T> {
                 "{} byte {} is set, past the {ours} bytes this library knows (ABI {}): the                  caller uses a newer field; link a newer kvm-dirty-shim or leave it 0",
                 T::NAME,
                 ours + i,
-                crate::types::KDS_ABI_VERSION
+                KDS_ABI_VERSION
             ),
         ));
     }
@@ -292,7 +353,10 @@ fn read_sized<T: SizedStruct>(p: *const T, size: usize) -> Result<T> {
 /// a newer layout that this library does not fill read 0). Returns
 /// sizeof(T): how many bytes of the caller's struct carry this library's
 /// values.
-fn write_sized<T: SizedStruct>(out: *mut T, size: usize, v: &T) -> Result<c_int> {
+///
+/// # Safety
+/// A non-NULL `out` points to `size` writable bytes.
+unsafe fn write_sized<T: SizedStruct>(out: *mut T, size: usize, v: &T) -> Result<c_int> {
     let ours = std::mem::size_of::<T>();
     if out.is_null() {
         return Err(Error::inval("out is NULL"));
@@ -305,7 +369,7 @@ fn write_sized<T: SizedStruct>(out: *mut T, size: usize, v: &T) -> Result<c_int>
         )));
     }
     let n = size.min(ours);
-    // SAFETY: the caller's struct is `size` writable bytes (ABI contract);
+    // SAFETY: the caller's struct is `size` writable bytes (our contract);
     // `v` is a distinct local of `ours` bytes; n <= both.
     unsafe {
         std::ptr::copy_nonoverlapping((v as *const T).cast::<u8>(), out.cast::<u8>(), n);
@@ -314,7 +378,14 @@ fn write_sized<T: SizedStruct>(out: *mut T, size: usize, v: &T) -> Result<c_int>
     Ok(ours as c_int)
 }
 
-fn new_handle(out: *mut *mut KdsVm, make: impl FnOnce() -> Result<DirtyTracker>) -> Result<()> {
+/// Makes the tracker and writes its new handle through `out`.
+///
+/// # Safety
+/// A non-NULL `out` points to a writable `KdsVm *`.
+unsafe fn new_handle(
+    out: *mut *mut KdsVm,
+    make: impl FnOnce() -> Result<DirtyTracker>,
+) -> Result<()> {
     if out.is_null() {
         return Err(Error::inval("out is NULL"));
     }
@@ -322,7 +393,31 @@ fn new_handle(out: *mut *mut KdsVm, make: impl FnOnce() -> Result<DirtyTracker>)
         tracker: make()?,
         kick: Mutex::new(None),
     }));
-    write_out(out, h)
+    // SAFETY: `out` is non-NULL and writable (our contract).
+    unsafe { write_out(out, h) }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Records `msg` as the calling thread's last error.
+pub(crate) fn set_last_error(msg: &str) {
+    // An interior NUL cannot be shown by C anyway: cut the message there.
+    let bytes = msg.split('\0').next().unwrap_or("").as_bytes().to_vec();
+    let c = CString::new(bytes).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// The calling thread's last error. The pointer stays valid until the next
+/// call that sets or clears it on this thread.
+pub(crate) fn last_error_ptr() -> *const libc::c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The calling thread's last error as an owned string.
+pub(crate) fn last_error_string() -> String {
+    LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
 }
 
 // The exports, one file per API area, in the header's order. After the
@@ -367,7 +462,7 @@ mod tests {
     fn a_panic_becomes_enotrecoverable_with_a_message() {
         assert_eq!(boom(0), 7);
         assert_eq!(boom(1), -i64::from(libc::ENOTRECOVERABLE));
-        let msg = crate::error::last_error();
+        let msg = last_error_string();
         assert!(
             msg.contains("kds_test_boom") && msg.contains("deliberate panic 1"),
             "{msg}"
@@ -392,39 +487,62 @@ mod tests {
         };
         let mut n = Newer { m, extra: 0 };
         let p = (&n as *const Newer).cast::<KdsMemslot>();
-        assert_eq!(read_sized(p, size_of::<Newer>()).unwrap(), m);
+        // SAFETY: each pointer here is to a live local of at least the
+        // size passed.
+        let got = unsafe { read_sized(p, size_of::<Newer>()) };
+        assert_eq!(got.unwrap(), m);
         n.extra = 9;
         let p = (&n as *const Newer).cast::<KdsMemslot>();
         assert_eq!(
-            read_sized(p, size_of::<Newer>()).unwrap_err().errno(),
+            // SAFETY: as above.
+            unsafe { read_sized(p, size_of::<Newer>()) }
+                .unwrap_err()
+                .errno(),
             libc::E2BIG
         );
         // Shorter than ABI 1: refused.
-        let short = read_sized(&m as *const KdsMemslot, 24).unwrap_err();
+        // SAFETY: as above.
+        let short = unsafe { read_sized(&m as *const KdsMemslot, 24) }.unwrap_err();
         assert_eq!(short.errno(), libc::EINVAL);
         let c = KdsReaperConfig {
             high_water_pct: 50,
             min_interval_us: 7,
             max_interval_us: 9,
         };
-        assert_eq!(read_sized(&c as *const KdsReaperConfig, 12).unwrap(), c);
+        // SAFETY: as above.
+        let got = unsafe { read_sized(&c as *const KdsReaperConfig, 12) };
+        assert_eq!(got.unwrap(), c);
 
         // Output: exactly `size` bytes, zeroes past this library's struct.
-        let s = KdsStats {
+        let s = Stats {
             entries_reaped: 1,
             reset_shortfall: 14,
             ..Default::default()
         };
         let mut buf = [u64::MAX; 20];
-        let out = buf.as_mut_ptr().cast::<KdsStats>();
+        let out = buf.as_mut_ptr().cast::<Stats>();
         assert_eq!(
-            write_sized(out, 72, &s).unwrap(),
-            size_of::<KdsStats>() as c_int
+            // SAFETY: `buf` has 160 bytes.
+            unsafe { write_sized(out, 72, &s) }.unwrap(),
+            size_of::<Stats>() as c_int
         );
         assert_eq!((buf[0], buf[8], buf[9]), (1, 0, u64::MAX));
-        let out = buf.as_mut_ptr().cast::<KdsStats>();
-        write_sized(out, 8 * 16, &s).unwrap();
+        let out = buf.as_mut_ptr().cast::<Stats>();
+        // SAFETY: as above.
+        unsafe { write_sized(out, 8 * 16, &s) }.unwrap();
         assert_eq!((buf[13], buf[14], buf[15], buf[16]), (14, 0, 0, u64::MAX));
+    }
+
+    #[test]
+    fn messages_name_the_c_functions() {
+        assert_eq!(
+            c_names("register it with add_vcpu first; (update_memslot), kds_vcpu_add_x"),
+            "register it with kds_vcpu_add first; (kds_memslot_update), kds_vcpu_add_x"
+        );
+        assert_eq!(
+            c_names("known: LOG_DIRTY_PAGES, READONLY; KVM_MEM_LOG_DIRTY_PAGES"),
+            "known: KDS_MEM_LOG_DIRTY_PAGES, KDS_MEM_READONLY; KVM_MEM_LOG_DIRTY_PAGES"
+        );
     }
 
     #[test]
@@ -432,11 +550,11 @@ mod tests {
         set_last_error("here");
         let other = std::thread::spawn(|| {
             assert!(!kds_last_error().is_null());
-            crate::error::last_error()
+            last_error_string()
         })
         .join()
         .unwrap();
         assert_eq!(other, "");
-        assert_eq!(crate::error::last_error(), "here");
+        assert_eq!(last_error_string(), "here");
     }
 }

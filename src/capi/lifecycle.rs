@@ -2,7 +2,7 @@
 
 use std::ffi::c_int;
 
-use super::{KdsVm, Void, new_handle};
+use super::{KdsMode, KdsVm, Void, new_handle};
 use crate::error::Error;
 use crate::tracker::DirtyTracker;
 
@@ -15,9 +15,10 @@ use crate::tracker::DirtyTracker;
 /// @return 0; -EINVAL (out NULL), or the errno of opening /dev/kvm or of
 ///         KVM_CREATE_VM.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_int {
+pub unsafe extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_int {
     ffi_boundary!("kds_vm_create", {
-        new_handle(out, || DirtyTracker::create(machine_type))
+        // SAFETY: `out` is NULL or writable (the export's contract).
+        unsafe { new_handle(out, || DirtyTracker::create(machine_type)) }
     })
 }
 
@@ -31,7 +32,7 @@ pub extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) -> c_in
 /// @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL); the
 ///         errno of duplicating vm_fd (-EBADF, -EMFILE).
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
+pub unsafe extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
     ffi_boundary!("kds_vm_adopt", {
         if vm_fd < 0 {
             return Err(Error::inval(format!("bad VM fd {vm_fd}")));
@@ -39,7 +40,8 @@ pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
         // SAFETY: not -1; the fd is only duplicated (F_DUPFD_CLOEXEC)
         // during the call, and a closed one is reported as EBADF.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd) };
-        new_handle(out, || DirtyTracker::adopt(&fd))
+        // SAFETY: `out` is NULL or writable (the export's contract).
+        unsafe { new_handle(out, || DirtyTracker::adopt_fd(fd)) }
     })
 }
 
@@ -50,7 +52,7 @@ pub extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
 /// @param vm  the handle, or NULL (nothing happens)
 /// @return nothing; it cannot fail.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vm_free(vm: *mut KdsVm) {
+pub unsafe extern "C" fn kds_vm_free(vm: *mut KdsVm) {
     ffi_boundary!("kds_vm_free", {
         if !vm.is_null() {
             // SAFETY: a non-NULL handle came from Box::into_raw in
@@ -67,7 +69,7 @@ pub extern "C" fn kds_vm_free(vm: *mut KdsVm) {
 ///
 /// @return the fd (>= 0); -EINVAL for NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vm_fd(vm: *const KdsVm) -> c_int {
+pub unsafe extern "C" fn kds_vm_fd(vm: *const KdsVm) -> c_int {
     ffi_boundary!("kds_vm_fd", {
         let v = try_ref_from_ptr!(vm);
         Ok(std::os::fd::AsRawFd::as_raw_fd(&v.tracker.vm_fd()))
@@ -79,9 +81,9 @@ pub extern "C" fn kds_vm_fd(vm: *const KdsVm) -> c_int {
 /// @return a KdsMode: KDS_MODE_BITMAP, KDS_MODE_RING or
 ///         KDS_MODE_RING_WITH_BITMAP; -EINVAL for NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_vm_mode(vm: *const KdsVm) -> c_int {
+pub unsafe extern "C" fn kds_vm_mode(vm: *const KdsVm) -> c_int {
     ffi_boundary!("kds_vm_mode", {
         let v = try_ref_from_ptr!(vm);
-        Ok(v.tracker.mode() as c_int)
+        Ok(KdsMode::from(v.tracker.mode()) as c_int)
     })
 }

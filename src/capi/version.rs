@@ -1,7 +1,6 @@
 //! Version and errors: kds_abi_version, kds_last_error.
 
-use crate::error::last_error_ptr;
-use crate::types::KDS_ABI_VERSION;
+use super::{KDS_ABI_VERSION, last_error_ptr};
 
 /// The ABI version of the library linked in.
 ///

@@ -1,6 +1,6 @@
 //! Syncing: a memslot's dirty pages into the caller's bitmap.
 
-use super::KdsVm;
+use super::{KDS_SYNC_FINAL, KdsVm};
 use crate::bitmap::words_for;
 use crate::error::Error;
 
@@ -23,7 +23,7 @@ use crate::error::Error;
 ///         without KDS_MEM_LOG_DIRTY_PAGES; -EINVAL for NULL, too small a
 ///         bitmap or unknown flags; the errno of the ioctl that failed.
 #[unsafe(no_mangle)]
-pub extern "C" fn kds_memslot_sync(
+pub unsafe extern "C" fn kds_memslot_sync(
     vm: *mut KdsVm,
     slot: u32,
     bitmap: *mut u64,
@@ -43,6 +43,15 @@ pub extern "C" fn kds_memslot_sync(
         // whole uint64_t words (ABI contract); no other reference to it
         // exists during the call.
         let out = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
-        v.tracker.sync_slot_bits(slot, out, nbits, flags)
+        if flags & !KDS_SYNC_FINAL != 0 {
+            return Err(Error::inval(format!(
+                "unknown flags {:#x} (known: KDS_SYNC_FINAL)",
+                flags & !KDS_SYNC_FINAL
+            )));
+        }
+        let r = v
+            .tracker
+            .sync_memslot_bits(slot, out, nbits, flags & KDS_SYNC_FINAL != 0)?;
+        Ok(r.pages)
     })
 }
