@@ -167,3 +167,12 @@ fn a_vm_memory_region_lives_while_its_slot_maps_it() {
     drop(t);
     assert_eq!(Arc::strong_count(&r), 1);
 }
+
+#[test]
+fn the_tracker_is_shared_and_a_vcpu_handle_moves_to_its_thread() {
+    fn shared<T: Send + Sync>() {}
+    fn sent<T: Send>() {}
+    shared::<DirtyTracker>();
+    sent::<kvm_dirty_shim::VcpuTracker>();
+    shared::<kvm_dirty_shim::Error>();
+}

@@ -269,8 +269,9 @@ impl Vm {
                     libc::EBUSY,
                     format!(
                         "{what} failed: EINVAL: a vCPU exists on this VM already \
-                         (KVM_CREATE_VCPU was called): the kernel enables the ring only before \
-                         the first vCPU is created; enable it at accelerator init"
+                         (KVM_CREATE_VCPU was called), and the kernel enables the ring only \
+                         before the first vCPU is created: enable it at accelerator init (or \
+                         the ring was enabled on this VM outside the shim)"
                     ),
                 )
             } else {
