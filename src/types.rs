@@ -31,6 +31,16 @@ impl Mode {
         self != Mode::Bitmap
     }
 
+    /// The mode's C name (`KDS_MODE_*`), which the log line naming the
+    /// mode has always carried (tools parse it).
+    pub(crate) fn c_name(self) -> &'static str {
+        match self {
+            Mode::Bitmap => "KDS_MODE_BITMAP",
+            Mode::Ring => "KDS_MODE_RING",
+            Mode::RingWithBitmap => "KDS_MODE_RING_WITH_BITMAP",
+        }
+    }
+
     pub(crate) fn to_u8(self) -> u8 {
         match self {
             Mode::Bitmap => 0,

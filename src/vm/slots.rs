@@ -73,7 +73,11 @@ impl Vm {
         }
         if old.is_none() && !life.has_memslot() {
             self.maybe_enable_manual_protect();
-            log::info!("first memslot: the mode is now fixed at {:?}", self.mode());
+            let mode = self.mode();
+            log::info!(
+                "first memslot: the mode is now fixed at {} (Mode::{mode:?})",
+                mode.c_name()
+            );
         }
         // The kernel moves a slot or changes its LOG flag in place; any
         // other change (size, host address, READONLY) is delete + create.
