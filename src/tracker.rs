@@ -211,7 +211,14 @@ impl DirtyTracker {
     pub unsafe fn update_memslot(&self, m: &Memslot) -> Result<()> {
         // SAFETY: the caller's contract is this function's.
         unsafe { self.vm.update_memslot(&m.region()) }?;
-        self.vm.keep_memory(m.slot.raw(), m.userspace_addr, None);
+        // Whatever kept the slot's memory is let go once the slot is gone
+        // (address 0: no mapping is there) or maps other memory.
+        let addr = if m.memory_size == 0 {
+            0
+        } else {
+            m.userspace_addr
+        };
+        self.vm.keep_memory(m.slot.raw(), addr, None);
         Ok(())
     }
 

@@ -8,8 +8,8 @@
 # libraries the arm64 QEMU cross build links); about 5 GB of disk (measured:
 # ~/.cache/kds-qemu 2.1 GB, cargo's target/ 2.5 GB, the rest 0.4 GB).
 #
-# Time on this project's 2-core CI machine: about 55 minutes on a machine
-# that has built nothing (measured 55.0 min from a fresh clone with empty
+# Time on this project's 2-core CI machine: about 50 minutes on a machine
+# that has built nothing (measured 48.3 min from a fresh clone with empty
 # caches, four QEMU builds included; doc/testing.md), about 30 with warm
 # caches. Each step's time is printed at the end.
 set -eu

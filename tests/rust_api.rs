@@ -154,8 +154,10 @@ fn a_vm_memory_region_lives_while_its_slot_maps_it() {
     t.update_memslot_region(slot, Arc::clone(&r), MemslotFlags::empty())
         .unwrap();
     assert_eq!(Arc::strong_count(&r), 2);
+    // A delete that names the old address still deletes.
+    let m = Memslot::new(slot, 0, r.as_ptr() as u64, 0);
     // SAFETY: a deletion maps no memory.
-    unsafe { t.update_memslot(&Memslot::delete(slot)) }.unwrap();
+    unsafe { t.update_memslot(&m) }.unwrap();
     assert_eq!(
         Arc::strong_count(&r),
         1,
