@@ -17,6 +17,8 @@ the pages that differ after completion (RAM compared page by page through
 
     examples/migration-bench.py [--runs 3] [--sizes 512,16384] [--rates easy,near]
                                 [--out doc/migration.csv]
+    examples/migration-bench.py --matrix heavy [--cells 2x1024,8x4096,16x8192]
+    examples/migration-bench.py --matrix scale [--cells 2x1024,2x16384,2x65536]
 
 Configurations: stock QEMU (10.2.2) in bitmap and ring mode, the patched
 QEMU (meson-snippet/qemu/) in bitmap mode, ring mode (the shim's adaptive
@@ -26,6 +28,23 @@ rounds (every configuration once per round, in turn), so that a drift of
 the machine spreads over all of them. Every run's figures go to OUT.jsonl
 as they come; the medians per cell to OUT (CSV) and to the terminal as a
 Markdown table; tools/plot draws the PNG from the CSV.
+
+Two more matrices (doc/migration.md, "Heavy dirtying" and "Memory scale"):
+
+- heavy: every vCPU stores unpaced to most of the guest's RAM (below
+  4 GiB: the guest runs without paging), well above the link, so a
+  migration converges only with auto-converge or dirty-limit (QEMU's
+  defaults otherwise: 300 ms downtime limit). Cells are vCPUs x MiB.
+  Configurations: stock bitmap, stock ring and patched ring with
+  auto-converge, patched ring with dirty-limit. Per run also: the guest's
+  store rate during the migration against the 3 s before it, the pages the
+  dirty syncs found (QEMU's migration_bitmap_sync_end), the ring entries
+  harvested, KVM_RESET_DIRTY_RINGS's CPU per entry (perf).
+- scale: the same small paced working set (320 MiB, the "near" rate) in
+  guests of 1, 16 and 64 GiB (memory-backend-ram with reserve=off: the
+  untouched RAM costs the host nothing): each dirty sync's duration
+  (migration_bitmap_sync_start to _end) and the tracking CPU per sync,
+  stock bitmap against stock and patched ring.
 
 The dirty rates are fractions of the migration bandwidth, in pages per
 second: "easy" 25 % (converges at once), "near" 90 %. Before the matrix the
@@ -60,12 +79,26 @@ CONFIGS = [  # (name, build, mode)
     ("patched ring", "patched", "ring"),
     ("patched ring + dirty-limit", "patched", "dirty-limit"),
 ]
+HEAVY_CONFIGS = [  # (name, build, mode, auto-converge)
+    ("stock bitmap + auto-converge", "stock", "bitmap", True),
+    ("stock ring + auto-converge", "stock", "ring", True),
+    ("patched ring + auto-converge", "patched", "ring", True),
+    ("patched ring + dirty-limit", "patched", "dirty-limit", False),
+]
+SCALE_CONFIGS = [
+    ("stock bitmap", "stock", "bitmap", False),
+    ("stock ring", "stock", "ring", False),
+    ("patched ring", "patched", "ring", False),
+]
+MATRIX_CELLS = {"heavy": "2x1024,8x4096,16x8192", "scale": "2x1024,2x16384,2x65536"}
+GUEST_BASE_MIB = 17  # guest/mp-guest.S: the region starts at 16 MiB
+LOWMEM_MIB = 3072  # pc: RAM below 4 GiB when the guest has 3.5 GiB or more
 RATES = {"easy": 0.25, "near": 0.90}
 BEAT_MASK = 0xfff  # a heartbeat every 4096 stores: fine enough for rates
 
 
-def run_args(qemu, mode, ram_mib, spin, a):
-    ns = qm.parser().parse_args(["--qemu", qemu, "--mode", mode])
+def run_args(qemu, mode, ram_mib, spin, a, smp=2):
+    ns = qm.parser().parse_args(["--qemu", qemu, "--mode", mode, "--smp", str(smp)])
     ns.ram_mib = ram_mib
     ns.spin = spin
     ns.beat_mask = BEAT_MASK
@@ -217,16 +250,159 @@ def summarize(results, a, machine):
           f"tools/plot/Cargo.toml -- migration {a.out} {os.path.splitext(a.out)[0]}.png")
 
 
+def entries(r):
+    """Ring entries harvested: the shim's stats, or stock QEMU's reaps."""
+    return r.get("shim_stats", {}).get("entries_reaped") or r.get("ring_entries_reaped") or None
+
+
+def per(x, n, scale=1e6):
+    return None if x is None or not n else x * scale / n
+
+
+def matrix_row(r):
+    """The per-run line of the heavy and scale matrices."""
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    p = r.get("perf_s", {})
+    sync = r.get("sync_ms") or []
+    return (f"{r['config']:<29} {r['smp']:>2}x{r['guest_mib']:>5} MiB "
+            f"{'done' if r.get('status') == 'completed' else 'NOT DONE':<8} "
+            f"total {r.get('total_ms', '-')!s:>6} ms  down {r.get('downtime_ms', '-')!s:>5} ms  "
+            f"syncs {r.get('dirty_syncs', '-')!s:>3} (median {f(med(sync), 1)} ms)  "
+            f"{r.get('transferred_mib', '-')!s:>7} MiB  stores/s {r.get('stores_per_s_before', '-')}"
+            f" -> {r.get('stores_per_s', '-')}  dirtied {r.get('dirtied_pages', '-')}  "
+            f"entries {entries(r) or '-'}  full {r.get('ring_full_exits', 0)}  "
+            f"ovf {r.get('shim_stats', {}).get('ring_overflows', '-')}  "
+            f"tracking {f(tracking(r), 3)} s  reset {f(p.get('reset'), 3)} s  "
+            f"differ {r.get('pages_differ', '-')}  alive {r.get('alive', '-')}"
+            + (f"  ERROR {r['error']}" if "error" in r else ""))
+
+
+def summarize_matrix(results, a, machine):
+    """Medians per cell of the heavy or scale matrix: CSV to OUT, Markdown
+    to the terminal."""
+    cells = {}
+    for r in results:
+        cells.setdefault((r["smp"], r["guest_mib"], r["config"]), []).append(r)
+    names = [c[0] for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)]
+    cols = ["vcpus", "guest_mib", "config", "runs", "completed", "total_s", "downtime_ms",
+            "dirty_syncs", "sync_ms", "transferred_mib", "stores_per_s_before", "stores_per_s",
+            "progress_pct", "dirtied_pages", "ring_entries", "ring_full_exits", "overflows",
+            "tracking_s", "tracking_ms_per_sync", "tracking_us_per_dirtied_page",
+            "tracking_us_per_entry", "reset_us_per_entry", "clear_dirty_log_per_sync",
+            "pages_differ_max"]
+    lines = [f"# {machine}", ",".join(cols)]
+    md_cols = (["vCPUs", "guest", "config", "completed", "total s", "downtime ms", "syncs",
+                "sync ms", "MiB sent", "guest stores/s before -> during", "ring-full exits",
+                "overflows", "tracking us/dirtied page", "tracking us/entry",
+                "reset us/entry", "pages differ"] if a.matrix == "heavy" else
+               ["vCPUs", "guest", "config", "completed", "syncs", "sync ms",
+                "tracking ms/sync", "KVM_CLEAR_DIRTY_LOG/sync", "total s", "overflows",
+                "pages differ"])
+    md = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
+    for key in sorted(cells, key=lambda k: (k[1], k[0], names.index(k[2]))):
+        rs = cells[key]
+        done = [r for r in rs if r.get("status") == "completed"]
+        m = lambda fn: med([fn(r) for r in done])  # noqa: E731
+        v = {"vcpus": key[0], "guest_mib": key[1], "config": key[2], "runs": len(rs),
+             "completed": f"{len(done)}/{len(rs)}",
+             "total_s": m(lambda r: r.get("total_ms", 0) / 1000),
+             "downtime_ms": m(lambda r: r.get("downtime_ms")),
+             "dirty_syncs": m(lambda r: r.get("dirty_syncs")),
+             "sync_ms": med([x for r in done for x in r.get("sync_ms", [])]),
+             "transferred_mib": m(lambda r: r.get("transferred_mib")),
+             "stores_per_s_before": m(lambda r: r.get("stores_per_s_before")),
+             "stores_per_s": m(lambda r: r.get("stores_per_s")),
+             "progress_pct": m(lambda r: per(r.get("stores_per_s"),
+                                             r.get("stores_per_s_before"), 100)),
+             "dirtied_pages": m(lambda r: r.get("dirtied_pages")),
+             "ring_entries": m(entries),
+             "ring_full_exits": med([r.get("ring_full_exits", 0) for r in rs]),
+             "overflows": med([r.get("shim_stats", {}).get("ring_overflows") for r in rs]),
+             "tracking_s": m(tracking),
+             "tracking_ms_per_sync": m(lambda r: per(tracking(r), r.get("dirty_syncs"), 1e3)),
+             "tracking_us_per_dirtied_page": m(lambda r: per(tracking(r), r.get("dirtied_pages"))),
+             "tracking_us_per_entry": m(lambda r: per(tracking(r), entries(r))),
+             "reset_us_per_entry": m(lambda r: per(r.get("perf_s", {}).get("reset"), entries(r))),
+             "clear_dirty_log_per_sync": m(lambda r: per(r.get("clear_dirty_log_calls"),
+                                                         r.get("dirty_syncs"), 1)),
+             "pages_differ_max": max([r["pages_differ"] for r in rs if "pages_differ" in r],
+                                     default=None)}
+
+        def f(k, d=2):
+            x = v[k]
+            return "" if x is None else x if isinstance(x, str) else (
+                str(x) if isinstance(x, int) else f"{x:.{d}f}")
+        lines.append(",".join(f(c, 3) for c in cols))
+        if a.matrix == "heavy":
+            cells_md = [f("vcpus"), f"{key[1] >> 10} GiB", key[2], f("completed"),
+                        f("total_s"), f("downtime_ms", 0), f("dirty_syncs", 0), f("sync_ms", 1),
+                        f("transferred_mib", 0),
+                        f"{f('stores_per_s_before', 0)} -> {f('stores_per_s', 0)} "
+                        f"({f('progress_pct', 0)} %)", f("ring_full_exits", 0),
+                        f("overflows", 0), f("tracking_us_per_dirtied_page"),
+                        f("tracking_us_per_entry"), f("reset_us_per_entry"),
+                        f("pages_differ_max")]
+        else:
+            cells_md = [f("vcpus"), f"{key[1] >> 10} GiB", key[2], f("completed"),
+                        f("dirty_syncs", 0), f("sync_ms"), f("tracking_ms_per_sync"),
+                        f("clear_dirty_log_per_sync", 1), f("total_s"), f("overflows", 0),
+                        f("pages_differ_max")]
+        md.append("| " + " | ".join(cells_md) + " |")
+    with open(a.out, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {a.out}")
+
+
+def run_matrix(a, builds, machine):
+    """The heavy or scale matrix: runs in rounds, every configuration once
+    per round, each cell in turn."""
+    configs = [c for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)
+               if not a.configs or c[0] in a.configs.split(",")]
+    cells = [tuple(int(x) for x in c.split("x")) for c in (a.cells or MATRIX_CELLS[a.matrix]).split(",")]
+    spin = 0
+    if a.matrix == "scale":
+        spin = int(a.spins.split("=")[1]) if a.spins else calibrate(a.patched, a)["near"]
+    jsonl = os.path.splitext(a.out)[0] + ".jsonl"
+    results, t0 = [], time.time()
+    with open(jsonl, "w") as log:
+        for smp, size in cells:
+            for n in range(a.runs):
+                for name, build, mode, auto_converge in configs:
+                    ns = run_args(builds[build], mode, size, spin, a, smp)
+                    ns.auto_converge = auto_converge
+                    ns.rate_window = 3
+                    ns.sparse = size > 16384
+                    if a.matrix == "heavy":
+                        ns.region_pages = (min(size, LOWMEM_MIB) - GUEST_BASE_MIB) * 256
+                    r = qm.migrate(ns)
+                    if ns.perf and os.path.exists(ns.perf):
+                        os.unlink(ns.perf)
+                    r.update(config=name, smp=smp, guest_mib=size, run=n, spin=spin,
+                             region_pages=ns.region_pages)
+                    results.append(r)
+                    log.write(json.dumps(r) + "\n")
+                    log.flush()
+                    print(matrix_row(r), flush=True)
+    print(f"\n{len(results)} runs in {time.time() - t0:.0f} s\n")
+    summarize_matrix(results, a, machine)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patched", default=f"{CACHE}/build/qemu-system-x86_64")
     ap.add_argument("--stock", default=f"{CACHE}/stock-build/qemu-system-x86_64")
+    ap.add_argument("--matrix", choices=["paced", "heavy", "scale"], default="paced")
+    ap.add_argument("--cells", default="", help="heavy and scale: vCPUsxMiB,... "
+                    f"(default {MATRIX_CELLS})")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="512,16384", help="guest sizes, MiB")
     ap.add_argument("--rates", default="easy,near")
     ap.add_argument("--configs", default="", help="names to keep, comma separated (default all)")
     ap.add_argument("--bandwidth-mib", type=int, default=128)
-    ap.add_argument("--downtime-ms", type=int, default=1000)
+    ap.add_argument("--downtime-ms", type=int,
+                    help="1000 (heavy: 300, QEMU's default)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds a migration may take")
     ap.add_argument("--calibrate-s", type=float, default=5)
     ap.add_argument("--spins", default="", help="name=spin,... instead of calibrating")
@@ -235,14 +411,20 @@ def main():
     ap.add_argument("--no-perf", dest="perf", action="store_false",
                     help="no perf record (tracking CPU is then not measured)")
     a = ap.parse_args()
-    machine = (f"kvm-dirty-shim migration bench: Linux {platform.release()}, "
-               f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; 2 vCPUs, "
+    if a.downtime_ms is None:
+        a.downtime_ms = 300 if a.matrix == "heavy" else 1000
+    if a.out == "doc/migration.csv" and a.matrix != "paced":
+        a.out = f"doc/migration-{a.matrix}.csv"
+    machine = (f"kvm-dirty-shim migration bench ({a.matrix}): Linux {platform.release()}, "
+               f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; "
+               f"{'2 vCPUs, ' if a.matrix == 'paced' else ''}"
                f"{a.bandwidth_mib} MiB/s, downtime limit {a.downtime_ms} ms, 4096-entry rings, "
                f"medians of completed runs; {time.strftime('%Y-%m-%d')}")
     jsonl = os.path.splitext(a.out)[0] + ".jsonl"
     if a.summarize:
         with open(jsonl) as f:
-            summarize([json.loads(x) for x in f if x.strip()], a, machine)
+            rs = [json.loads(x) for x in f if x.strip()]
+        (summarize if a.matrix == "paced" else summarize_matrix)(rs, a, machine)
         return 0
     if a.perf and not shutil.which("perf"):
         sys.exit("perf not found: install linux-perf, or run with --no-perf")
@@ -250,6 +432,8 @@ def main():
     for b in builds.values():
         if not os.access(b, os.X_OK):
             sys.exit(f"{b}: not built (run meson-snippet/qemu/build-and-test first)")
+    if a.matrix != "paced":
+        return run_matrix(a, builds, machine)
     configs = [c for c in CONFIGS if not a.configs or c[0] in a.configs.split(",")]
     if a.spins:
         spins = {k: int(v) for k, v in (kv.split("=") for kv in a.spins.split(","))}

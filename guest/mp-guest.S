@@ -4,9 +4,12 @@
  * through the local APIC (no hypercall), then every CPU, the BSP included,
  * runs the same workload without ever pausing:
  *   - first it stores once to every page of the test region, so that all
- *     of it holds data;
+ *     of it holds data (CPU n to pages n, n + N, n + 2N, ... if the host
+ *     set KNOB_NCPUS to N: the region is filled N times sooner);
  *   - then an LCG picks a pseudo-random 4 KiB page of the test region
- *     (REGION_BASE, REGION_PAGES pages);
+ *     (REGION_BASE, REGION_PAGES pages; KNOB_REGION_PAGES instead if the
+ *     host set it, at most (4 GiB - REGION_BASE) / 4 KiB less the holes:
+ *     no paging, so the region lies below 4 GiB);
  *   - it writes one 64-bit word there, at offset cpu * 8: the low half is
  *     the CPU's store count, the high half the CPU number (so a stale page
  *     on the destination tells whose store it missed, and how old it is);
@@ -41,6 +44,8 @@
     .set KNOB_BEAT_MASK, 0x00800004
     .set KNOB_WINDOW,    0x00800008
     .set KNOB_WINDOW_MASK, 0x0080000c
+    .set KNOB_REGION_PAGES, 0x00800010
+    .set KNOB_NCPUS,     0x00800014
 
     .code32
     .text
@@ -104,22 +109,47 @@ ap32:
 /* The workload. %ebp: CPU number; %esi: LCG state; %edi: store count. */
 work:
     /* First one store to every page of the region (count 0), unpaced: the
-     * whole region holds data before the paced random stores begin. */
-    lea  REGION_BASE(,%ebp,8), %ebx
-    mov  $REGION_PAGES, %ecx
+     * whole region holds data before the paced random stores begin. With
+     * KNOB_NCPUS = N, CPU n stores to pages n, n + N, ... only. */
+    mov  KNOB_REGION_PAGES, %eax
+    test %eax, %eax
+    jnz  14f
+    mov  $REGION_PAGES, %eax
+14: mov  %eax, region_pages         /* every CPU writes the same value */
+    mov  KNOB_NCPUS, %ecx
+    mov  $1, %edx                   /* stride in pages; CPU 0 starts at 0 */
+    xor  %ebx, %ebx
+    test %ecx, %ecx
+    jz   15f
+    cmp  %ecx, %ebp
+    jae  16f                        /* more CPUs than the host said: no fill */
+    mov  %ecx, %edx
+    mov  %ebp, %ebx                 /* first page: the CPU's number */
+15: sub  %ebx, %eax                 /* pages from the first one on */
+    jbe  16f
+    add  %edx, %eax                 /* stores: ceil(pages / stride) */
+    dec  %eax
+    push %edx
+    xor  %edx, %edx
+    divl (%esp)
+    pop  %edx
+    mov  %eax, %ecx
+    shl  $12, %ebx
+    lea  REGION_BASE(%ebx,%ebp,8), %ebx
+    shl  $12, %edx                  /* stride in bytes */
 12: movl $0, (%ebx)
     mov  %ebp, 4(%ebx)
-    add  $4096, %ebx
+    add  %edx, %ebx
     dec  %ecx
     jnz  12b
+16:
     lea  1(%ebp), %esi
     imul $0x9e3779b9, %esi, %esi
     xor  %edi, %edi
 3:  imul $1664525, %esi, %esi       /* LCG (Numerical Recipes) */
     add  $1013904223, %esi
-    mov  %esi, %eax                 /* page = state * REGION_PAGES >> 32 */
-    mov  $REGION_PAGES, %edx
-    mul  %edx
+    mov  %esi, %eax                 /* page = state * region_pages >> 32 */
+    mull region_pages
     shl  $12, %edx
     lea  REGION_BASE(%edx,%ebp,8), %ebx
     inc  %edi
@@ -233,6 +263,8 @@ next_cpu:
     .long 1
 print_lock:
     .long 0
+region_pages:
+    .long REGION_PAGES
 beat_text:
     .asciz "beat "
 

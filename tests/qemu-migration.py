@@ -300,6 +300,52 @@ def perf_groups(path):
     return {k: round(v / PERF_HZ, 3) for k, v in n.items()}
 
 
+# The source's trace events (-msg timestamp=on: each line starts with its
+# time): ring-full exits, the shim's stats (once a second), each dirty sync
+# with the pages it found, stock QEMU's ring reaps with their entries, and
+# stock QEMU's KVM_CLEAR_DIRTY_LOG calls (bitmap mode).
+TRACE_EVENTS = ("kvm_dirty_ring_full", "kvm_dirty_shim_stats", "migration_bitmap_sync_start",
+                "migration_bitmap_sync_end", "kvm_dirty_ring_reap", "kvm_clear_dirty_log")
+TRACE_LINE = re.compile(r"^(?:(\d{4}-\d\d-\d\dT\d\d:\d\d:[\d.]+)Z )?(\w+) ?(.*)$")
+
+
+def trace_figures(lines):
+    """Figures from the source's trace: ring_full_exits; shim_stats, the
+    patched QEMU's last kvm_dirty_shim_stats; sync_ms, each
+    dirty sync's duration (migration_bitmap_sync_start to _end);
+    dirtied_pages, the pages the syncs found dirty (summed: what QEMU saw
+    dirtied during the migration); ring_entries_reaped, stock QEMU's
+    (kvm_dirty_ring_reap); clear_dirty_log_calls."""
+    out = {"ring_full_exits": 0, "sync_ms": [], "dirtied_pages": 0,
+           "ring_entries_reaped": 0, "clear_dirty_log_calls": 0}
+    start = None
+    for line in lines:
+        m = TRACE_LINE.match(line.strip())
+        if not m:
+            continue
+        stamp, event, rest = m.groups()
+        t = None
+        if stamp:
+            hms = stamp.split("T")[1].split(":")
+            t = int(hms[0]) * 3600 + int(hms[1]) * 60 + float(hms[2])
+        if event == "kvm_dirty_ring_full":
+            out["ring_full_exits"] += 1
+        elif event == "migration_bitmap_sync_start":
+            start = t
+        elif event == "migration_bitmap_sync_end":
+            out["dirtied_pages"] += int(rest.split()[-1])
+            if start is not None and t is not None:
+                out["sync_ms"].append(round((t - start) * 1000 % 86400000, 3))
+            start = None
+        elif event == "kvm_dirty_ring_reap":
+            out["ring_entries_reaped"] += int(rest.split()[1])
+        elif event == "kvm_clear_dirty_log":
+            out["clear_dirty_log_calls"] += 1
+        elif event == "kvm_dirty_shim_stats":  # cumulative: the last one counts
+            out["shim_stats"] = {k: int(v) for k, v in (kv.split("=") for kv in rest.split())}
+    return out
+
+
 def describe(diffs, smp):
     """What the workload's words say about the first differing pages."""
     out = []
@@ -340,13 +386,49 @@ def parser():
                     help="heartbeat every mask + 1 stores (0: the guest's 0xffff)")
     ap.add_argument("--rate-window", type=float, default=0,
                     help="seconds to measure the store rate before migrating")
+    ap.add_argument("--region-pages", type=int, default=0,
+                    help="pages the guest writes (0: REGION_PAGES); the vCPUs then fill "
+                    "the region in turn (KNOB_NCPUS)")
+    ap.add_argument("--auto-converge", action="store_true",
+                    help="QEMU's auto-converge capability, with its default parameters")
+    ap.add_argument("--linux", metavar="DIR",
+                    help="the Linux guest instead (guest/linux-writer.c, user-mode stores), "
+                    "started from the state tools/linux-guest/prepare.py saved in DIR; "
+                    "its vCPUs and RAM are the state's")
+    ap.add_argument("--sparse", action="store_true",
+                    help="guest RAM from memory-backend-ram with reserve=off (MAP_NORESERVE): "
+                    "guests bigger than the host, whose untouched RAM costs nothing")
     ap.add_argument("--perf", help="record the source QEMU with perf (cpu-clock, call "
                     "graphs) while it migrates, into this file")
     return ap
 
 
+def linux_guest(state_dir):
+    """The Linux guest's settings (tools/linux-guest/prepare.py): a dict
+    of smp, ram_mib, cpu, cmdline; and the guest-physical pages of its
+    kvmclock data (wall_clock, hv_clock_boot, from System.map), which the
+    destination's KVM rewrites when QEMU restores the kvmclock MSRs: they
+    differ after every migration, bitmap mode included."""
+    with open(os.path.join(state_dir, "guest")) as f:
+        g = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    kvmclock = set()
+    with open(os.path.join(state_dir, "System.map")) as f:
+        for line in f:
+            addr, _, name = line.split()
+            if name in ("wall_clock", "hv_clock_boot"):
+                # nokaslr, PVH entry: the kernel's image at 16 MiB is
+                # mapped at __START_KERNEL_map + 16 MiB.
+                gpa = int(addr, 16) - 0xFFFF_FFFF_8000_0000
+                kvmclock |= {gpa // PAGE, (gpa + 63) // PAGE}
+    return g, kvmclock
+
+
 def migrate(args):
     """One migration; returns its figures (result["ok"]: it passed)."""
+    kvmclock = set()
+    if args.linux:
+        guest, kvmclock = linux_guest(args.linux)
+        args.smp, args.ram_mib = int(guest["smp"]), int(guest["ram_mib"])
     if args.downtime_ms is None:
         args.downtime_ms = 1000 if args.mode == "dirty-limit" else 3000
     label = args.label or f"{os.path.basename(os.path.dirname(args.qemu))} {args.mode}"
@@ -357,37 +439,57 @@ def migrate(args):
     result = {"label": label}
     t_start = time.time()
     try:
-        elf = build_guest(work)
+        if args.linux:
+            guest_args = ["-machine", "pc", "-cpu", guest["cpu"],
+                          "-kernel", os.path.join(args.linux, "vmlinux"),
+                          "-initrd", os.path.join(args.linux, "initrd"),
+                          "-append", guest["cmdline"]]
+        else:
+            guest_args = ["-cpu", "host,-arch-capabilities", "-kernel", build_guest(work)]
         accel = "kvm"
         if args.mode != "bitmap":
             accel += f",dirty-ring-size={args.ring_size}"
         trace_events = os.path.join(work, "events")
         with open(trace_events, "w") as f:
-            f.write("kvm_dirty_ring_full\nkvm_dirty_shim_stats\n")
+            f.write("".join(e + "\n" for e in TRACE_EVENTS))
             f.write("".join(e + "\n" for e in args.trace.split(",") if e))
 
         knobs = []  # the guest's pacing (guest/mp-guest.S, KNOB_*)
-        for addr, val in ((0x800000, args.spin), (0x800004, args.beat_mask)):
-            if val:
+        region = ((0x800010, args.region_pages), (0x800014, args.smp)) if args.region_pages else ()
+        for addr, val in ((0x800000, args.spin), (0x800004, args.beat_mask)) + region:
+            if val and not args.linux:
                 knobs += ["-device", f"loader,addr={addr:#x},data={val},data-len=4"]
 
         def start(role, extra):
             # debug-threads: named threads (CPU n/KVM, mig/src/main,
             # kvm-reaper) for the CPU time per thread.
             cmd = [args.qemu, "-name", "kds,debug-threads=on",
-                   "-accel", accel, "-cpu", "host,-arch-capabilities",
-                   "-smp", str(args.smp), "-m", str(args.ram_mib), "-kernel", elf,
-                   "-display", "none", "-nodefaults", "-no-reboot",
+                   "-accel", accel, "-smp", str(args.smp), "-m", str(args.ram_mib)] + guest_args + [
+                   "-display", "none", "-nodefaults", "-no-reboot", "-msg", "timestamp=on",
                    "-serial", f"file:{work}/{role}.serial",
                    "-qmp", f"unix:{work}/{role}.qmp,server=on,wait=off",
                    "-trace", f"events={trace_events},file={work}/{role}.trace"] + knobs + extra
+            if args.sparse:
+                cmd += ["-object", f"memory-backend-ram,id=ram0,size={args.ram_mib}M,reserve=off",
+                        "-machine", "memory-backend=ram0"]
             log = open(f"{work}/{role}.log", "w")
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             procs.append(p)
             return p, Qmp(f"{work}/{role}.qmp", time.time() + 30)
 
-        src_p, src = start("src", [])
+        if args.linux:
+            # From the saved state: seconds, where a boot takes 10-20 minutes.
+            src_p, src = start("src", ["-incoming", "defer", "-S"])
+            src.cmd("migrate-incoming", uri=f"file:{os.path.join(args.linux, 'state')}")
+            deadline = time.time() + 120
+            while src.cmd("query-migrate").get("status") != "completed":
+                if time.time() > deadline:
+                    raise RuntimeError("the saved state did not load in 120 s")
+                time.sleep(0.2)
+            src.cmd("cont")
+        else:
+            src_p, src = start("src", [])
         # SeaBIOS runs emulated here: about 15 s to the first heartbeat.
         if not wait_beats(f"{work}/src.serial", args.smp, {}, time.time() + 120):
             raise RuntimeError("the source guest printed no heartbeat from every vCPU in 120 s")
@@ -403,6 +505,8 @@ def migrate(args):
         caps = []
         params = {"max-bandwidth": args.bandwidth_mib << 20,
                   "downtime-limit": args.downtime_ms}
+        if args.auto_converge:
+            caps.append({"capability": "auto-converge", "state": True})
         if args.mode == "dirty-limit":
             caps.append({"capability": "dirty-limit", "state": True})
             params.update({"vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 500})
@@ -480,7 +584,9 @@ def migrate(args):
         if read < 1000:
             raise RuntimeError(f"only {read} non-zero pages compared: not the guest's RAM?")
         result["firmware_pages_differ"] = sum(1 for d in diffs if d[0] in FIRMWARE)
-        diffs = [d for d in diffs if d[0] not in FIRMWARE]
+        if args.linux:
+            result["kvmclock_pages_differ"] = sum(1 for d in diffs if d[0] in kvmclock)
+        diffs = [d for d in diffs if d[0] not in FIRMWARE and d[0] not in kvmclock]
         result["pages_differ"] = len(diffs)
         if diffs:
             result["first_differ"] = describe(diffs, args.smp)
@@ -501,19 +607,14 @@ def migrate(args):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        result["ring_full_exits"] = 0
-        shim = {}
-        for role in ("src",):
-            for f in os.listdir(work):
-                if f.startswith(f"{role}.trace"):
-                    with open(os.path.join(work, f), errors="replace") as t:
-                        for line in t:
-                            if line.startswith("kvm_dirty_ring_full"):
-                                result["ring_full_exits"] += 1
-                            m = re.search(r"kvm-dirty-shim stats: (.*)$", line.strip())
-                            if m:
-                                shim = dict(kv.split("=") for kv in m.group(1).split())
-        result["shim_stats"] = {k: int(v) for k, v in shim.items()}
+        lines = []
+        for f in sorted(os.listdir(work)):
+            if f.startswith("src.trace"):
+                with open(os.path.join(work, f), errors="replace") as t:
+                    lines += t.readlines()
+        result["shim_stats"] = {}
+        result.update(trace_figures(lines))
+        shim = result["shim_stats"]
         with open(f"{work}/src.log", errors="replace") as f:
             errs = [ln.strip() for ln in f if ln.strip()]
         if shim:

@@ -3,11 +3,15 @@
 //!
 //!     cargo run --release --manifest-path tools/plot/Cargo.toml -- round-cost doc/round-cost.csv doc/round-cost.png
 //!     cargo run --release --manifest-path tools/plot/Cargo.toml -- migration doc/migration.csv doc/migration.png
+//!     cargo run --release --manifest-path tools/plot/Cargo.toml -- scale doc/migration-scale.csv doc/migration-scale.png
 //!
 //! `round-cost`: `examples/bench.rs rounds` (ms per migration round against
 //! guest memory, ring and bitmap, log-log). `migration`:
 //! `examples/migration-bench.py` (median total time and downtime per
-//! configuration, one panel per guest size and dirty rate).
+//! configuration, one panel per guest size and dirty rate). `scale`:
+//! `examples/migration-bench.py --matrix scale` (median ms per dirty sync
+//! and tracking CPU ms per sync against guest memory, one line per
+//! configuration, log-log).
 //! Text is drawn with DejaVu Sans (Debian's fonts-dejavu-core), read at run
 //! time.
 
@@ -36,7 +40,8 @@ fn main() -> Res<()> {
     match args.get(1..).unwrap_or_default() {
         [what, csv, png] if what == "round-cost" => round_cost(csv, png),
         [what, csv, png] if what == "migration" => migration(csv, png),
-        _ => Err("usage: kds-plot round-cost|migration IN.csv OUT.png".into()),
+        [what, csv, png] if what == "scale" => scale(csv, png),
+        _ => Err("usage: kds-plot round-cost|migration|scale IN.csv OUT.png".into()),
     }
 }
 
@@ -134,6 +139,84 @@ fn round_cost(csv: &str, png: &str) -> Res<()> {
         .border_style(BLACK)
         .background_style(WHITE.mix(0.9))
         .draw()?;
+    foot.draw(&Text::new(title, (16, 6), ("sans-serif", 13)))?;
+    root.present()?;
+    println!("wrote {png}");
+    Ok(())
+}
+
+/// Per configuration, against guest memory (log-log): the median dirty
+/// sync's duration (left) and the tracking CPU per sync (right).
+fn scale(csv: &str, png: &str) -> Res<()> {
+    let (title, rows) = read_csv(csv)?;
+    let (g, c) = (col(&rows[0], "guest_mib")?, col(&rows[0], "config")?);
+    let panels = [
+        ("sync_ms", "ms per dirty sync"),
+        ("tracking_ms_per_sync", "tracking CPU ms per sync"),
+    ];
+    let colors = [ORANGE, RGBColor(120, 120, 120), BLUE, RGBColor(0, 150, 80)];
+    let root = BitMapBackend::new(png, (1200, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (plot, foot) = root.split_vertically(530);
+    let halves = plot.split_evenly((1, 2));
+    for ((field, label), area) in panels.iter().zip(halves.iter()) {
+        let f = col(&rows[0], field)?;
+        // config -> [(guest bytes, value)], in the CSV's order.
+        let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for row in &rows[1..] {
+            let (Ok(mib), Ok(v)) = (row[g].parse::<f64>(), row[f].parse::<f64>()) else {
+                continue;
+            };
+            let pt = (mib * (1u64 << 20) as f64, v.max(1e-3));
+            match lines.iter_mut().find(|(n, _)| *n == row[c]) {
+                Some((_, pts)) => pts.push(pt),
+                None => lines.push((row[c].clone(), vec![pt])),
+            }
+        }
+        let all: Vec<(f64, f64)> = lines.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+        if all.is_empty() {
+            continue;
+        }
+        let x0 = all.iter().map(|p| p.0).fold(f64::MAX, f64::min);
+        let x1 = all.iter().map(|p| p.0).fold(0.0, f64::max);
+        let y0 = all.iter().map(|p| p.1).fold(f64::MAX, f64::min) / 1.5;
+        let y1 = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
+        let mut xs: Vec<f64> = all.iter().map(|p| p.0).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        let mut chart = ChartBuilder::on(area)
+            .caption(*label, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                (x0 / 1.5..x1 * 1.5).log_scale().with_key_points(xs),
+                (y0..y1).log_scale(),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("guest memory")
+            .y_desc(*label)
+            .x_label_formatter(&|x| human((*x / (1u64 << 20) as f64).round() as u64))
+            .y_label_formatter(&|y| format!("{y:.2}"))
+            .draw()?;
+        for (i, (name, pts)) in lines.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+                });
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.9))
+            .draw()?;
+    }
     foot.draw(&Text::new(title, (16, 6), ("sans-serif", 13)))?;
     root.present()?;
     println!("wrote {png}");
