@@ -282,28 +282,30 @@ def summarize_matrix(results, a, machine):
     to the terminal."""
     cells = {}
     for r in results:
-        cells.setdefault((r["smp"], r["guest_mib"], r["config"]), []).append(r)
+        cells.setdefault((r.get("guest", "mp-guest"), r["smp"], r["guest_mib"], r["config"]),
+                         []).append(r)
     names = [c[0] for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)]
-    cols = ["vcpus", "guest_mib", "config", "runs", "completed", "total_s", "downtime_ms",
+    cols = ["guest", "vcpus", "guest_mib", "config", "runs", "completed", "total_s", "downtime_ms",
             "dirty_syncs", "sync_ms", "transferred_mib", "stores_per_s_before", "stores_per_s",
             "progress_pct", "dirtied_pages", "ring_entries", "ring_full_exits", "overflows",
             "tracking_s", "tracking_ms_per_sync", "tracking_us_per_dirtied_page",
             "tracking_us_per_entry", "reset_us_per_entry", "clear_dirty_log_per_sync",
             "pages_differ_max"]
     lines = [f"# {machine}", ",".join(cols)]
-    md_cols = (["vCPUs", "guest", "config", "completed", "total s", "downtime ms", "syncs",
+    md_cols = (["guest", "vCPUs", "RAM", "config", "completed", "total s", "downtime ms", "syncs",
                 "sync ms", "MiB sent", "guest stores/s before -> during", "ring-full exits",
                 "overflows", "tracking us/dirtied page", "tracking us/entry",
                 "reset us/entry", "pages differ"] if a.matrix == "heavy" else
-               ["vCPUs", "guest", "config", "completed", "syncs", "sync ms",
+               ["guest", "vCPUs", "RAM", "config", "completed", "syncs", "sync ms",
                 "tracking ms/sync", "KVM_CLEAR_DIRTY_LOG/sync", "total s", "overflows",
                 "pages differ"])
     md = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
-    for key in sorted(cells, key=lambda k: (k[1], k[0], names.index(k[2]))):
+    for key in sorted(cells, key=lambda k: (k[0] != "linux", k[2], k[1], names.index(k[3]))):
         rs = cells[key]
         done = [r for r in rs if r.get("status") == "completed"]
         m = lambda fn: med([fn(r) for r in done])  # noqa: E731
-        v = {"vcpus": key[0], "guest_mib": key[1], "config": key[2], "runs": len(rs),
+        v = {"guest": key[0], "vcpus": key[1], "guest_mib": key[2], "config": key[3],
+             "runs": len(rs),
              "completed": f"{len(done)}/{len(rs)}",
              "total_s": m(lambda r: r.get("total_ms", 0) / 1000),
              "downtime_ms": m(lambda r: r.get("downtime_ms")),
@@ -334,7 +336,7 @@ def summarize_matrix(results, a, machine):
                 str(x) if isinstance(x, int) else f"{x:.{d}f}")
         lines.append(",".join(f(c, 3) for c in cols))
         if a.matrix == "heavy":
-            cells_md = [f("vcpus"), f"{key[1] >> 10} GiB", key[2], f("completed"),
+            cells_md = [key[0], f("vcpus"), f"{key[2] >> 10} GiB", key[3], f("completed"),
                         f("total_s"), f("downtime_ms", 0), f("dirty_syncs", 0), f("sync_ms", 1),
                         f("transferred_mib", 0),
                         f"{f('stores_per_s_before', 0)} -> {f('stores_per_s', 0)} "
@@ -343,7 +345,7 @@ def summarize_matrix(results, a, machine):
                         f("tracking_us_per_entry"), f("reset_us_per_entry"),
                         f("pages_differ_max")]
         else:
-            cells_md = [f("vcpus"), f"{key[1] >> 10} GiB", key[2], f("completed"),
+            cells_md = [key[0], f("vcpus"), f"{key[2] >> 10} GiB", key[3], f("completed"),
                         f("dirty_syncs", 0), f("sync_ms"), f("tracking_ms_per_sync"),
                         f("clear_dirty_log_per_sync", 1), f("total_s"), f("overflows", 0),
                         f("pages_differ_max")]
@@ -359,26 +361,36 @@ def run_matrix(a, builds, machine):
     per round, each cell in turn."""
     configs = [c for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)
                if not a.configs or c[0] in a.configs.split(",")]
-    cells = [tuple(int(x) for x in c.split("x")) for c in (a.cells or MATRIX_CELLS[a.matrix]).split(",")]
+    cells = []
+    for c in (a.cells or MATRIX_CELLS[a.matrix]).split(","):
+        if c == "linux":  # the Linux guest: vCPUs and RAM are its saved state's
+            if not a.linux:
+                sys.exit("the linux cell needs --linux DIR (tools/linux-guest/prepare.py)")
+            g, _ = qm.linux_guest(a.linux)
+            cells.append((int(g["smp"]), int(g["ram_mib"]), "linux"))
+        else:
+            cells.append(tuple(int(x) for x in c.split("x")) + ("mp-guest",))
     spin = 0
     if a.matrix == "scale":
         spin = int(a.spins.split("=")[1]) if a.spins else calibrate(a.patched, a)["near"]
     jsonl = os.path.splitext(a.out)[0] + ".jsonl"
     results, t0 = [], time.time()
     with open(jsonl, "w") as log:
-        for smp, size in cells:
+        for smp, size, guest in cells:
             for n in range(a.runs):
                 for name, build, mode, auto_converge in configs:
                     ns = run_args(builds[build], mode, size, spin, a, smp)
                     ns.auto_converge = auto_converge
                     ns.rate_window = 3
                     ns.sparse = size > 16384
-                    if a.matrix == "heavy":
+                    if guest == "linux":
+                        ns.linux = a.linux
+                    elif a.matrix == "heavy":
                         ns.region_pages = (min(size, LOWMEM_MIB) - GUEST_BASE_MIB) * 256
                     r = qm.migrate(ns)
                     if ns.perf and os.path.exists(ns.perf):
                         os.unlink(ns.perf)
-                    r.update(config=name, smp=smp, guest_mib=size, run=n, spin=spin,
+                    r.update(config=name, smp=smp, guest_mib=size, guest=guest, run=n, spin=spin,
                              region_pages=ns.region_pages)
                     results.append(r)
                     log.write(json.dumps(r) + "\n")
@@ -396,6 +408,8 @@ def main():
     ap.add_argument("--matrix", choices=["paced", "heavy", "scale"], default="paced")
     ap.add_argument("--cells", default="", help="heavy and scale: vCPUsxMiB,... "
                     f"(default {MATRIX_CELLS})")
+    ap.add_argument("--linux", metavar="DIR", help="the Linux guest's saved state "
+                    "(tools/linux-guest/prepare.py), for the cell 'linux'")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="512,16384", help="guest sizes, MiB")
     ap.add_argument("--rates", default="easy,near")

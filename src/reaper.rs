@@ -4,17 +4,13 @@
 //! Each check measures every vCPU ring's fill without a syscall
 //! (`Ring::fill`: a binary search over the entries' flags, about a dozen
 //! acquire loads). When some ring holds at least the high-water mark it
-//! reaps (`Vm::reap`: every ring, one `KVM_RESET_DIRTY_RINGS`). The next
-//! check comes when the fullest ring would reach the high-water mark at
-//! the fastest fill rate seen on this VM (entries the kernel pushed per
-//! second into one ring, from the ring's harvested total plus its fill):
-//! about one check per reap, each finding a ring at the mark, while the
-//! ring's room above the mark absorbs a vCPU that outruns the peak, so a
-//! busy vCPU is still reaped long before `KVM_EXIT_DIRTY_RING_FULL`. A VM
-//! that never dirtied anything costs one check per `max_interval_us`.
-//! (Until 0.3, a check came when a ring would gain half the mark: two
-//! checks per reap, whose wakeups cost as much CPU as the harvest under
-//! heavy dirtying, doc/migration.md.)
+//! reaps (`Vm::reap`: every ring, one `KVM_RESET_DIRTY_RINGS`). The pause
+//! before the next check follows the fastest fill rate seen on this VM
+//! (entries the kernel pushed per second into one ring, from the ring's
+//! harvested total plus its fill) so that a ring gains about half the
+//! high-water mark between two checks: a busy vCPU is reaped long before
+//! `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied anything costs one
+//! check per `max_interval_us`.
 //!
 //! When a memslot starts dirty logging (what turns a vCPU from pushing
 //! nothing to pushing at full speed) the VM wakes the thread, which checks
@@ -183,30 +179,24 @@ fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64().max(1e-6);
         last = now;
-        let (mut over, mut rate, mut entries, mut fullest) = (false, 0f64, 0u32, 0u32);
+        let (mut over, mut rate, mut entries) = (false, 0f64, 0u32);
         vm.ring_levels(|index, total, fill, size| {
             entries = entries.max(size);
-            fullest = fullest.max(fill);
             over |= u64::from(fill) * 100 >= u64::from(size) * u64::from(cfg.high_water_pct);
             let prev = pushed.insert(index, total).unwrap_or(total);
             rate = rate.max(total.saturating_sub(prev) as f64 / dt);
         });
-        if over {
-            if let Err(e) = vm.reap_by_reaper() {
-                log::warn!("adaptive reaper: {e}; retrying in {:?}", cfg.max);
-                pause = cfg.max;
-                continue;
-            }
-            // The reap emptied every ring.
-            fullest = 0;
+        if over && let Err(e) = vm.reap_by_reaper() {
+            log::warn!("adaptive reaper: {e}; retrying in {:?}", cfg.max);
+            pause = cfg.max;
+            continue;
         }
-        // Check next when the fullest ring would reach the mark at the
+        // Reach about half the high-water mark by the next check, at the
         // fastest rate seen.
         peak = peak.max(rate);
-        let mark = f64::from(entries) * f64::from(cfg.high_water_pct) / 100.0;
-        let room = (mark - f64::from(fullest)).max(0.0);
+        let target = f64::from(entries) * f64::from(cfg.high_water_pct) / 200.0;
         pause = if peak > 0.0 {
-            Duration::from_secs_f64(room / peak).clamp(cfg.min, cfg.max)
+            Duration::from_secs_f64(target / peak).clamp(cfg.min, cfg.max)
         } else {
             (pause * 2).min(cfg.max)
         };

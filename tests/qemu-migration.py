@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -149,12 +150,27 @@ def page_frames(pid, hva, pages):
     return [(e & pfn_mask) if e & present else (-1 if e & swapped else 0) for e in entries]
 
 
-def compare(pid_a, pid_b, size):
+def writer_counts(page, smp, counts):
+    """guest/linux-writer.c's words in a page of the source's RAM (every
+    CPU's word: its number in the high half, and the byte after them 1):
+    raises counts[cpu] to the store count found there."""
+    if page[8 * smp] != 1:
+        return
+    words = struct.unpack_from(f"<{2 * smp}I", page)
+    if any(words[2 * c + 1] != c for c in range(smp)):
+        return
+    for c in range(smp):
+        if words[2 * c] > counts.get(c, 0):
+            counts[c] = words[2 * c]
+
+
+def compare(pid_a, pid_b, size, on_page=None):
     """Differing pages of the guest RAM of two paused QEMUs: [(page, a, b)],
     page numbers counted in the RAM block (= guest physical below 3 GiB).
     Read through /proc/<pid>/mem; a page that is absent on both sides, or
     mapped to a frame the process shares between pages (the zero page, also
-    the huge zero page's), is zero on both and not read."""
+    the huge zero page's), is zero on both and not read. on_page(data):
+    called with every page read from pid_a."""
     pages = size // PAGE
     ha, hb = ram_hva(pid_a, size), ram_hva(pid_b, size)
     fa, fb = page_frames(pid_a, ha, pages), page_frames(pid_b, hb, pages)
@@ -183,6 +199,9 @@ def compare(pid_a, pid_b, size):
             mb.seek(hb + p * PAGE)
             x, y = ma.read((q - p) * PAGE), mb.read((q - p) * PAGE)
             read += q - p
+            if on_page:
+                for i in range(0, len(x), PAGE):
+                    on_page(x[i:i + PAGE])
             if x != y:
                 for i in range(0, len(x), PAGE):
                     if x[i:i + PAGE] != y[i:i + PAGE]:
@@ -576,7 +595,15 @@ def migrate(args):
                 raise RuntimeError("the destination never completed the incoming migration")
             time.sleep(0.2)
         t_cmp = time.time()
-        diffs, read = compare(src_p.pid, dst_p.pid, args.ram_mib << 20)
+        counts = {}  # the Linux guest's store counts in the source's RAM
+        on_page = (lambda pg: writer_counts(pg, args.smp, counts)) if args.linux else None
+        diffs, read = compare(src_p.pid, dst_p.pid, args.ram_mib << 20, on_page)
+        if args.linux and len(counts) == args.smp:
+            # Its beats are 2^20 stores apart (too coarse for a guest that
+            # stalls): the stores while migrating are the counts its words
+            # hold at the end, less the last beat before the migration.
+            result["stores"] = sum(counts[c] - beats_first.get(c, 0) for c in range(args.smp))
+            result["stores_per_s"] = round(result["stores"] / max(result["migration_s"], 0.1))
         result["compare_s"] = round(time.time() - t_cmp, 1)
         result["pages_compared"] = read
         # The region the guest writes must have been read: else the compare
