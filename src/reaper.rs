@@ -179,22 +179,33 @@ fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64().max(1e-6);
         last = now;
-        let (mut over, mut rate, mut entries) = (false, 0f64, 0u32);
+        let (mut over, mut rate, mut entries, mut fullest) = (false, 0f64, 0u32, 0u32);
         vm.ring_levels(|index, total, fill, size| {
             entries = entries.max(size);
+            fullest = fullest.max(fill);
             over |= u64::from(fill) * 100 >= u64::from(size) * u64::from(cfg.high_water_pct);
             let prev = pushed.insert(index, total).unwrap_or(total);
             rate = rate.max(total.saturating_sub(prev) as f64 / dt);
         });
-        if over && let Err(e) = vm.reap_by_reaper() {
-            log::warn!("adaptive reaper: {e}; retrying in {:?}", cfg.max);
-            pause = cfg.max;
-            continue;
+        if over {
+            if let Err(e) = vm.reap_by_reaper() {
+                log::warn!("adaptive reaper: {e}; retrying in {:?}", cfg.max);
+                pause = cfg.max;
+                continue;
+            }
+            // The reap emptied every ring.
+            fullest = 0;
         }
-        // Reach about half the high-water mark by the next check, at the
-        // fastest rate seen.
+        // Next check when the fullest ring would reach the mark at the
+        // fastest rate seen, but a ring gains at least half the mark
+        // between two checks: after a reap a ring at the peak rate is
+        // checked once, at the mark; one below it at most reaches one and
+        // a half marks by the check that reaps it (as when every pause
+        // was half the mark), with no run of ever shorter pauses as it
+        // nears the mark.
         peak = peak.max(rate);
-        let target = f64::from(entries) * f64::from(cfg.high_water_pct) / 200.0;
+        let mark = f64::from(entries) * f64::from(cfg.high_water_pct) / 100.0;
+        let target = (mark - f64::from(fullest)).max(mark / 2.0);
         pause = if peak > 0.0 {
             Duration::from_secs_f64(target / peak).clamp(cfg.min, cfg.max)
         } else {

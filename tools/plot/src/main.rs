@@ -223,20 +223,39 @@ fn scale(csv: &str, png: &str) -> Res<()> {
     Ok(())
 }
 
+/// One bar of a migration panel: configuration, "completed/runs", total s,
+/// downtime ms.
+type Bar = (String, String, f64, f64);
+
 /// Median total time and downtime per configuration: one panel per (guest
 /// size, dirty rate); bars for total time, a dot for downtime; a cross
 /// where the migration did not complete in time.
 fn migration(csv: &str, png: &str) -> Res<()> {
     let (title, rows) = read_csv(csv)?;
     let h = &rows[0];
-    let (c_size, c_rate, c_cfg) = (col(h, "guest")?, col(h, "rate")?, col(h, "config")?);
+    // The paced matrix has a dirty rate per panel; the heavy one (no rate
+    // column) a guest and a vCPU count.
+    let heavy = col(h, "rate").is_err();
+    let c_size = col(h, if heavy { "guest_mib" } else { "guest" })?;
+    let c_cfg = col(h, "config")?;
+    let panel_label = |row: &[String]| -> Res<String> {
+        Ok(if heavy {
+            format!(
+                "{}, {} vCPUs, unpaced",
+                row[col(h, "guest")?],
+                row[col(h, "vcpus")?]
+            )
+        } else {
+            format!("{} dirty rate", row[col(h, "rate")?])
+        })
+    };
     let (c_done, c_total, c_down) = (
         col(h, "completed")?,
         col(h, "total_s")?,
         col(h, "downtime_ms")?,
     );
     // panel -> [(config, completed runs / runs, total s, downtime ms)]
-    let mut panels: BTreeMap<(u64, String), Vec<(String, String, f64, f64)>> = BTreeMap::new();
+    let mut panels: BTreeMap<(u64, String), Vec<Bar>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for row in &rows[1..] {
         let size: u64 = row[c_size].trim_end_matches(" MiB").parse().unwrap_or(0);
@@ -245,10 +264,12 @@ fn migration(csv: &str, png: &str) -> Res<()> {
         if !order.contains(&row[c_cfg]) {
             order.push(row[c_cfg].clone());
         }
-        panels
-            .entry((size, row[c_rate].clone()))
-            .or_default()
-            .push((row[c_cfg].clone(), row[c_done].clone(), total, down));
+        panels.entry((size, panel_label(row)?)).or_default().push((
+            row[c_cfg].clone(),
+            row[c_done].clone(),
+            total,
+            down,
+        ));
     }
     let n = panels.len();
     let cols = 2usize.min(n);
@@ -279,7 +300,7 @@ fn migration(csv: &str, png: &str) -> Res<()> {
         let k = order.len();
         let mut chart = ChartBuilder::on(area)
             .caption(
-                format!("{} guest, {rate} dirty rate", human(*size)),
+                format!("{} guest, {rate}", human(*size)),
                 ("sans-serif", 17),
             )
             .margin(12)
