@@ -300,7 +300,10 @@ def summarize_matrix(results, a, machine):
                 "tracking ms/sync", "KVM_CLEAR_DIRTY_LOG/sync", "total s", "overflows",
                 "pages differ"])
     md = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
-    for key in sorted(cells, key=lambda k: (k[0] != "linux", k[2], k[1], names.index(k[3]))):
+    # Configurations the matrix no longer has (an earlier build's runs kept
+    # beside, named so) come after its own, by name.
+    rank = lambda c: (names.index(c), "") if c in names else (len(names), c)  # noqa: E731
+    for key in sorted(cells, key=lambda k: (k[0] != "linux", k[2], k[1], rank(k[3]))):
         rs = cells[key]
         done = [r for r in rs if r.get("status") == "completed"]
         m = lambda fn: med([fn(r) for r in done])  # noqa: E731
