@@ -282,17 +282,17 @@ def summarize_matrix(results, a, machine):
     to the terminal."""
     cells = {}
     for r in results:
-        cells.setdefault((r.get("guest", "mp-guest"), r["smp"], r["guest_mib"], r["config"]),
-                         []).append(r)
+        cells.setdefault((r.get("guest", "mp-guest"), r["smp"], r["guest_mib"], r["config"],
+                          r.get("bandwidth_mib", 128)), []).append(r)
     names = [c[0] for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)]
-    cols = ["guest", "vcpus", "guest_mib", "config", "runs", "completed", "total_s", "downtime_ms",
+    cols = ["guest", "vcpus", "guest_mib", "link_mib_s", "config", "runs", "completed", "total_s", "downtime_ms",
             "dirty_syncs", "sync_ms", "transferred_mib", "stores_per_s_before", "stores_per_s",
             "progress_pct", "dirtied_pages", "ring_entries", "ring_full_exits", "overflows",
             "tracking_s", "tracking_ms_per_sync", "tracking_us_per_dirtied_page",
             "tracking_us_per_entry", "reset_us_per_entry", "clear_dirty_log_per_sync",
             "pages_differ_max"]
     lines = [f"# {machine}", ",".join(cols)]
-    md_cols = (["guest", "vCPUs", "RAM", "config", "completed", "total s", "downtime ms", "syncs",
+    md_cols = (["guest", "vCPUs", "RAM", "link MiB/s", "config", "completed", "total s", "downtime ms", "syncs",
                 "sync ms", "MiB sent", "guest stores/s before -> during", "ring-full exits",
                 "overflows", "tracking us/dirtied page", "tracking us/entry",
                 "reset us/entry", "pages differ"] if a.matrix == "heavy" else
@@ -307,7 +307,8 @@ def summarize_matrix(results, a, machine):
         rs = cells[key]
         done = [r for r in rs if r.get("status") == "completed"]
         m = lambda fn: med([fn(r) for r in done])  # noqa: E731
-        v = {"guest": key[0], "vcpus": key[1], "guest_mib": key[2], "config": key[3],
+        v = {"guest": key[0], "vcpus": key[1], "guest_mib": key[2], "link_mib_s": key[4],
+             "config": key[3],
              "runs": len(rs),
              "completed": f"{len(done)}/{len(rs)}",
              "total_s": m(lambda r: r.get("total_ms", 0) / 1000),
@@ -339,8 +340,8 @@ def summarize_matrix(results, a, machine):
                 str(x) if isinstance(x, int) else f"{x:.{d}f}")
         lines.append(",".join(f(c, 3) for c in cols))
         if a.matrix == "heavy":
-            cells_md = [key[0], f("vcpus"), f"{key[2] >> 10} GiB", key[3], f("completed"),
-                        f("total_s"), f("downtime_ms", 0), f("dirty_syncs", 0), f("sync_ms", 1),
+            cells_md = [key[0], f("vcpus"), f"{key[2] >> 10} GiB", str(key[4]), key[3],
+                        f("completed"), f("total_s"), f("downtime_ms", 0), f("dirty_syncs", 0), f("sync_ms", 1),
                         f("transferred_mib", 0),
                         f"{f('stores_per_s_before', 0)} -> {f('stores_per_s', 0)} "
                         f"({f('progress_pct', 0)} %)", f("ring_full_exits", 0),
@@ -394,6 +395,7 @@ def run_matrix(a, builds, machine):
                     if ns.perf and os.path.exists(ns.perf):
                         os.unlink(ns.perf)
                     r.update(config=name, smp=smp, guest_mib=size, guest=guest, run=n, spin=spin,
+                             bandwidth_mib=ns.bandwidth_mib,
                              region_pages=ns.region_pages)
                     results.append(r)
                     log.write(json.dumps(r) + "\n")
