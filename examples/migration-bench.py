@@ -160,6 +160,19 @@ def calibrate(qemu, a):
     return spins
 
 
+def record(ns, log, results, line, **fields):
+    """One migration: its figures, with fields, go to results and to the
+    JSONL log as it ends, and line(figures) to the terminal."""
+    r = qm.migrate(ns)
+    if ns.perf and os.path.exists(ns.perf):
+        os.unlink(ns.perf)
+    r.update(fields)
+    results.append(r)
+    log.write(json.dumps(r) + "\n")
+    log.flush()
+    print(line(r), flush=True)
+
+
 def row(r):
     """The per-run line."""
     cpu = r.get("cpu_s", {})
@@ -391,16 +404,9 @@ def run_matrix(a, builds, machine):
                         ns.linux = a.linux
                     elif a.matrix == "heavy":
                         ns.region_pages = (min(size, LOWMEM_MIB) - GUEST_BASE_MIB) * 256
-                    r = qm.migrate(ns)
-                    if ns.perf and os.path.exists(ns.perf):
-                        os.unlink(ns.perf)
-                    r.update(config=name, smp=smp, guest_mib=size, guest=guest, run=n, spin=spin,
-                             bandwidth_mib=ns.bandwidth_mib,
-                             region_pages=ns.region_pages)
-                    results.append(r)
-                    log.write(json.dumps(r) + "\n")
-                    log.flush()
-                    print(matrix_row(r), flush=True)
+                    record(ns, log, results, matrix_row, config=name, smp=smp,
+                           guest_mib=size, guest=guest, run=n, spin=spin,
+                           bandwidth_mib=ns.bandwidth_mib, region_pages=ns.region_pages)
     print(f"\n{len(results)} runs in {time.time() - t0:.0f} s\n")
     summarize_matrix(results, a, machine)
     return 0
@@ -466,14 +472,8 @@ def main():
                 for n in range(a.runs):
                     for name, build, mode in configs:
                         ns = run_args(builds[build], mode, size, spins[rate], a)
-                        r = qm.migrate(ns)
-                        if ns.perf and os.path.exists(ns.perf):
-                            os.unlink(ns.perf)
-                        r.update(config=name, guest_mib=size, rate=rate, run=n, spin=spins[rate])
-                        results.append(r)
-                        log.write(json.dumps(r) + "\n")
-                        log.flush()
-                        print(row(r), flush=True)
+                        record(ns, log, results, row, config=name, guest_mib=size, rate=rate,
+                               run=n, spin=spins[rate])
     print(f"\n{len(results)} runs in {time.time() - t0:.0f} s\n")
     summarize(results, a, machine)
     return 0
