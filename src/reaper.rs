@@ -7,10 +7,16 @@
 //! reaps (`Vm::reap`: every ring, one `KVM_RESET_DIRTY_RINGS`). The pause
 //! before the next check follows the fastest fill rate seen on this VM
 //! (entries the kernel pushed per second into one ring, from the ring's
-//! harvested total plus its fill) so that a ring gains about half the
-//! high-water mark between two checks: a busy vCPU is reaped long before
+//! harvested total plus its fill): the next check comes when the fullest
+//! ring would reach the high-water mark at that rate, but never before a
+//! ring could gain half the mark. After a reap a ring at the peak rate is
+//! checked once, at the mark; a slower one holds at most one and a half
+//! marks when it is reaped. A busy vCPU is reaped long before
 //! `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied anything costs one
-//! check per `max_interval_us`.
+//! check per `max_interval_us`. (Until 0.3 every pause was half the mark:
+//! two checks per reap. Without the floor, a ring filling below the peak
+//! rate was checked ever more often as it neared the mark: measured in
+//! doc/heavy.md.)
 //!
 //! When a memslot starts dirty logging (what turns a vCPU from pushing
 //! nothing to pushing at full speed) the VM wakes the thread, which checks
