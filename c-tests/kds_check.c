@@ -43,12 +43,39 @@ void checker_free(struct checker *c)
     free(c->bitmap);
 }
 
+struct runs {
+    struct checker *c;
+    uint64_t next;
+};
+
+static void add_run(void *opaque, uint64_t first_page, const uint64_t *bits, uint64_t nwords)
+{
+    struct runs *r = opaque;
+    uint64_t words = (r->c->pages + 63) / 64;
+    CHECK(first_page % 64 == 0 && first_page >= r->next, "run at page %llu after %llu",
+          (unsigned long long)first_page, (unsigned long long)r->next);
+    CHECK(nwords >= 1 && nwords <= 512 && first_page / 64 + nwords <= words,
+          "run of %llu words at page %llu", (unsigned long long)nwords,
+          (unsigned long long)first_page);
+    for (uint64_t i = 0; i < nwords && first_page / 64 + i < words; i++) {
+        CHECK(bits[i] != 0, "an empty word in a run");
+        r->c->bitmap[first_page / 64 + i] |= bits[i];
+    }
+    r->next = first_page + nwords * 64;
+}
+
 uint64_t checker_check(struct checker *c, KdsVm *vm, uint32_t flags)
 {
     memset(c->bitmap, 0, (c->pages + 63) / 64 * sizeof(uint64_t));
-    int64_t n = kds_memslot_sync(vm, c->slot, c->bitmap, c->pages, flags);
+    int64_t n;
+    if (c->runs) {
+        struct runs r = { c, 0 };
+        n = kds_memslot_sync_runs(vm, c->slot, flags, add_run, &r);
+    } else {
+        n = kds_memslot_sync(vm, c->slot, c->bitmap, c->pages, flags);
+    }
     if (n < 0) {
-        die("kds_memslot_sync");
+        die(c->runs ? "kds_memslot_sync_runs" : "kds_memslot_sync");
     }
     uint64_t lost = 0;
     for (uint64_t p = 0; p < c->pages; p++) {

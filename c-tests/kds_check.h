@@ -32,6 +32,7 @@ struct checker {
     uint32_t *shadow;
     uint64_t *bitmap;
     uint64_t changed, reported, lost;
+    int runs; /* sync with kds_memslot_sync_runs() instead */
 };
 
 /* Exits with status 2 after printing `what`, errno and kds_last_error(). */
@@ -40,7 +41,9 @@ void *map_anon(size_t len);
 void checker_init(struct checker *c, uint32_t slot, uint64_t pages, uint64_t page_size);
 void checker_free(struct checker *c);
 /* Syncs the slot (its writers out of guest mode), compares with the shadow;
- * returns the pages lost in this check. */
+ * returns the pages lost in this check. With c->runs, through
+ * kds_memslot_sync_runs(), each run checked (aligned, in order, inside the
+ * slot, only words with dirty pages). */
 uint64_t checker_check(struct checker *c, KdsVm *vm, uint32_t flags);
 
 #endif

@@ -23,6 +23,15 @@ static int vm_fd_new(int *kvm)
     return ioctl(*kvm, KVM_CREATE_VM, 0);
 }
 
+/* A run callback for syncs that must find nothing. */
+static void no_run(void *opaque, uint64_t first_page, const uint64_t *bits, uint64_t nwords)
+{
+    (void)opaque;
+    (void)bits;
+    CHECK(0, "a run of %llu words at page %llu from an empty sync", (unsigned long long)nwords,
+          (unsigned long long)first_page);
+}
+
 static void ordering(void)
 {
     int kvm, fd = vm_fd_new(&kvm);
@@ -72,6 +81,10 @@ static void ordering(void)
     EXPECT(kds_memslot_sync(vm, 1, NULL, 64, 0), EINVAL);
     EXPECT(kds_memslot_sync(vm, 5, bm, 64, 0), ENOENT);
     CHECK(kds_memslot_sync(vm, 1, bm, 16, 0) == 0, "sync");
+    EXPECT(kds_memslot_sync_runs(vm, 1, 0, NULL, NULL), EINVAL);
+    EXPECT(kds_memslot_sync_runs(vm, 5, 0, no_run, NULL), ENOENT);
+    EXPECT(kds_memslot_sync_runs(vm, 1, 1u << 7, no_run, NULL), EINVAL);
+    CHECK(kds_memslot_sync_runs(vm, 1, 0, no_run, NULL) == 0, "sync by runs");
     EXPECT(kds_flush(vm), EBUSY);                       /* no kick set */
     kds_vm_free(vm);
     close(vcpu);
@@ -105,6 +118,7 @@ static void nulls(void)
     EXPECT(kds_reap(NULL), EINVAL);
     EXPECT(kds_vcpu_reap(NULL, 0), EINVAL);
     EXPECT(kds_memslot_sync(NULL, 0, bm, 64, 0), EINVAL);
+    EXPECT(kds_memslot_sync_runs(NULL, 0, 0, no_run, NULL), EINVAL);
     EXPECT(kds_kick_set(NULL, NULL, NULL), EINVAL);
     EXPECT(kds_flush(NULL), EINVAL);
     EXPECT(kds_stats_get(NULL, &s, sizeof(KdsStats)), EINVAL);

@@ -9,13 +9,14 @@
 #define RING 4096u
 
 static void rounds(const char *name, uint32_t ring, int manual, uint64_t pages,
-                   uint32_t stores, uint32_t n_rounds, int expect_full)
+                   uint32_t stores, uint32_t n_rounds, int expect_full, int runs)
 {
     struct tvm t;
     struct checker c;
     struct tvcpu v;
     tvm_init(&t, ring, manual);
     checker_init(&c, 1, pages, PAGE);
+    c.runs = runs;
     tvm_set_slot(&t, 1, TEST_GPA, c.mem, pages * PAGE, KDS_MEM_LOG_DIRTY_PAGES);
     tvm_vcpu(&t, &v, 0);
     tvm_mailbox(&t, 0, TEST_GPA, pages, stores, 5);
@@ -110,10 +111,12 @@ static void reaper_thread(void)
 
 int main(void)
 {
-    rounds("ring", RING, -1, 1024, 500, 10, 0);
-    rounds("ring-full", RING, -1, 16384, 8000, 8, 1);
-    rounds("bitmap+manual-protect", 0, 1, 4096, 2000, 10, 0);
-    rounds("bitmap", 0, 0, 4096, 2000, 10, 0);
+    rounds("ring", RING, -1, 1024, 500, 10, 0, 0);
+    rounds("ring-full", RING, -1, 16384, 8000, 8, 1, 0);
+    rounds("bitmap+manual-protect", 0, 1, 4096, 2000, 10, 0, 0);
+    rounds("bitmap", 0, 0, 4096, 2000, 10, 0, 0);
+    rounds("ring, synced by runs", RING, -1, 16384, 8000, 8, 1, 1);
+    rounds("bitmap, synced by runs", 0, 0, 4096, 2000, 10, 0, 1);
     reaper_thread();
     printf("%s (%d failures)\n", kds_test_failures ? "FAILED" : "ok", kds_test_failures);
     return kds_test_failures ? 1 : 0;

@@ -47,7 +47,7 @@
  * kds_abi_version() >= KDS_ABI_VERSION: the library linked in is at
  * least as new as this header.
  */
-#define KDS_ABI_VERSION 2
+#define KDS_ABI_VERSION 3
 
 /**
  * Board flag for kds_board_init(): the board dirties guest memory without
@@ -145,6 +145,17 @@ typedef struct KdsMemslot {
    */
   uint64_t userspace_addr;
 } KdsMemslot;
+
+/**
+ * Called by kds_memslot_sync_runs() for each run of consecutive bitmap
+ * words that hold dirty pages: bit j % 64 of bits[j / 64] is the slot's
+ * page first_page + j, for j below nwords * 64. first_page is a multiple
+ * of 64; bits is valid only during the call.
+ */
+typedef void (*KdsDirtyRunFn)(void *opaque,
+                              uint64_t first_page,
+                              const uint64_t *bits,
+                              uint64_t nwords);
 
 /**
  * Knobs of the adaptive reaper thread, passed to kds_reaper_enable() with
@@ -571,6 +582,34 @@ int64_t kds_memslot_sync(struct KdsVm *vm,
                          uint64_t *bitmap,
                          uint64_t nbits,
                          uint32_t flags);
+
+/**
+ * As kds_memslot_sync(), but hands the dirty pages to run, a run of
+ * consecutive bitmap words at a time (in ascending order, at most 512
+ * words a run, never an empty one), instead of ORing them into a bitmap
+ * of the slot's size. In ring modes it visits only the words that hold
+ * dirty pages: the sync costs what was dirtied, not the slot's size (a
+ * caller with kds_memslot_sync() clears, fills and scans a bitmap of the
+ * whole slot each time). Bits past the slot's last page are 0.
+ *
+ * run is called on this thread, before kds_memslot_sync_runs() returns,
+ * with the VM's reap lock held: it must not call a kds_ function on this
+ * VM (that would deadlock).
+ *
+ * @param slot    the memslot, as in KdsMemslot.slot
+ * @param flags   0 or KDS_SYNC_FINAL
+ * @param run     the callback
+ * @param opaque  passed to run
+ * @return as kds_memslot_sync(): the number of pages reported;
+ *         -ENOENT for an unknown slot or one without
+ *         KDS_MEM_LOG_DIRTY_PAGES; -EINVAL for NULL or unknown flags; the
+ *         errno of the ioctl that failed.
+ */
+int64_t kds_memslot_sync_runs(struct KdsVm *vm,
+                              uint32_t slot,
+                              uint32_t flags,
+                              KdsDirtyRunFn run,
+                              void *opaque);
 
 /* ------------------------------------------------------------------------
  * The adaptive reaper thread

@@ -8,12 +8,20 @@
 //! the `lock or` was most of the per-entry cost). The words stay atomic so
 //! that lock-free readers (`get`, `count`, a resize copying the bits) are
 //! data-race free.
+//!
+//! Each bitmap keeps a summary beside its words, one bit per word (bit
+//! `w % 64` of summary word `w / 64`: word `w` may hold bits), set by every
+//! writer with the word and cleared by the drain. A drain visits only the
+//! words the summary names, so a sync costs what was dirtied, not the
+//! slot's size: 32 KiB of summary for a 64 GiB slot, against 2 MiB of words.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A fixed-size bitmap of `npages` bits that many threads set and drain.
 pub struct AtomicBitmap {
     words: Box<[AtomicU64]>,
+    /// Bit `w % 64` of `summary[w / 64]`: `words[w]` may be non-zero.
+    summary: Box<[AtomicU64]>,
     npages: u64,
     /// `set_all` ran since the last drain: the next drain reports the
     /// whole slot whatever the guest wrote (written under the writers' lock).
@@ -23,6 +31,11 @@ pub struct AtomicBitmap {
 /// Words needed for `nbits` bits.
 pub fn words_for(nbits: u64) -> usize {
     nbits.div_ceil(64) as usize
+}
+
+/// Summary words for an `npages`-bit bitmap: one bit per word.
+fn summary_words(npages: u64) -> usize {
+    words_for(words_for(npages) as u64)
 }
 
 /// The mask of the valid bits of word `w` of an `nbits`-bit bitmap.
@@ -41,8 +54,12 @@ impl AtomicBitmap {
     /// An all-clear bitmap of `npages` bits.
     pub fn new(npages: u64) -> Self {
         let words = (0..words_for(npages)).map(|_| AtomicU64::new(0)).collect();
+        let summary = (0..summary_words(npages))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         AtomicBitmap {
             words,
+            summary,
             npages,
             whole: AtomicBool::new(false),
         }
@@ -51,12 +68,15 @@ impl AtomicBitmap {
     /// As `new`, but `None` instead of aborting when the memory cannot be
     /// had (a VMM under `RLIMIT_AS`, a huge slot).
     pub fn try_new(npages: u64) -> Option<Self> {
-        let n = words_for(npages);
-        let mut v: Vec<AtomicU64> = Vec::new();
-        v.try_reserve_exact(n).ok()?;
-        v.extend((0..n).map(|_| AtomicU64::new(0)));
+        let zeroed = |n: usize| -> Option<Box<[AtomicU64]>> {
+            let mut v: Vec<AtomicU64> = Vec::new();
+            v.try_reserve_exact(n).ok()?;
+            v.extend((0..n).map(|_| AtomicU64::new(0)));
+            Some(v.into_boxed_slice())
+        };
         Some(AtomicBitmap {
-            words: v.into_boxed_slice(),
+            words: zeroed(words_for(npages))?,
+            summary: zeroed(summary_words(npages))?,
             npages,
             whole: AtomicBool::new(false),
         })
@@ -70,11 +90,20 @@ impl AtomicBitmap {
         if page >= self.npages {
             return false;
         }
-        let w = &self.words[(page / 64) as usize];
+        let i = (page / 64) as usize;
+        let w = &self.words[i];
         let bit = 1 << (page % 64);
         // Unconditional: a test-before-store mispredicts on random pages.
         w.store(w.load(Ordering::Relaxed) | bit, Ordering::Relaxed);
+        self.mark_word(i);
         true
+    }
+
+    /// Notes in the summary that word `i` may hold bits (writers' lock held).
+    #[inline]
+    fn mark_word(&self, i: usize) {
+        let s = &self.summary[i / 64];
+        s.store(s.load(Ordering::Relaxed) | 1 << (i % 64), Ordering::Relaxed);
     }
 
     /// Is bit `page` set?
@@ -88,6 +117,10 @@ impl AtomicBitmap {
         self.whole.store(true, Ordering::Relaxed);
         for (i, w) in self.words.iter().enumerate() {
             w.fetch_or(word_mask(self.npages, i), Ordering::Relaxed);
+        }
+        let nwords = self.words.len() as u64;
+        for (i, s) in self.summary.iter().enumerate() {
+            s.fetch_or(word_mask(nwords, i), Ordering::Relaxed);
         }
     }
 
@@ -111,6 +144,7 @@ impl AtomicBitmap {
             let v = s.load(Ordering::Relaxed) & word_mask(n, i);
             if v != 0 {
                 d.fetch_or(v, Ordering::Relaxed);
+                self.summary[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
             }
         }
     }
@@ -125,21 +159,41 @@ impl AtomicBitmap {
     }
 
     /// As `drain_into`, handing each non-zero word (its index, its bits)
-    /// to `f` instead: no buffer of the slot's size.
+    /// to `f` instead, in ascending order: no buffer of the slot's size.
+    /// Without `extra`, only the words the summary names are visited.
     pub fn drain_words(&self, extra: Option<&[u64]>, mut f: impl FnMut(usize, u64)) -> u64 {
         let mut count = 0u64;
-        for (i, w) in self.words.iter().enumerate() {
+        let mut take = |i: usize, extra_bits: u64| {
+            let w = &self.words[i];
             let mut v = w.load(Ordering::Relaxed);
             if v != 0 {
                 w.store(0, Ordering::Relaxed);
             }
-            if let Some(x) = extra.and_then(|e| e.get(i)) {
-                v |= *x;
-            }
-            v &= word_mask(self.npages, i);
+            v = (v | extra_bits) & word_mask(self.npages, i);
             if v != 0 {
                 f(i, v);
                 count += u64::from(v.count_ones());
+            }
+        };
+        if let Some(extra) = extra {
+            // A kernel bitmap of the whole slot: every word is a candidate.
+            for s in self.summary.iter() {
+                s.store(0, Ordering::Relaxed);
+            }
+            for i in 0..self.words.len() {
+                take(i, extra.get(i).copied().unwrap_or(0));
+            }
+        } else {
+            for (si, s) in self.summary.iter().enumerate() {
+                let mut m = s.load(Ordering::Relaxed);
+                if m == 0 {
+                    continue;
+                }
+                s.store(0, Ordering::Relaxed);
+                while m != 0 {
+                    take(si * 64 + m.trailing_zeros() as usize, 0);
+                    m &= m - 1;
+                }
             }
         }
         count
@@ -219,6 +273,50 @@ mod tests {
         // page 3 in both counts once; word 1 only has 6 valid bits.
         assert_eq!(b.drain_into(&mut out, Some(&extra)), 2 + 6);
         assert_eq!(out[1], 0x3f);
+    }
+
+    #[test]
+    fn drain_finds_every_word_the_summary_names_in_order() {
+        // 300 words: five summary words, the last one partial.
+        let b = AtomicBitmap::new(300 * 64 - 5);
+        let pages = [0, 63, 64, 4095, 4096, 4160, 12_345, 300 * 64 - 6];
+        for p in pages {
+            assert!(b.set_locked(p));
+        }
+        let mut seen = Vec::new();
+        let n = b.drain_words(None, |i, mut v| {
+            while v != 0 {
+                seen.push(i as u64 * 64 + u64::from(v.trailing_zeros()));
+                v &= v - 1;
+            }
+        });
+        assert_eq!(n, pages.len() as u64);
+        assert_eq!(seen, pages);
+        assert_eq!(b.count(), 0);
+        assert_eq!(b.drain_words(None, |_, _| panic!("drained twice")), 0);
+        // A bit set again after the drain is found again.
+        b.set_locked(4096);
+        assert_eq!(b.drain_words(None, |i, v| assert_eq!((i, v), (64, 1))), 1);
+    }
+
+    #[test]
+    fn drain_after_set_all_or_from_and_extra_sees_every_bit() {
+        let big = 200 * 64 + 7;
+        let b = AtomicBitmap::new(big);
+        b.set_all();
+        assert_eq!(b.drain_words(None, |_, _| {}), big);
+        let src = AtomicBitmap::new(big);
+        src.set_locked(9000);
+        b.or_from(&src);
+        assert_eq!(b.drain_words(None, |i, _| assert_eq!(i, 9000 / 64)), 1);
+        // extra: a kernel bitmap, with and without bits of our own.
+        b.set_locked(5);
+        let mut extra = vec![0u64; words_for(big)];
+        extra[150] = 1;
+        let mut words = Vec::new();
+        assert_eq!(b.drain_words(Some(&extra), |i, _| words.push(i)), 2);
+        assert_eq!(words, [0, 150]);
+        assert_eq!(b.drain_words(None, |_, _| panic!("summary left set")), 0);
     }
 
     #[test]

@@ -21,7 +21,7 @@ fn checked_in_header_matches_the_code() {
     for needed in [
         "#ifndef KVM_DIRTY_SHIM_H",
         "extern \"C\" {",
-        "#define KDS_ABI_VERSION 2",
+        "#define KDS_ABI_VERSION 3",
         "typedef struct KdsVm KdsVm;",
         "int64_t kds_memslot_sync(",
     ] {

@@ -60,6 +60,36 @@ fn ring_mode_loses_nothing() {
 }
 
 #[test]
+fn sync_by_runs_loses_nothing_in_ring_and_bitmap_modes() {
+    for ring in [Some(RING), None] {
+        let vm = TestVm::new(ring);
+        // 8192 pages (128 words), 3000 stores a round: runs of several words.
+        let (mut c, mut v) = vm.guest(8192, 3000, 11);
+        for it in 1..=6 {
+            vm.set_iteration(0, it);
+            v.run_round(vm.h);
+            let (changed, reported, lost) = c.check_runs(vm.h, 0);
+            assert_eq!(
+                lost, 0,
+                "{ring:?} round {it}: {lost} of {changed} lost ({reported} reported)"
+            );
+            assert!(changed > 0, "the guest dirtied pages");
+        }
+        // Nothing dirtied since: an empty sync calls nothing back.
+        let (_, reported, _) = c.check_runs(vm.h, 0);
+        assert_eq!(reported, 0, "{ring:?}");
+        let bad = c!(kds_memslot_sync_runs(
+            vm.vm(),
+            c.slot,
+            0,
+            None,
+            std::ptr::null_mut()
+        ));
+        assert_eq!(bad, -(libc::EINVAL as i64));
+    }
+}
+
+#[test]
 fn ring_full_exits_are_reaped_without_loss() {
     let vm = TestVm::new(Some(RING));
     let (c, full, wedged) = ring_rounds(&vm, 16384, 8000, 10);

@@ -3,6 +3,7 @@
 use super::{KDS_SYNC_FINAL, KdsVm};
 use crate::bitmap::words_for;
 use crate::error::Error;
+use crate::types::{SlotId, SyncStage};
 
 /// ORs into bitmap every page of the slot dirtied since the previous sync
 /// of that slot, and forgets them. Ring modes reap first (and wait for a
@@ -52,6 +53,67 @@ pub unsafe extern "C" fn kds_memslot_sync(
         let r = v
             .tracker
             .sync_memslot_bits(slot, out, nbits, flags & KDS_SYNC_FINAL != 0)?;
+        Ok(r.pages)
+    })
+}
+
+/// Called by kds_memslot_sync_runs() for each run of consecutive bitmap
+/// words that hold dirty pages: bit j % 64 of bits[j / 64] is the slot's
+/// page first_page + j, for j below nwords * 64. first_page is a multiple
+/// of 64; bits is valid only during the call.
+pub type KdsDirtyRunFn = Option<
+    extern "C" fn(opaque: *mut libc::c_void, first_page: u64, bits: *const u64, nwords: u64),
+>;
+
+/// As kds_memslot_sync(), but hands the dirty pages to run, a run of
+/// consecutive bitmap words at a time (in ascending order, at most 512
+/// words a run, never an empty one), instead of ORing them into a bitmap
+/// of the slot's size. In ring modes it visits only the words that hold
+/// dirty pages: the sync costs what was dirtied, not the slot's size (a
+/// caller with kds_memslot_sync() clears, fills and scans a bitmap of the
+/// whole slot each time). Bits past the slot's last page are 0.
+///
+/// run is called on this thread, before kds_memslot_sync_runs() returns,
+/// with the VM's reap lock held: it must not call a kds_ function on this
+/// VM (that would deadlock).
+///
+/// @param slot    the memslot, as in KdsMemslot.slot
+/// @param flags   0 or KDS_SYNC_FINAL
+/// @param run     the callback
+/// @param opaque  passed to run
+/// @return as kds_memslot_sync(): the number of pages reported;
+///         -ENOENT for an unknown slot or one without
+///         KDS_MEM_LOG_DIRTY_PAGES; -EINVAL for NULL or unknown flags; the
+///         errno of the ioctl that failed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kds_memslot_sync_runs(
+    vm: *mut KdsVm,
+    slot: u32,
+    flags: u32,
+    run: KdsDirtyRunFn,
+    opaque: *mut libc::c_void,
+) -> i64 {
+    ffi_boundary!("kds_memslot_sync_runs", {
+        let v = try_ref_from_ptr!(vm);
+        let Some(run) = run else {
+            return Err(Error::inval("run is NULL"));
+        };
+        if flags & !KDS_SYNC_FINAL != 0 {
+            return Err(Error::inval(format!(
+                "unknown flags {:#x} (known: KDS_SYNC_FINAL)",
+                flags & !KDS_SYNC_FINAL
+            )));
+        }
+        let stage = if flags & KDS_SYNC_FINAL != 0 {
+            SyncStage::Final
+        } else {
+            SyncStage::Live
+        };
+        let r = v
+            .tracker
+            .sync_memslot_runs(SlotId::from_raw(slot), stage, |first, words| {
+                run(opaque, first, words.as_ptr(), words.len() as u64)
+            })?;
         Ok(r.pages)
     })
 }

@@ -14,7 +14,7 @@ use crate::types::{Memslot, MemslotFlags, Mode, ReaperConfig, SlotId, Stats, Vcp
 /// (their functions and struct sizes are kept). At startup, check
 /// kds_abi_version() >= KDS_ABI_VERSION: the library linked in is at
 /// least as new as this header.
-pub const KDS_ABI_VERSION: u32 = 2;
+pub const KDS_ABI_VERSION: u32 = 3;
 /// Board flag for kds_board_init(): the board dirties guest memory without
 /// a running vCPU (the arm64 vGIC ITS saving its tables).
 pub const KDS_BOARD_VGIC_ITS: u32 = 1 << 0;

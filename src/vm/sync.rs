@@ -34,6 +34,27 @@ impl Vm {
         })
     }
 
+    /// Hands the slot's dirty pages to `f` as runs of consecutive bitmap
+    /// words holding bits: `f(first_page, words)`, `first_page` a
+    /// multiple of 64, bit `j % 64` of `words[j / 64]` the page
+    /// `first_page + j`. Ascending, at most `RUN_WORDS` words a run; in
+    /// ring modes it costs what was dirtied, not the slot's size.
+    pub fn sync_memslot_runs(
+        &self,
+        slot: u32,
+        final_stage: bool,
+        mut f: impl FnMut(u64, &[u64]),
+    ) -> Result<SyncReport> {
+        let mut run = Run {
+            words: [0; RUN_WORDS],
+            first: 0,
+            len: 0,
+        };
+        let r = self.sync_words(slot, None, final_stage, |i, v| run.push(i, v, &mut f))?;
+        run.flush(&mut f);
+        Ok(r)
+    }
+
     /// The sync: each non-zero word of the slot's dirty pages (its index,
     /// its bits) to `f`. `nbits`: the caller's bitmap size, checked.
     fn sync_words(
@@ -174,5 +195,38 @@ impl Vm {
             entries_reaped: v.ring.as_ref().map_or(0, |r| r.harvested()),
             ring_full_reaps: v.ring_full_reaps.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// Words a run handed to `sync_memslot_runs`' callback holds at most: 2 MiB
+/// of guest memory (4 KiB pages) from a 4 KiB buffer on the stack.
+const RUN_WORDS: usize = 512;
+
+/// The run being gathered for `sync_memslot_runs`.
+struct Run {
+    words: [u64; RUN_WORDS],
+    first: usize,
+    len: usize,
+}
+
+impl Run {
+    /// Appends word `i`, handing the run to `f` first when `i` does not
+    /// follow it or it is full.
+    fn push(&mut self, i: usize, v: u64, f: &mut impl FnMut(u64, &[u64])) {
+        if self.len > 0 && (i != self.first + self.len || self.len == RUN_WORDS) {
+            self.flush(f);
+        }
+        if self.len == 0 {
+            self.first = i;
+        }
+        self.words[self.len] = v;
+        self.len += 1;
+    }
+
+    fn flush(&mut self, f: &mut impl FnMut(u64, &[u64])) {
+        if self.len > 0 {
+            f(self.first as u64 * 64, &self.words[..self.len]);
+            self.len = 0;
+        }
     }
 }

@@ -293,6 +293,59 @@ impl Checker {
         self.compare(n as u64)
     }
 
+    /// As `check`, through `kds_memslot_sync_runs`: each run is checked
+    /// (aligned, not empty, at most 512 words, ascending, inside the slot)
+    /// and ORed into `self.bitmap`.
+    pub fn check_runs(&mut self, vm: Handle, flags: u32) -> (u64, u64, u64) {
+        struct Runs<'a> {
+            bitmap: &'a mut [u64],
+            next: u64,
+            calls: u64,
+        }
+        extern "C" fn run(opaque: *mut libc::c_void, first: u64, bits: *const u64, nwords: u64) {
+            // SAFETY: `opaque` is the `Runs` below, alive and not otherwise
+            // borrowed during kds_memslot_sync_runs.
+            let r = unsafe { &mut *(opaque as *mut Runs) };
+            assert!(
+                first.is_multiple_of(64) && first >= r.next,
+                "run at {first}, after {}",
+                r.next
+            );
+            assert!((1..=512).contains(&nwords), "{nwords} words");
+            let w0 = (first / 64) as usize;
+            assert!(w0 + nwords as usize <= r.bitmap.len(), "run past the slot");
+            // SAFETY: the library passes `nwords` readable words, valid
+            // during the call (doc/abi.md).
+            let words = unsafe { std::slice::from_raw_parts(bits, nwords as usize) };
+            assert!(
+                words.iter().all(|&w| w != 0),
+                "a run holds only words with dirty pages"
+            );
+            for (i, w) in words.iter().enumerate() {
+                r.bitmap[w0 + i] |= w;
+            }
+            r.next = first + nwords * 64;
+            r.calls += 1;
+        }
+        self.bitmap.fill(0);
+        let mut runs = Runs {
+            bitmap: &mut self.bitmap,
+            next: 0,
+            calls: 0,
+        };
+        let n = c!(kds_memslot_sync_runs(
+            vm.0,
+            self.slot,
+            flags,
+            Some(run),
+            &mut runs as *mut Runs as *mut libc::c_void,
+        ));
+        assert!(n >= 0, "kds_memslot_sync_runs: {n}: {}", last_error());
+        let counted: u64 = self.bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+        assert_eq!(counted, n as u64, "the runs hold the pages reported");
+        self.compare(n as u64)
+    }
+
     /// The comparison alone, against whatever is in `self.bitmap`.
     pub fn compare(&mut self, reported: u64) -> (u64, u64, u64) {
         let (mut changed, mut lost) = (0, 0);

@@ -2,9 +2,9 @@
 """Prepares the Linux guest of the migration benchmark (doc/migration.md,
 "The Linux guest"): builds the kernel (build-kernel.sh), the workload
 (guest/linux-writer.c, static) and an initramfs holding it as /init, boots
-it once under QEMU (10 to 20 minutes here: ACPI and the kernel's memory
-zeroing run emulated), waits until every vCPU's writer beats, stops it and
-saves its state with `migrate` to a file. Every later run starts from that
+it once under QEMU (27 minutes here, measured: ACPI and the kernel's
+memory zeroing run emulated), waits until every vCPU's writer beats, stops
+it and saves its state with `migrate` to a file. Every later run starts from that
 state in seconds (tests/qemu-migration.py --linux DIR).
 
     tools/linux-guest/prepare.py --qemu PATH [--smp 2] [--ram-mib 1024]
