@@ -101,6 +101,14 @@ class Qmp:
                 raise RuntimeError(f"QMP {name}: {r['error']}")
             return r["return"]
 
+    def wait_completed(self, deadline, what):
+        """Polls query-migrate until it says completed; `what` names the
+        migration in the error raised at `deadline`."""
+        while self.cmd("query-migrate").get("status") != "completed":
+            if time.time() > deadline:
+                raise RuntimeError(what)
+            time.sleep(0.2)
+
 
 def beats(path):
     """{cpu: last count} from a serial log."""
@@ -498,14 +506,10 @@ def migrate(args):
             return p, Qmp(f"{work}/{role}.qmp", time.time() + 30)
 
         if args.linux:
-            # From the saved state: seconds, where a boot takes 10-20 minutes.
+            # From the saved state: seconds, where a boot takes 27 minutes.
             src_p, src = start("src", ["-incoming", "defer", "-S"])
             src.cmd("migrate-incoming", uri=f"file:{os.path.join(args.linux, 'state')}")
-            deadline = time.time() + 120
-            while src.cmd("query-migrate").get("status") != "completed":
-                if time.time() > deadline:
-                    raise RuntimeError("the saved state did not load in 120 s")
-                time.sleep(0.2)
+            src.wait_completed(time.time() + 120, "the saved state did not load in 120 s")
             src.cmd("cont")
         else:
             src_p, src = start("src", [])
@@ -590,10 +594,7 @@ def migrate(args):
                 raise RuntimeError(f"the destination is {st!r} after the migration, not paused")
             time.sleep(0.2)
         # query-migrate on the destination says completed once loaded.
-        while dst.cmd("query-migrate").get("status") != "completed":
-            if time.time() > deadline:
-                raise RuntimeError("the destination never completed the incoming migration")
-            time.sleep(0.2)
+        dst.wait_completed(deadline, "the destination never completed the incoming migration")
         t_cmp = time.time()
         counts = {}  # the Linux guest's store counts in the source's RAM
         on_page = (lambda pg: writer_counts(pg, args.smp, counts)) if args.linux else None
