@@ -1,14 +1,15 @@
 //! Fuzzes the C ABI: the input decodes into a sequence of calls on one VM
 //! (real KVM underneath): ring enable with odd sizes, the board hook,
 //! memslot create/move/resize/delete/flag changes, vCPU add/remove, reap,
-//! reap of one vCPU, sync with odd bitmap sizes and flags, flush, stats, the
-//! reaper thread, and between calls writes of arbitrary entries into a
-//! mapped ring (the test playing a hostile kernel).
+//! reap of one vCPU, sync with odd bitmap sizes and flags, sync by runs,
+//! flush, stats, the reaper thread, and between calls writes of arbitrary
+//! entries into a mapped ring (the test playing a hostile kernel).
 //!
 //! Checked after every call: no panic escaped (`-ENOTRECOVERABLE`), the
 //! return is non-negative or a documented negative errno (with a message),
 //! `kds_stats_get` counters never go down, and a sync never reports a page
-//! outside the slot nor writes past the bitmap it was given.
+//! outside the slot nor writes past the bitmap it was given (by runs: in
+//! order, aligned, never an empty word).
 #![no_main]
 
 use std::os::fd::AsRawFd;
@@ -74,6 +75,21 @@ const ALLOWED: [i32; 15] = [
     libc::EAGAIN,
     libc::EMFILE,
 ];
+
+/// kds_memslot_sync_runs' callback: appends the run to the `Vec` behind
+/// `opaque`.
+extern "C" fn collect_run(opaque: *mut libc::c_void, first: u64, bits: *const u64, nwords: u64) {
+    // SAFETY: `opaque` is the `Vec` the caller passed, alive and not
+    // otherwise borrowed during the sync; `bits` holds `nwords` words for
+    // the duration of this call (doc/abi.md).
+    let (runs, words) = unsafe {
+        (
+            &mut *(opaque as *mut Vec<(u64, Vec<u64>)>),
+            std::slice::from_raw_parts(bits, nwords as usize),
+        )
+    };
+    runs.push((first, words.to_vec()));
+}
 
 fn check(r: i64, what: &str) {
     assert_ne!(
@@ -287,7 +303,7 @@ impl Run {
                 c!(kds_vcpu_reap(h, u32::from(inp.u8()) % 6)),
                 "kds_vcpu_reap",
             ),
-            9 | 10 => {
+            9 => {
                 let slot = self.slot_id(inp.u8());
                 let nbits = u64::from(inp.u16()) % 200;
                 let flags = u32::from(inp.u8()) % 3;
@@ -310,6 +326,45 @@ impl Run {
                     }
                     let set: u64 = buf[..words].iter().map(|w| u64::from(w.count_ones())).sum();
                     assert!(set <= pages && r as u64 == set, "{r} reported, {set} set");
+                }
+            }
+            10 => {
+                let slot = self.slot_id(inp.u8());
+                let flags = u32::from(inp.u8()) % 3;
+                let mut runs: Vec<(u64, Vec<u64>)> = Vec::new();
+                let r = c!(kds_memslot_sync_runs(
+                    h,
+                    slot,
+                    flags,
+                    Some(collect_run),
+                    &mut runs as *mut Vec<(u64, Vec<u64>)> as *mut libc::c_void,
+                ));
+                check(r, "kds_memslot_sync_runs");
+                if r >= 0 {
+                    let pages = *self.slots.get(&slot).expect("sync of a slot never created");
+                    let (mut next, mut set) = (0, 0);
+                    for (first, words) in &runs {
+                        assert!(first.is_multiple_of(64) && *first >= next, "run at {first}");
+                        assert!((1..=512).contains(&words.len()), "{} words", words.len());
+                        for (i, w) in words.iter().enumerate() {
+                            assert_ne!(*w, 0, "an empty word in a run");
+                            let p0 = first + i as u64 * 64;
+                            for b in 0..64 {
+                                if w & 1 << b != 0 {
+                                    assert!(
+                                        p0 + b < pages,
+                                        "slot {slot:#x} of {pages} pages: page {} reported",
+                                        p0 + b
+                                    );
+                                }
+                            }
+                            set += u64::from(w.count_ones());
+                        }
+                        next = first + words.len() as u64 * 64;
+                    }
+                    assert_eq!(r as u64, set, "{r} reported, {set} in the runs");
+                } else {
+                    assert!(runs.is_empty(), "runs handed over by a sync that failed");
                 }
             }
             11 => {
