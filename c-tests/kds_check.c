@@ -54,7 +54,7 @@ static void add_run(void *opaque, uint64_t first_page, const uint64_t *bits, uin
     uint64_t words = (r->c->pages + 63) / 64;
     CHECK(first_page % 64 == 0 && first_page >= r->next, "run at page %llu after %llu",
           (unsigned long long)first_page, (unsigned long long)r->next);
-    CHECK(nwords >= 1 && nwords <= 512 && first_page / 64 + nwords <= words,
+    CHECK(nwords >= 1 && nwords <= KDS_SYNC_RUN_WORDS_MAX && first_page / 64 + nwords <= words,
           "run of %llu words at page %llu", (unsigned long long)nwords,
           (unsigned long long)first_page);
     for (uint64_t i = 0; i < nwords && first_page / 64 + i < words; i++) {

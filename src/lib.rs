@@ -38,8 +38,8 @@ pub mod capi;
 pub use error::{Error, ErrorKind, Result};
 pub use tracker::{DirtyPages, DirtyTracker, ExitAction, VcpuTracker, dirty_pages};
 pub use types::{
-    BoardFlags, Memslot, MemslotFlags, Mode, ReaperConfig, SlotId, Stats, SyncReport, SyncStage,
-    VcpuStats,
+    BoardFlags, Memslot, MemslotFlags, Mode, ReaperConfig, SYNC_RUN_WORDS_MAX, SlotId, Stats,
+    SyncReport, SyncStage, VcpuStats,
 };
 
 /// For `examples/bench.rs` only: the cost of draining a full bitmap.

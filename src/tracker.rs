@@ -302,12 +302,14 @@ impl DirtyTracker {
     /// As [`sync_memslot`](Self::sync_memslot), handing the dirty pages to
     /// `f` as runs of consecutive bitmap words: `f(first_page, words)`,
     /// where bit `j % 64` of `words[j / 64]` is the slot's page
-    /// `first_page + j` (`first_page` a multiple of 64, at most 512 words
-    /// a run, ascending, no empty run). In ring modes the sync visits only
+    /// `first_page + j` (`first_page` a multiple of 64, at most
+    /// [`SYNC_RUN_WORDS_MAX`](crate::SYNC_RUN_WORDS_MAX) words a run,
+    /// ascending, no empty run). In ring modes the sync visits only
     /// the words that hold dirty pages, so it costs what was dirtied, not
     /// the slot's size: for a caller that marks its own dirty bitmap word
-    /// by word (QEMU's `physical_memory_set_dirty_lebitmap`). `f` runs with
-    /// the VM's reap lock held: it must not call into this tracker.
+    /// by word (QEMU's `physical_memory_set_dirty_lebitmap`). `f` runs on
+    /// this thread before the call returns, all runs but the last with the
+    /// VM's reap lock held: it must not call into this tracker.
     pub fn sync_memslot_runs(
         &self,
         slot: SlotId,

@@ -272,6 +272,11 @@ pub enum SyncStage {
     Final,
 }
 
+/// The most bitmap words one run of
+/// [`DirtyTracker::sync_memslot_runs`](crate::DirtyTracker::sync_memslot_runs)
+/// holds: 2 MiB of guest memory in 4 KiB pages.
+pub const SYNC_RUN_WORDS_MAX: usize = 512;
+
 /// What a sync reported.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

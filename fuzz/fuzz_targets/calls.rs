@@ -345,7 +345,11 @@ impl Run {
                     let (mut next, mut set) = (0, 0);
                     for (first, words) in &runs {
                         assert!(first.is_multiple_of(64) && *first >= next, "run at {first}");
-                        assert!((1..=512).contains(&words.len()), "{} words", words.len());
+                        assert!(
+                            (1..=KDS_SYNC_RUN_WORDS_MAX as usize).contains(&words.len()),
+                            "{} words",
+                            words.len()
+                        );
                         for (i, w) in words.iter().enumerate() {
                             assert_ne!(*w, 0, "an empty word in a run");
                             let p0 = first + i as u64 * 64;

@@ -66,16 +66,17 @@ pub type KdsDirtyRunFn = Option<
 >;
 
 /// As kds_memslot_sync(), but hands the dirty pages to run, a run of
-/// consecutive bitmap words at a time (in ascending order, at most 512
-/// words a run, never an empty one), instead of ORing them into a bitmap
-/// of the slot's size. In ring modes it visits only the words that hold
-/// dirty pages: the sync costs what was dirtied, not the slot's size (a
-/// caller with kds_memslot_sync() clears, fills and scans a bitmap of the
-/// whole slot each time). Bits past the slot's last page are 0.
+/// consecutive bitmap words at a time (in ascending order, at most
+/// KDS_SYNC_RUN_WORDS_MAX words a run, never an empty one), instead of
+/// ORing them into a bitmap of the slot's size. In ring modes it visits
+/// only the words that hold dirty pages: the sync costs what was dirtied,
+/// not the slot's size (a caller with kds_memslot_sync() clears, fills and
+/// scans a bitmap of the whole slot each time). Bits past the slot's last
+/// page are 0.
 ///
 /// run is called on this thread, before kds_memslot_sync_runs() returns,
-/// with the VM's reap lock held: it must not call a kds_ function on this
-/// VM (that would deadlock).
+/// every call but the last with the VM's reap lock held: it must not call
+/// a kds_ function on this VM (that would deadlock).
 ///
 /// @param slot    the memslot, as in KdsMemslot.slot
 /// @param flags   0 or KDS_SYNC_FINAL

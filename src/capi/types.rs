@@ -25,6 +25,10 @@ pub const KDS_MEM_READONLY: u32 = 1 << 1;
 /// kds_memslot_sync() flag: the last stage of migration, vCPUs stopped; in
 /// KDS_MODE_RING_WITH_BITMAP also drains the kernel's backup bitmap.
 pub const KDS_SYNC_FINAL: u32 = 1 << 0;
+/// The most words one run of kds_memslot_sync_runs() holds (ABI 3): 2 MiB
+/// of guest memory in 4 KiB pages.
+pub const KDS_SYNC_RUN_WORDS_MAX: u64 = 512;
+const _: () = assert!(KDS_SYNC_RUN_WORDS_MAX as usize == crate::SYNC_RUN_WORDS_MAX);
 
 /// sizeof(KdsMemslot) in ABI 1: the smallest size kds_memslot_update()
 /// accepts.

@@ -198,9 +198,9 @@ impl Vm {
     }
 }
 
-/// Words a run handed to `sync_memslot_runs`' callback holds at most: 2 MiB
-/// of guest memory (4 KiB pages) from a 4 KiB buffer on the stack.
-const RUN_WORDS: usize = 512;
+/// Words a run handed to `sync_memslot_runs`' callback holds at most: a
+/// 4 KiB buffer on the stack.
+const RUN_WORDS: usize = crate::types::SYNC_RUN_WORDS_MAX;
 
 /// The run being gathered for `sync_memslot_runs`.
 struct Run {

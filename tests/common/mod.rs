@@ -294,7 +294,8 @@ impl Checker {
     }
 
     /// As `check`, through `kds_memslot_sync_runs`: each run is checked
-    /// (aligned, not empty, at most 512 words, ascending, inside the slot)
+    /// (aligned, not empty, at most `KDS_SYNC_RUN_WORDS_MAX` words,
+    /// ascending, inside the slot)
     /// and ORed into `self.bitmap`.
     pub fn check_runs(&mut self, vm: Handle, flags: u32) -> (u64, u64, u64) {
         struct Runs<'a> {
@@ -311,7 +312,10 @@ impl Checker {
                 "run at {first}, after {}",
                 r.next
             );
-            assert!((1..=512).contains(&nwords), "{nwords} words");
+            assert!(
+                (1..=kvm_dirty_shim::capi::KDS_SYNC_RUN_WORDS_MAX).contains(&nwords),
+                "{nwords} words"
+            );
             let w0 = (first / 64) as usize;
             assert!(w0 + nwords as usize <= r.bitmap.len(), "run past the slot");
             // SAFETY: the library passes `nwords` readable words, valid
