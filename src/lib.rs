@@ -24,6 +24,7 @@ mod counters;
 mod error;
 mod kvm;
 mod order;
+mod pacer;
 mod reaper;
 mod ring;
 mod tracker;

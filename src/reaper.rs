@@ -5,25 +5,27 @@
 //! (`Ring::fill`: a binary search over the entries' flags, about a dozen
 //! acquire loads). When some ring holds at least the high-water mark it
 //! reaps (`Vm::reap`: every ring, one `KVM_RESET_DIRTY_RINGS`). The pause
-//! before the next check follows the fastest fill rate seen on this VM
-//! (entries the kernel pushed per second into one ring, from the ring's
-//! harvested total plus its fill): the next check comes when the fullest
-//! ring would reach the high-water mark at that rate, but never before a
-//! ring could gain half the mark. After a reap a ring at the peak rate is
-//! checked once, at the mark; a slower one holds at most one and a half
-//! marks when it is reaped. A busy vCPU is reaped long before
-//! `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied anything costs one
-//! check per `max_interval_us`. (Until 0.3 every pause was half the mark:
-//! two checks per reap. Without the floor, a ring filling below the peak
-//! rate was checked ever more often as it neared the mark: measured in
-//! doc/heavy.md.)
+//! before the next check ([`Pacer`](crate::pacer)) follows the fastest
+//! fill rate seen on this VM (entries the kernel pushed per second into
+//! one ring, from the ring's harvested total plus its fill): the next check
+//! comes when the fullest ring would reach the high-water mark at that
+//! rate, but never before a ring could gain half the mark. After a reap a
+//! ring at the peak rate is checked once, at the mark; a slower one holds
+//! at most one and a half marks when it is reaped. A busy vCPU is reaped
+//! long before `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied
+//! anything costs one check per `max_interval_us`. (Until 0.3 every pause
+//! was half the mark: two checks per reap. Without the floor, a ring
+//! filling below the peak rate was checked ever more often as it neared
+//! the mark: measured in doc/heavy.md.)
 //!
 //! When a memslot starts dirty logging (what turns a vCPU from pushing
 //! nothing to pushing at full speed) the VM wakes the thread, which checks
-//! at once and then every `min_interval_us`, doubling, until it has seen a
-//! rate to pace itself by; without that wake a VMM had to keep
-//! `max_interval_us` short all the time (QEMU's 5 ms cost about 600 wakeups
-//! per migration, doc/migration.md).
+//! at once and then every `min_interval_us`, doubling, until a sample big
+//! enough to trust (an eighth of the mark in one ring) gives it a rate to
+//! pace itself by; without that wake a VMM had to keep `max_interval_us`
+//! short all the time (QEMU's 5 ms cost about 600 wakeups per migration,
+//! doc/migration.md). Until 0.3 any sample set the pace, and a few entries
+//! just after the wake planned a pause in which a ring filled.
 //!
 //! The peak, not the last interval's rate: a vCPU that sleeps and then
 //! dirties at full speed (dirty-limit's throttle does exactly that)
@@ -37,7 +39,6 @@
 //! one check at a time) and shares with the VM nothing but [`Wake`], its
 //! stop and wake flags.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -45,6 +46,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
+use crate::pacer::{Level, Pacer};
 use crate::types::ReaperConfig;
 use crate::vm::Vm;
 
@@ -75,6 +77,21 @@ impl Config {
             min,
             max,
         })
+    }
+
+    /// Reap when a ring holds this percentage of its entries.
+    pub(crate) fn high_water_pct(&self) -> u32 {
+        self.high_water_pct
+    }
+
+    /// The shortest pause between two checks.
+    pub(crate) fn min(&self) -> Duration {
+        self.min
+    }
+
+    /// The longest pause between two checks.
+    pub(crate) fn max(&self) -> Duration {
+        self.max
     }
 }
 
@@ -156,66 +173,40 @@ impl Reaper {
 
 /// The thread's loop.
 fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
-    // Nothing to pace by yet: the longest pause, until a check sees a rate
-    // or the VM wakes the thread (`Vm::reaper_start` does when a slot
-    // already logs).
-    let mut pause = cfg.max;
-    // Per vCPU: entries the kernel had pushed at the previous check.
-    let mut pushed: HashMap<u32, u64> = HashMap::new();
-    let mut last = Instant::now();
-    // The fastest fill rate of any ring since the reaper started.
-    let mut peak = 0f64;
+    let mut pacer = Pacer::new(cfg, Instant::now());
+    let mut levels = Vec::new();
     loop {
         {
             let mut s = w.signal.lock();
             if !s.stop && !s.wake {
-                w.cv.wait_for(&mut s, pause);
+                w.cv.wait_for(&mut s, pacer.pause());
             }
             if s.stop {
                 return;
             }
             if std::mem::take(&mut s.wake) {
-                pause = cfg.min;
+                pacer.wake();
             }
         }
         // The VM for this check only; gone when the tracker was dropped.
         let Some(vm) = vm.upgrade() else {
             return;
         };
-        let now = Instant::now();
-        let dt = now.duration_since(last).as_secs_f64().max(1e-6);
-        last = now;
-        let (mut over, mut rate, mut entries, mut fullest) = (false, 0f64, 0u32, 0u32);
-        vm.ring_levels(|index, total, fill, size| {
-            entries = entries.max(size);
-            fullest = fullest.max(fill);
-            over |= u64::from(fill) * 100 >= u64::from(size) * u64::from(cfg.high_water_pct);
-            let prev = pushed.insert(index, total).unwrap_or(total);
-            rate = rate.max(total.saturating_sub(prev) as f64 / dt);
+        levels.clear();
+        vm.ring_levels(|index, pushed, fill, size| {
+            levels.push(Level {
+                index,
+                pushed,
+                fill,
+                size,
+            });
         });
-        if over {
-            if let Err(e) = vm.reap_by_reaper() {
-                log::warn!("adaptive reaper: {e}; retrying in {:?}", cfg.max);
-                pause = cfg.max;
-                continue;
-            }
-            // The reap emptied every ring.
-            fullest = 0;
+        let over = pacer.check(Instant::now(), &levels);
+        if over && let Err(e) = vm.reap_by_reaper() {
+            log::warn!("adaptive reaper: {e}; retrying in {:?}", pacer.back_off());
+            continue;
         }
-        // Next check when the fullest ring would reach the mark at the
-        // fastest rate seen, but a ring gains at least half the mark
-        // between two checks: after a reap a ring at the peak rate is
-        // checked once, at the mark; one below it at most reaches one and
-        // a half marks by the check that reaps it (as when every pause
-        // was half the mark), with no run of ever shorter pauses as it
-        // nears the mark.
-        peak = peak.max(rate);
-        let mark = f64::from(entries) * f64::from(cfg.high_water_pct) / 100.0;
-        let target = (mark - f64::from(fullest)).max(mark / 2.0);
-        pause = if peak > 0.0 {
-            Duration::from_secs_f64(target / peak).clamp(cfg.min, cfg.max)
-        } else {
-            (pause * 2).min(cfg.max)
-        };
+        // A reap empties every ring.
+        pacer.plan(over);
     }
 }

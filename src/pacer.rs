@@ -1,0 +1,266 @@
+//! The adaptive reaper's pacing: from the rings' fill levels at each
+//! check, whether to reap now and how long to pause before the next check.
+//! No thread and no VM here (`reaper` runs it), so tests drive it with
+//! made-up levels and times.
+//!
+//! The rate it paces by is the fastest fill rate (entries the kernel pushed
+//! per second into one ring) of any sample it trusts: one that counted at
+//! least an eighth of the high-water mark in one ring. A smaller sample
+//! says little about the rate: measured on the Linux guest as a migration
+//! started, 3 entries in 80 us read as 35,000 entries a second, where the
+//! vCPUs pushed 140,000 to 210,000; the pause that rate planned (39 ms in
+//! the run that overflowed) let a ring fill from empty 26 ms later. Until
+//! a sample is trusted, the pause doubles from the shortest.
+//!
+//! A wake (a memslot started dirty logging) starts that over: the rate
+//! seen before may be that of fewer logged slots, and the interval up to
+//! the first check after the wake mostly precedes the logging, so that
+//! check only takes each ring's count to measure from.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::reaper::Config;
+
+/// One ring's level at a check (`Vm::ring_levels`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Level {
+    /// The vCPU.
+    pub(crate) index: u32,
+    /// Entries the kernel pushed into the ring so far.
+    pub(crate) pushed: u64,
+    /// Entries waiting to be harvested.
+    pub(crate) fill: u32,
+    /// The ring's size.
+    pub(crate) size: u32,
+}
+
+/// The pacing state of one reaper thread.
+pub(crate) struct Pacer {
+    cfg: Config,
+    /// The pause before the next check.
+    pause: Duration,
+    /// Per vCPU: entries the kernel had pushed at the previous check.
+    pushed: HashMap<u32, u64>,
+    /// The previous check.
+    last: Instant,
+    /// The fastest fill rate of any trusted sample, entries a second.
+    peak: f64,
+    /// No sample trusted since the start or the last wake: pace by
+    /// doubling from the shortest pause, not by `peak`.
+    learning: bool,
+    /// The largest ring and the fullest at the last check.
+    entries: u32,
+    fullest: u32,
+}
+
+impl Pacer {
+    /// Nothing to pace by yet: the longest pause, until a check sees a
+    /// rate or the VM wakes the thread.
+    pub(crate) fn new(cfg: Config, now: Instant) -> Pacer {
+        Pacer {
+            cfg,
+            pause: cfg.max(),
+            pushed: HashMap::new(),
+            last: now,
+            peak: 0.0,
+            learning: true,
+            entries: 0,
+            fullest: 0,
+        }
+    }
+
+    /// The pause before the next check.
+    pub(crate) fn pause(&self) -> Duration {
+        self.pause
+    }
+
+    /// Dirty logging started on a memslot: check now, then from the
+    /// shortest pause until a sample is trusted again.
+    pub(crate) fn wake(&mut self) {
+        self.pause = self.cfg.min();
+        self.learning = true;
+        self.pushed.clear();
+    }
+
+    /// A check at `now` that found `levels`: whether some ring holds the
+    /// high-water mark (reap now).
+    pub(crate) fn check(&mut self, now: Instant, levels: &[Level]) -> bool {
+        let dt = now.duration_since(self.last).as_secs_f64().max(1e-6);
+        self.last = now;
+        let pct = u64::from(self.cfg.high_water_pct());
+        let (mut over, mut rate, mut trusted) = (false, 0f64, false);
+        self.entries = 0;
+        self.fullest = 0;
+        for l in levels {
+            self.entries = self.entries.max(l.size);
+            self.fullest = self.fullest.max(l.fill);
+            over |= u64::from(l.fill) * 100 >= u64::from(l.size) * pct;
+            let Some(prev) = self.pushed.insert(l.index, l.pushed) else {
+                continue;
+            };
+            let n = l.pushed.saturating_sub(prev);
+            // An eighth of the mark: 128 entries of a 4096-entry ring at 25 %.
+            if n * 800 >= u64::from(l.size) * pct {
+                trusted = true;
+                rate = rate.max(n as f64 / dt);
+            }
+        }
+        if trusted {
+            self.peak = self.peak.max(rate);
+            self.learning = false;
+        }
+        over
+    }
+
+    /// Plans the next pause after a check (`reaped`: it emptied every
+    /// ring). The next check comes when the fullest ring would reach the
+    /// mark at the peak rate, but a ring gains at least half the mark
+    /// between two checks: after a reap a ring at the peak rate is checked
+    /// once, at the mark; one below it at most reaches one and a half
+    /// marks by the check that reaps it, with no run of ever shorter
+    /// pauses as it nears the mark.
+    pub(crate) fn plan(&mut self, reaped: bool) -> Duration {
+        let fullest = if reaped { 0 } else { self.fullest };
+        let mark = f64::from(self.entries) * f64::from(self.cfg.high_water_pct()) / 100.0;
+        let target = (mark - f64::from(fullest)).max(mark / 2.0);
+        self.pause = if !self.learning && self.peak > 0.0 {
+            Duration::from_secs_f64(target / self.peak).clamp(self.cfg.min(), self.cfg.max())
+        } else {
+            (self.pause * 2).min(self.cfg.max())
+        };
+        self.pause
+    }
+
+    /// After a failed reap: the longest pause.
+    pub(crate) fn back_off(&mut self) -> Duration {
+        self.pause = self.cfg.max();
+        self.pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ReaperConfig;
+
+    const RING: u32 = 4096;
+
+    fn pacer(t0: Instant) -> Pacer {
+        // QEMU's: a quarter full, 200 us to 50 ms.
+        let cfg = Config::new(&ReaperConfig::default()).unwrap();
+        Pacer::new(cfg, t0)
+    }
+
+    fn level(pushed: u64, fill: u32) -> [Level; 1] {
+        [Level {
+            index: 0,
+            pushed,
+            fill,
+            size: RING,
+        }]
+    }
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    /// The run that overflowed at the start of a migration: neither the
+    /// interval before the wake nor a few entries in the first tens of
+    /// microseconds after it may set the pace; the first trusted sample
+    /// does.
+    #[test]
+    fn only_a_trusted_sample_after_a_wake_sets_the_pace() {
+        let t0 = Instant::now();
+        let mut p = pacer(t0);
+        // Idle before the migration.
+        let mut t = t0 + Duration::from_millis(50);
+        assert!(!p.check(t, &level(1000, 0)));
+        assert_eq!(p.plan(false), Duration::from_millis(50));
+        // Logging starts and wakes the thread 5 ms into its pause; 200
+        // entries came in the last moments. Read over the 5 ms that would
+        // be 40,000 a second, trusted: the wake check only takes the count.
+        p.wake();
+        t += us(5000);
+        assert!(!p.check(t, &level(1200, 200)));
+        assert_eq!(p.plan(false), us(400));
+        // 3 entries in 80 us (35,000 a second, which paced a 39 ms pause
+        // before): not trusted; the pause keeps doubling.
+        t += us(80);
+        assert!(!p.check(t, &level(1203, 203)));
+        assert_eq!(p.plan(false), us(800));
+        // 200,000 a second for 800 us: 160 entries, trusted.
+        t += us(800);
+        assert!(!p.check(t, &level(1363, 363)));
+        let pause = p.plan(false);
+        // (1024 - 363) entries at 200,000 a second: 3.3 ms.
+        let want = 661.0 / 200_000.0;
+        assert!((pause.as_secs_f64() - want).abs() < 1e-6, "{pause:?}");
+        // The ring fills at that rate: it holds the mark, no more, at the
+        // next check, which reaps.
+        t += pause;
+        let fill = 363 + (pause.as_secs_f64() * 200_000.0).round() as u64;
+        assert_eq!(fill, 1024);
+        assert!(p.check(t, &level(1000 + fill, fill as u32)));
+    }
+
+    /// A slow vCPU paces by its rate once a sample is big enough; an idle
+    /// one costs one check per longest pause.
+    #[test]
+    fn slow_and_idle_rings() {
+        let t0 = Instant::now();
+        let mut p = pacer(t0);
+        p.wake();
+        let mut t = t0;
+        let mut pushed = 0;
+        assert!(!p.check(t, &level(pushed, 0)));
+        let mut pauses = vec![];
+        // 10,000 entries a second.
+        for _ in 0..8 {
+            let pause = p.plan(false);
+            pauses.push(pause);
+            t += pause;
+            pushed += pause.as_micros() as u64 / 100;
+            let fill = (pushed % 1024) as u32;
+            if p.check(t, &level(pushed, fill)) {
+                unreachable!("the fill stays below the mark here");
+            }
+        }
+        // Doubling until 128 entries came in one interval (12.8 ms), then
+        // paced by the rate: at most the longest pause.
+        assert_eq!(&pauses[..4], &[us(400), us(800), us(1600), us(3200)]);
+        assert!(pauses[7] <= Duration::from_millis(50));
+        assert!(!p.learning);
+        // Idle: nothing pushed, the rate seen stays the peak.
+        let mut q = pacer(t0);
+        for _ in 0..10 {
+            t += q.pause();
+            assert!(!q.check(t, &level(0, 0)));
+            q.plan(false);
+        }
+        assert_eq!(q.pause(), Duration::from_millis(50));
+    }
+
+    /// A vCPU that starts pushing after the reaper started has no count
+    /// to measure from at its first check: no rate from it, no panic.
+    #[test]
+    fn a_new_ring_is_measured_from_its_first_check() {
+        let t0 = Instant::now();
+        let mut p = pacer(t0);
+        assert!(!p.check(t0 + us(100), &level(100_000, 100)));
+        p.plan(false);
+        assert!(p.learning);
+        // A ring over the mark is reaped whatever the rate.
+        assert!(p.check(t0 + us(200), &level(101_100, 1100)));
+        // 1,000 entries in 100 us: the mark in 102 us, so the shortest pause.
+        assert_eq!(p.plan(true), us(200));
+    }
+
+    /// A failed reap backs off to the longest pause.
+    #[test]
+    fn back_off_is_the_longest_pause() {
+        let mut p = pacer(Instant::now());
+        p.wake();
+        assert_eq!(p.back_off(), Duration::from_millis(50));
+    }
+}
