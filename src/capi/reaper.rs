@@ -12,7 +12,8 @@ use super::{KdsReaperConfig, KdsVm, read_sized};
 /// min_interval_us to max_interval_us), so that a busy vCPU rarely exits
 /// with KVM_EXIT_DIRTY_RING_FULL. When kds_memslot_update() turns dirty
 /// logging on for a slot (a migration starts), the thread checks at once
-/// and then from min_interval_us on, doubling, until it has seen a rate:
+/// and then from min_interval_us on, doubling, until one ring gains an
+/// eighth of the mark between two checks, a sample big enough to pace by:
 /// vCPUs go from pushing nothing to pushing at full speed at that moment.
 /// It replaces a VMM's own fixed-period
 /// reaper thread; kds_vcpu_reap() on ring-full exits and
