@@ -235,7 +235,7 @@ typedef struct KdsStats {
   uint64_t ring_overflows;
   /**
    * ABI 2. kds_vcpu_reap() calls that found the ring wedged (ring-full
-   * exits with nothing to harvest twice in a row); every dirty-logged
+   * reaps with nothing to harvest three times in a row); every dirty-logged
    * page was reported dirty. Most are undone (see ring_recoveries); only
    * 1024 in a row return -EOVERFLOW.
    */
@@ -523,14 +523,16 @@ int kds_vcpu_remove(struct KdsVm *vm, uint32_t vcpu_index);
 int64_t kds_reap(struct KdsVm *vm);
 
 /**
- * kds_reap() for one vCPU: call it on KVM_EXIT_DIRTY_RING_FULL before
- * re-entering the guest. Safe while another thread runs kds_reap().
+ * kds_reap() for one vCPU: call it once on each KVM_EXIT_DIRTY_RING_FULL,
+ * before re-entering the guest. Safe while another thread runs
+ * kds_reap(); a second call for the same exit is harmless.
  *
- * When the ring is wedged (this call and the previous one found nothing
+ * When the ring is wedged (this call and the two before it found nothing
  * and no thread harvested this ring in between: a kernel that overran the
- * ring does this), every dirty-logged page is reported dirty and the shim
- * hands the entries the kernel counts but never published back to it, so
- * the vCPU runs again (counted in ring_recoveries).
+ * ring does this), every dirty-logged page is reported dirty and, where
+ * an overrun was seen, the shim hands the entries the kernel counts but
+ * never published back to it, so the vCPU runs again (counted in
+ * ring_recoveries).
  *
  * @return the number of entries harvested; 0 when the ring was wedged and
  *         could not be freed yet (the reset the shim owes may free it by

@@ -529,3 +529,36 @@ fn logging_toggled_under_a_running_vcpu_and_a_reaper_skips_nothing() {
     assert!(reaped > 0 && s.entries_reaped > 0, "{s:?}");
     assert_eq!(s.invalid_entries, 0, "entries skipped: {s:?}");
 }
+
+#[test]
+fn a_second_reap_for_the_same_ring_full_exit_is_not_a_wedge() {
+    // QEMU's pattern in dirty-limit: on KVM_EXIT_DIRTY_RING_FULL the ring
+    // may already have been reaped by the reaper thread (kds_reap, between
+    // the exit and the vCPU thread taking its lock), and then the vCPU's
+    // ring is reaped twice for the same exit. Both find nothing; that is
+    // not a wedge (the vCPU did not run in between), and handing entries
+    // back then would take the kernel's reset index past its dirty index:
+    // the vCPU would exit ring-full for ever. Every round must complete.
+    let vm = TestVm::new(Some(RING));
+    let (mut c, mut v) = vm.guest(16384, 6000, 3);
+    let h = vm.h;
+    let mut full = 0;
+    for it in 1..=30 {
+        vm.set_iteration(0, it);
+        let r = v.run_round_with(|index| {
+            assert!(c!(kds_reap(h.0)) >= 0, "kds_reap: {}", last_error());
+            let n = c!(kds_vcpu_reap(h.0, index));
+            if n < 0 {
+                return n;
+            }
+            c!(kds_vcpu_reap(h.0, index))
+        });
+        full += r.ring_full_exits;
+        assert!(!r.wedged, "round {it}: -EOVERFLOW: {}", last_error());
+        let (changed, _, lost) = c.check(h, 0);
+        assert_eq!(lost, 0, "round {it}: lost {lost} of {changed}");
+    }
+    let s = vm.stats();
+    assert!(full > 0, "no ring-full exit: {s:?}");
+    eprintln!("reaped twice per ring-full exit: {full} exits, {s:?}");
+}

@@ -19,14 +19,16 @@ pub unsafe extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
     ffi_boundary!("kds_reap", { try_ref_from_ptr!(vm).tracker.reap() })
 }
 
-/// kds_reap() for one vCPU: call it on KVM_EXIT_DIRTY_RING_FULL before
-/// re-entering the guest. Safe while another thread runs kds_reap().
+/// kds_reap() for one vCPU: call it once on each KVM_EXIT_DIRTY_RING_FULL,
+/// before re-entering the guest. Safe while another thread runs
+/// kds_reap(); a second call for the same exit is harmless.
 ///
-/// When the ring is wedged (this call and the previous one found nothing
+/// When the ring is wedged (this call and the two before it found nothing
 /// and no thread harvested this ring in between: a kernel that overran the
-/// ring does this), every dirty-logged page is reported dirty and the shim
-/// hands the entries the kernel counts but never published back to it, so
-/// the vCPU runs again (counted in ring_recoveries).
+/// ring does this), every dirty-logged page is reported dirty and, where
+/// an overrun was seen, the shim hands the entries the kernel counts but
+/// never published back to it, so the vCPU runs again (counted in
+/// ring_recoveries).
 ///
 /// @return the number of entries harvested; 0 when the ring was wedged and
 ///         could not be freed yet (the reset the shim owes may free it by

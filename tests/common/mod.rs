@@ -225,6 +225,12 @@ impl Vcpu {
     /// Runs the guest until its `out` at the end of a round, handling
     /// ring-full exits with `kds_vcpu_reap`. Bounded in exits and time.
     pub fn run_round(&mut self, vm: Handle) -> Round {
+        self.run_round_with(|index| c!(kds_vcpu_reap(vm.0, index)))
+    }
+
+    /// `run_round`, with `on_full(vCPU index)` handling each ring-full
+    /// exit in place of one `kds_vcpu_reap` (its result is checked alike).
+    pub fn run_round_with(&mut self, mut on_full: impl FnMut(u32) -> i64) -> Round {
         let mut r = Round::default();
         let deadline = Instant::now() + Duration::from_secs(60);
         for _ in 0..1_000_000 {
@@ -233,7 +239,7 @@ impl Vcpu {
                 VcpuExit::IoOut(0x10, _) => return r,
                 VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => {
                     r.ring_full_exits += 1;
-                    let n = c!(kds_vcpu_reap(vm.0, self.index));
+                    let n = on_full(self.index);
                     if n == -i64::from(libc::EOVERFLOW) {
                         r.wedged = true;
                         return r;
