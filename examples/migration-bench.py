@@ -404,6 +404,8 @@ def run_matrix(a, builds, machine):
                         ns.linux = a.linux
                     elif a.matrix == "heavy":
                         ns.region_pages = (min(size, LOWMEM_MIB) - GUEST_BASE_MIB) * 256
+                    if a.keep:
+                        ns.keep = os.path.join(a.keep, f"{smp}x{size}-{name}-{n}".replace(" ", "_"))
                     record(ns, log, results, matrix_row, config=name, smp=smp,
                            guest_mib=size, guest=guest, run=n, spin=spin,
                            bandwidth_mib=ns.bandwidth_mib, region_pages=ns.region_pages)
@@ -433,6 +435,8 @@ def main():
     ap.add_argument("--spins", default="", help="name=spin,... instead of calibrating")
     ap.add_argument("--out", default="doc/migration.csv")
     ap.add_argument("--summarize", action="store_true", help="only summarize OUT.jsonl")
+    ap.add_argument("--keep", metavar="DIR", help="heavy and scale: keep each run's QEMU "
+                    "logs and traces in DIR/<cell>-<config>-<run>")
     ap.add_argument("--no-perf", dest="perf", action="store_false",
                     help="no perf record (tracking CPU is then not measured)")
     a = ap.parse_args()

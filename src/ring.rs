@@ -123,8 +123,9 @@ pub(crate) const MAX_UNWEDGES: u32 = 1024;
 /// exit handler, then its dirty-limit reap of the same vCPU), and when
 /// another thread reaped the ring between the exit and the first call,
 /// both find nothing although the kernel's count is back to 0 and the
-/// vCPU would run. Three in a row take a second exit, which a vCPU only
-/// makes when its count, after our reset, is still at the soft limit.
+/// vCPU would run. Three in a row take a second exit (at two calls an
+/// exit at most), which a vCPU only makes when its count, after our
+/// reset, is still at the soft limit.
 pub(crate) const EMPTY_REAPS_TO_WEDGE: u32 = 3;
 
 /// What `after_ring_full` found.
@@ -579,22 +580,22 @@ impl Ring {
     /// vCPU publishes again. Only when the kernel's reset index is known to
     /// be our fetch index (no `lag`: otherwise our fetch index may be the
     /// kernel's dirty index, and handing back anything from there would let
-    /// its reset index overtake it), the next entries are all invalid
-    /// (none the kernel published), and the ring is `suspect`: only an
-    /// overrun makes the kernel count entries it never published, and
-    /// every overrun the shim can see sets it (a full lap, a mark pushed
-    /// over), until the kernel publishes at our fetch index again, which
-    /// shows its count to be ours. Handing entries back to a ring whose
-    /// count is ours would take the kernel's reset index past its dirty
-    /// index, and its count would wrap: the vCPU would exit ring-full for
-    /// ever. Returns the entries handed back (0: nothing done).
+    /// its reset index overtake it) and the next entries are all invalid
+    /// (none the kernel published). The caller must know the vCPU to be
+    /// soft-full after our last reset (`after_ring_full`): handing entries
+    /// back to a ring whose count is ours would take the kernel's reset
+    /// index past its dirty index, and its count would wrap: the vCPU
+    /// would exit ring-full for ever. (Whether the shim saw an overrun on
+    /// this ring cannot stand in for that knowledge: after an overrun by
+    /// more than a lap, the hole `skip_hole` hands back may be only part of
+    /// what the kernel counts.) Returns the entries handed back (0: nothing
+    /// done).
     pub fn unwedge(&self) -> u32 {
         let m = self.entries.saturating_sub(MAX_RSVD_ENTRIES);
         let fetch = self.fetch.load(Ordering::Relaxed);
         let mem = self.mem();
         // A ring with any entry being published is not wedged.
         if m == 0
-            || !self.suspect.load(Ordering::Relaxed)
             || self.lag() != 0
             || (0..self.entries).any(|j| mem.is_dirty(fetch.wrapping_add(j)))
         {
@@ -805,17 +806,12 @@ mod tests {
 
     #[test]
     fn unwedge_hands_back_less_than_the_soft_limit_and_only_invalid_entries() {
-        // No overrun seen: the kernel's count is ours (0), nothing to undo.
         let r = ring(4096);
-        assert_eq!(r.unwedge(), 0);
-        assert_eq!(flags(&r, 0), 0);
-        r.suspect.store(true, Ordering::Relaxed);
         assert_eq!(r.unwedge(), 4096 - MAX_RSVD_ENTRIES);
         assert!((0..4096 - MAX_RSVD_ENTRIES).all(|i| flags(&r, i) == DIRTY_GFN_F_RESET));
         assert!((4096 - MAX_RSVD_ENTRIES..4096).all(|i| flags(&r, i) == 0));
         // Anything the kernel published: not a wedge, nothing touched.
         let r = ring(4096);
-        r.suspect.store(true, Ordering::Relaxed);
         push(&r, 4000, 1, 1);
         assert_eq!(r.unwedge(), 0);
         assert_eq!(flags(&r, 0), 0);
@@ -977,9 +973,6 @@ mod tests {
         // A third in a row (a second exit with nothing published) is one.
         let h = r.harvest(true, |_, _| {});
         assert_eq!(r.after_ring_full(&h), Wedge::Yes { give_up: false });
-        // Even so, with no overrun seen the kernel's count is ours: nothing
-        // is handed back.
-        assert_eq!(r.unwedge(), 0);
         assert_eq!(k.used(), 0);
         // A harvest by another thread between empty reaps starts over.
         k.push(&r);

@@ -25,10 +25,9 @@ pub unsafe extern "C" fn kds_reap(vm: *mut KdsVm) -> i64 {
 ///
 /// When the ring is wedged (this call and the two before it found nothing
 /// and no thread harvested this ring in between: a kernel that overran the
-/// ring does this), every dirty-logged page is reported dirty and, where
-/// an overrun was seen, the shim hands the entries the kernel counts but
-/// never published back to it, so the vCPU runs again (counted in
-/// ring_recoveries).
+/// ring does this), every dirty-logged page is reported dirty and the shim
+/// hands the entries the kernel counts but never published back to it, so
+/// the vCPU runs again (counted in ring_recoveries).
 ///
 /// @return the number of entries harvested; 0 when the ring was wedged and
 ///         could not be freed yet (the reset the shim owes may free it by
