@@ -235,7 +235,7 @@ typedef struct KdsStats {
   uint64_t ring_overflows;
   /**
    * ABI 2. kds_vcpu_reap() calls that found the ring wedged (ring-full
-   * reaps with nothing to harvest three times in a row); every dirty-logged
+   * exits with nothing to harvest twice in a row); every dirty-logged
    * page was reported dirty. Most are undone (see ring_recoveries); only
    * 1024 in a row return -EOVERFLOW.
    */
@@ -525,9 +525,12 @@ int64_t kds_reap(struct KdsVm *vm);
 /**
  * kds_reap() for one vCPU: call it once on each KVM_EXIT_DIRTY_RING_FULL,
  * before re-entering the guest. Safe while another thread runs
- * kds_reap(); a second call for the same exit is harmless.
+ * kds_reap(). Not twice for one exit: when another thread emptied the
+ * ring before the first call, two calls that find nothing look like the
+ * wedge below, and handing entries back to a ring the kernel counts as
+ * empty makes it exit ring-full for ever.
  *
- * When the ring is wedged (this call and the two before it found nothing
+ * When the ring is wedged (this call and the previous one found nothing
  * and no thread harvested this ring in between: a kernel that overran the
  * ring does this), every dirty-logged page is reported dirty and the shim
  * hands the entries the kernel counts but never published back to it, so

@@ -117,36 +117,25 @@ pub struct Ring {
 /// Wedges undone in a row before a ring-full reap gives up (`EOVERFLOW`).
 pub(crate) const MAX_UNWEDGES: u32 = 1024;
 
-/// Ring-full reaps in a row that must find nothing (and no other thread
-/// harvest between them) before the ring counts as wedged. Two are not
-/// enough: a VMM may reap one exit twice (QEMU did in dirty-limit: its
-/// exit handler, then its dirty-limit reap of the same vCPU), and when
-/// another thread reaped the ring between the exit and the first call,
-/// both find nothing although the kernel's count is back to 0 and the
-/// vCPU would run. Three in a row take a second exit (at two calls an
-/// exit at most), which a vCPU only makes when its count, after our
-/// reset, is still at the soft limit.
-pub(crate) const EMPTY_REAPS_TO_WEDGE: u32 = 3;
-
 /// What `after_ring_full` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wedge {
     /// The ring-full reap made progress (or is the first without any).
     No,
-    /// `EMPTY_REAPS_TO_WEDGE` ring-full reaps in a row found nothing to
-    /// harvest or hand back: the kernel overran the ring. `give_up` after
+    /// The vCPU exited ring-full twice with nothing harvested or handed
+    /// back between: the kernel overran the ring. `give_up` after
     /// `MAX_UNWEDGES` in a row.
     Yes { give_up: bool },
 }
 
 /// The state behind `Ring::after_ring_full`: the ring's harvested total
-/// at the previous ring-full reap, the ring-full reaps in a row that found
-/// nothing, and the wedges seen in a row. Under the reap lock; atomics
-/// keep `Ring` `Sync`.
+/// at the previous ring-full reap, whether that reap found nothing, and
+/// the wedges seen in a row. Under the reap lock; atomics keep `Ring`
+/// `Sync`.
 #[derive(Default)]
 struct WedgeWatch {
     last_total: AtomicU64,
-    empty_reaps: AtomicU32,
+    last_empty: AtomicBool,
     in_a_row: AtomicU32,
 }
 
@@ -224,26 +213,20 @@ impl Ring {
     }
 
     /// Called by the reap for a ring-full exit, after its harvest `h`:
-    /// is the ring wedged? Wedged means this reap and the
-    /// `EMPTY_REAPS_TO_WEDGE - 1` before it got nothing that would let the
-    /// vCPU run (no entry harvested, skipped or handed back, and no other
-    /// thread harvested this ring in between). A harvest that finds
-    /// entries ends a run of wedges.
+    /// is the ring wedged? Wedged means this reap and the previous one got
+    /// nothing that would let the vCPU run (no entry harvested, skipped or
+    /// handed back, and no other thread harvested this ring in between).
+    /// A harvest that finds entries ends a run of wedges.
     pub(crate) fn after_ring_full(&self, h: &Harvest) -> Wedge {
         let w = &self.wedge;
         let total = self.harvested();
         let prev_total = w.last_total.swap(total, Ordering::Relaxed);
         let empty = h.entries == 0 && h.skipped == 0 && h.repaired == 0;
+        let prev_empty = w.last_empty.swap(empty, Ordering::Relaxed);
         if h.entries > 0 {
             w.in_a_row.store(0, Ordering::Relaxed);
         }
-        let empty_reaps = match (empty, prev_total == total) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => w.empty_reaps.load(Ordering::Relaxed).saturating_add(1),
-        };
-        w.empty_reaps.store(empty_reaps, Ordering::Relaxed);
-        if empty_reaps >= EMPTY_REAPS_TO_WEDGE {
+        if empty && prev_empty && prev_total == total {
             let give_up = w.in_a_row.fetch_add(1, Ordering::Relaxed) >= MAX_UNWEDGES;
             Wedge::Yes { give_up }
         } else {
@@ -581,15 +564,8 @@ impl Ring {
     /// be our fetch index (no `lag`: otherwise our fetch index may be the
     /// kernel's dirty index, and handing back anything from there would let
     /// its reset index overtake it) and the next entries are all invalid
-    /// (none the kernel published). The caller must know the vCPU to be
-    /// soft-full after our last reset (`after_ring_full`): handing entries
-    /// back to a ring whose count is ours would take the kernel's reset
-    /// index past its dirty index, and its count would wrap: the vCPU
-    /// would exit ring-full for ever. (Whether the shim saw an overrun on
-    /// this ring cannot stand in for that knowledge: after an overrun by
-    /// more than a lap, the hole `skip_hole` hands back may be only part of
-    /// what the kernel counts.) Returns the entries handed back (0: nothing
-    /// done).
+    /// (none the kernel published). Returns the entries handed back (0:
+    /// nothing done).
     pub fn unwedge(&self) -> u32 {
         let m = self.entries.saturating_sub(MAX_RSVD_ENTRIES);
         let fetch = self.fetch.load(Ordering::Relaxed);
@@ -925,9 +901,9 @@ mod tests {
             reap(&mut k, &r, rnd(2) == 0, racing);
         }
         // Well behaved from here: push only below the soft limit, reap on
-        // ring-full exits as `reap_vcpu` does (unwedging when
-        // `after_ring_full` says so).
-        let mut pushed = 0;
+        // ring-full exits as `reap_vcpu` does (unwedging when it finds
+        // nothing twice).
+        let (mut pushed, mut prev_empty) = (0, false);
         for _ in 0..steps {
             if k.used() < soft {
                 k.push(&r);
@@ -935,9 +911,11 @@ mod tests {
                 continue;
             }
             let h = r.harvest(true, |_, _| {});
-            if r.after_ring_full(&h) != Wedge::No {
+            let empty = h.entries == 0 && h.skipped == 0 && h.repaired == 0;
+            if empty && prev_empty {
                 r.unwedge();
             }
+            prev_empty = empty;
             k.walk(&r);
             r.after_reset(|_, _| {});
             assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset);
@@ -949,38 +927,6 @@ mod tests {
             cfg!(miri) || pushed > steps / 2,
             "the vCPU got {pushed} pushes in"
         );
-    }
-
-    #[test]
-    fn a_ring_full_exit_reaped_twice_is_not_a_wedge() {
-        // The kernel pushed 100 entries; another thread harvests them, then
-        // the vCPU's exit is reaped twice (QEMU's pattern): nothing found
-        // either time, but the vCPU did not run between, so this is no
-        // wedge, and nothing may be handed back (the kernel's count is 0).
-        let r = ring(4096);
-        let mut k = Kernel { dirty: 0, reset: 0 };
-        for _ in 0..100 {
-            k.push(&r);
-        }
-        assert_eq!(r.harvest(false, |_, _| {}).entries, 100);
-        k.walk(&r);
-        r.after_reset(|_, _| {});
-        for call in 1..=2 {
-            let h = r.harvest(true, |_, _| {});
-            assert_eq!(h, Harvest::default());
-            assert_eq!(r.after_ring_full(&h), Wedge::No, "call {call}");
-        }
-        // A third in a row (a second exit with nothing published) is one.
-        let h = r.harvest(true, |_, _| {});
-        assert_eq!(r.after_ring_full(&h), Wedge::Yes { give_up: false });
-        assert_eq!(k.used(), 0);
-        // A harvest by another thread between empty reaps starts over.
-        k.push(&r);
-        assert_eq!(r.harvest(false, |_, _| {}).entries, 1);
-        k.walk(&r);
-        r.after_reset(|_, _| {});
-        let h = r.harvest(true, |_, _| {});
-        assert_eq!(r.after_ring_full(&h), Wedge::No);
     }
 
     /// `after_reset` with a sink that collects what it reports again.

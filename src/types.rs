@@ -386,7 +386,7 @@ pub struct Stats {
     /// reported dirty.
     pub ring_overflows: u64,
     /// ABI 2. kds_vcpu_reap() calls that found the ring wedged (ring-full
-    /// reaps with nothing to harvest three times in a row); every dirty-logged
+    /// exits with nothing to harvest twice in a row); every dirty-logged
     /// page was reported dirty. Most are undone (see ring_recoveries); only
     /// 1024 in a row return -EOVERFLOW.
     pub ring_wedges: u64,

@@ -255,11 +255,10 @@ impl Vm {
 
     /// Harvests one vCPU's ring (for `KVM_EXIT_DIRTY_RING_FULL`).
     ///
-    /// A wedge (this call and the two before it found nothing, and no
-    /// thread harvested this ring in between: `Ring::after_ring_full`)
-    /// marks every logged page dirty and is undone where the kernel's
-    /// overrun explains it (`Ring::unwedge`, at most `MAX_UNWEDGES` times
-    /// in a row); otherwise `EOVERFLOW`.
+    /// A wedge (this call and the previous one found nothing, and no thread
+    /// harvested this ring in between) marks every logged page dirty and is
+    /// undone where the kernel's overrun explains it (`Ring::unwedge`, at
+    /// most `MAX_UNWEDGES` times in a row); otherwise `EOVERFLOW`.
     pub fn reap_vcpu(&self, index: u32) -> Result<u64> {
         let v = self.vcpu(index)?;
         let Some(ring) = &v.ring else {
