@@ -159,6 +159,84 @@ pub struct Settled {
     pub overwritten: bool,
 }
 
+/// How far a `KVM_RESET_DIRTY_RINGS` got on one ring, as its flags say
+/// (`Ring::reach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// It handed back at least this many of the marked entries.
+    pub at_least: u32,
+    /// And no more: the flags tell. Otherwise anything up to all of them,
+    /// and only the ioctl's count tells (`split_reset`).
+    pub exact: bool,
+}
+
+/// Splits the VM-wide count `KVM_RESET_DIRTY_RINGS` returned over the rings
+/// (`rings`: each ring's `Reach` and lag, the entries marked for it): how
+/// many entries the reset handed back on each. The count is the sum of
+/// what its walk reached on every ring (signals are blocked around the
+/// call, so it covers every ring it walked). What the flags account for is
+/// the sum of `at_least`; the rest was reached on the rings whose flags
+/// cannot tell. With one such ring, it is that ring's; with several, the
+/// one split where each reached all of its entries or only `at_least` (a
+/// refill after the reset, or an overrun before it), if only one adds up.
+/// `None` where it cannot tell (then `after_reset` takes `at_least`, as
+/// before the count was used).
+pub fn split_reset(count: u64, rings: &[(Reach, u32)]) -> Vec<Option<u32>> {
+    let mut out: Vec<Option<u32>> = rings.iter().map(|(r, _)| Some(r.at_least)).collect();
+    let known: u64 = rings.iter().map(|(r, _)| u64::from(r.at_least)).sum();
+    let rest = count.checked_sub(known);
+    if rest == Some(0) {
+        return out;
+    }
+    let open: Vec<usize> = (0..rings.len())
+        .filter(|&i| !rings[i].0.exact && rings[i].0.at_least < rings[i].1)
+        .collect();
+    let Some(rest) = rest else {
+        for &i in &open {
+            out[i] = None;
+        }
+        return out;
+    };
+    let more = |i: usize| u64::from(rings[i].1 - rings[i].0.at_least);
+    let mut found = None;
+    match open.as_slice() {
+        &[i] if rest <= more(i) => found = Some(1),
+        // 2^16 sums at most: enough for every vCPU of a reap of 16.
+        many if many.len() > 1 && many.len() <= 16 => {
+            for pick in 1u32..1 << many.len() {
+                let sum: u64 = (0..many.len())
+                    .filter(|b| pick & (1 << b) != 0)
+                    .map(|b| more(many[b]))
+                    .sum();
+                if sum == rest {
+                    if found.is_some() {
+                        found = None;
+                        break;
+                    }
+                    found = Some(pick);
+                }
+            }
+        }
+        _ => {}
+    }
+    match (open.as_slice(), found) {
+        (&[i], Some(_)) => out[i] = Some(rings[i].0.at_least + rest as u32),
+        (many, Some(pick)) => {
+            for (b, &i) in many.iter().enumerate() {
+                if pick & (1 << b) != 0 {
+                    out[i] = Some(rings[i].1);
+                }
+            }
+        }
+        (many, None) => {
+            for &i in many {
+                out[i] = None;
+            }
+        }
+    }
+    out
+}
+
 /// What one harvest of one ring found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Harvest {
@@ -385,40 +463,29 @@ impl Ring {
             .wrapping_sub(self.kreset.load(Ordering::Relaxed))
     }
 
-    /// Reads, after `KVM_RESET_DIRTY_RINGS` returned, how far it got on
-    /// this ring, and moves our copy of the kernel's reset index there.
-    /// Calls `sink(slot, offset)` for each marked entry it did not reach.
+    /// What the flags say, right after `KVM_RESET_DIRTY_RINGS` returned,
+    /// about how far it got on this ring (see `after_reset`).
     ///
-    /// The ioctl returns one count for every ring of the VM, which cannot
-    /// be split between rings once a vCPU overran one (and a reset that
-    /// stops on a signal counts only the rings it walked). The rings
-    /// themselves tell: the reset (`kvm_dirty_ring_reset`) walks each ring
-    /// from its reset index for as long as the flags say RESET, clearing
-    /// each entry it hands back with a release store of flags = 0
-    /// (`kvm_dirty_gfn_set_invalid`), and stops at the first entry that is
-    /// not RESET. Only that walk ever writes 0 into an entry we marked, so
-    /// the entries it reached are the ones up to the last 0 in
-    /// `kreset..fetch`. (Before that 0 there may be DIRTY entries: the vCPU
-    /// pushed again onto entries the reset had just freed, a lap ahead;
-    /// the harvest reaches them in order.) The acquire loads pair with
-    /// those release stores: the ioctl has returned, so every store of its
-    /// walk is visible.
+    /// The reset (`kvm_dirty_ring_reset`) walks the ring from its reset index
+    /// for as long as the flags say RESET, clearing each entry it hands back
+    /// with a release store of flags = 0 (`kvm_dirty_gfn_set_invalid`), and
+    /// stops at the first entry that is not RESET. Only that walk ever writes
+    /// 0 into an entry we marked, so when some entry of `kreset..fetch` is 0,
+    /// the walk reached exactly the entries up to the last 0. (Before that 0
+    /// there may be DIRTY entries: the vCPU pushed again onto entries the
+    /// reset had just freed, a lap ahead; the harvest reaches them in
+    /// order.) When none is 0 and the first is still RESET, it reached
+    /// none. The acquire loads pair with those release stores: the ioctl
+    /// has returned, so every store of its walk is visible.
     ///
-    /// An unreached entry still flagged RESET names a page the kernel has
-    /// not re-protected: the guest can write it again without a new entry,
-    /// so the caller reports it at every sync until a reset reaches it.
-    /// One flagged DIRTY was pushed over our mark before the reset (an
-    /// overrun): the page our entry named is lost from the ring.
-    ///
-    /// One interleaving the flags cannot tell apart: a vCPU that refills
-    /// every entry the reset freed before we read them leaves the same
-    /// flags as an overrun onto our first marks before the reset. It is
-    /// taken as the overrun (nothing reached, `overwritten`): every page is
-    /// reported, `repair` hands the DIRTY entries back at the next harvest
-    /// (they are pushed entries, so the kernel's reset cannot pass its dirty
-    /// index through them), and our indexes then agree with the kernel's
-    /// modulo the ring size, which is all that positions depend on.
-    pub fn after_reset(&self, mut sink: impl FnMut(u32, u64)) -> Settled {
+    /// When none is 0 and the first is DIRTY, the flags cannot tell: an
+    /// overrun onto our first mark before the reset (it reached none) and a
+    /// vCPU that refilled every entry the reset freed before we looked (it
+    /// reached them all; the thread that reset was switched out between the
+    /// ioctl and this read) leave the same flags, and a vCPU overrunning
+    /// the ring while the reset walked it leaves them for any count in
+    /// between. `Reach::Unknown`: the ioctl's count settles it (`split_reset`).
+    pub fn reach(&self) -> Reach {
         let k = self.kreset.load(Ordering::Relaxed);
         let lag = self.lag();
         let mem = self.mem();
@@ -426,7 +493,47 @@ impl Ring {
         // entry the kernel reused since is seen with its new DIRTY, never
         // taken for one the reset did not reach.
         let flags = |j: u32| mem.load(k.wrapping_add(j));
-        let reached = (0..lag).rev().find(|&j| flags(j) == 0).map_or(0, |j| j + 1);
+        if let Some(j) = (0..lag).rev().find(|&j| flags(j) == 0) {
+            // Exact unless the kernel is overrunning the ring: then its pushes
+            // land anywhere in the lap and may cover entries the walk
+            // reached after this one.
+            let exact = !self.suspect.load(Ordering::Relaxed);
+            return Reach {
+                at_least: j + 1,
+                exact,
+            };
+        }
+        Reach {
+            at_least: 0,
+            exact: lag == 0 || flags(0) & DIRTY_GFN_F_RESET != 0,
+        }
+    }
+
+    /// After `KVM_RESET_DIRTY_RINGS` returned: takes how far it got on this
+    /// ring (`reach`, or `reached` where the flags cannot tell; without it,
+    /// none), and moves our copy of the kernel's reset index there. Calls
+    /// `sink(slot, offset)` for each marked entry it did not reach.
+    ///
+    /// An unreached entry still flagged RESET names a page the kernel has
+    /// not re-protected: the guest can write it again without a new entry,
+    /// so the caller reports it at every sync until a reset reaches it.
+    /// One flagged DIRTY was pushed over our mark before the reset (an
+    /// overrun): the page our entry named is lost from the ring.
+    ///
+    /// `reached` matters: taken short of the kernel's, our reset index
+    /// falls behind the kernel's, `repair` marks entries the kernel has
+    /// already handed back, and a later hole is "skipped" onto entries it
+    /// has not pushed yet; its reset index then passes its dirty index and
+    /// the vCPU exits ring-full for ever (measured: 1,025 wedges in a row,
+    /// then `EOVERFLOW`; the test
+    /// `a_vcpu_refilling_what_the_reset_freed_before_we_look_keeps_the_indexes_in_step`).
+    pub fn after_reset(&self, reached: Option<u32>, mut sink: impl FnMut(u32, u64)) -> Settled {
+        let k = self.kreset.load(Ordering::Relaxed);
+        let lag = self.lag();
+        let reach = self.reach();
+        let reached = reached.unwrap_or(reach.at_least).clamp(reach.at_least, lag);
+        let mem = self.mem();
+        let flags = |j: u32| mem.load(k.wrapping_add(j));
         let mut settled = Settled {
             reached,
             unreached: lag - reached,
@@ -764,7 +871,7 @@ mod tests {
                     r.flags(k).store(0, Ordering::Release);
                     k = k.wrapping_add(1);
                 }
-                r.after_reset(|_, _| {});
+                r.after_reset(None, |_, _| {});
                 assert_eq!(r.kreset.load(Ordering::Relaxed), k);
                 freed.store(k, Ordering::Release);
                 std::thread::yield_now();
@@ -826,17 +933,33 @@ mod tests {
     }
 
     /// One reap as `Vm` does it for a single ring: harvest, (the vCPU may
-    /// push meanwhile), reset, settle. Checks that the shim's idea of the
-    /// kernel's reset index is the kernel's, and that the reset index never
-    /// overtakes the dirty index.
-    fn reap(k: &mut Kernel, r: &Ring, ring_full: bool, racing: u32) -> Harvest {
+    /// push meanwhile: `racing`), reset, (and again: `after`, the reaping
+    /// thread switched out before it reads the ring), settle with the
+    /// count. Checks that the shim's idea of the kernel's reset index is
+    /// the kernel's, and that the reset index never overtakes the dirty
+    /// index.
+    fn reap(k: &mut Kernel, r: &Ring, ring_full: bool, racing: u32, after: u32) -> Harvest {
         let h = r.harvest(ring_full, |_, _| {});
         for _ in 0..racing {
             k.push(r);
         }
-        k.walk(r);
-        r.after_reset(|_, _| {});
-        assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset, "{h:?}");
+        let count = k.walk(r);
+        for _ in 0..after {
+            k.push(r);
+        }
+        let (reach, lag, k0, f0) = (
+            r.reach(),
+            r.lag(),
+            r.kreset.load(Ordering::Relaxed),
+            r.fetch.load(Ordering::Relaxed),
+        );
+        let s = r.after_reset(Some(count), |_, _| {});
+        assert_eq!(
+            r.kreset.load(Ordering::Relaxed),
+            k.reset,
+            "{h:?} {reach:?} lag {lag} count {count} kreset {k0} fetch {f0} {s:?} racing {racing} after {after} kernel dirty {}",
+            k.dirty
+        );
         assert!(
             k.used() < 1 << 31,
             "reset index past the dirty index: {h:?}"
@@ -853,21 +976,21 @@ mod tests {
         for _ in 0..4096 + 64 {
             k.push(&r);
         }
-        let h = reap(&mut k, &r, true, 57);
+        let h = reap(&mut k, &r, true, 57, 0);
         assert!(h.full);
         assert_eq!(
             k.reset, 64,
             "the reset stopped at the first overwritten mark"
         );
         assert_eq!(r.lag(), 4096 - 64);
-        let h = reap(&mut k, &r, true, 0);
+        let h = reap(&mut k, &r, true, 0, 0);
         assert_eq!((h.repaired, r.lag()), (57, 0), "{h:?}");
         assert!(h.full, "pushes onto unreturned entries are an overrun");
         // The vCPU runs again and everything it pushes is harvested.
         for _ in 0..100 {
             k.push(&r);
         }
-        let h = reap(&mut k, &r, true, 0);
+        let h = reap(&mut k, &r, true, 0, 0);
         assert_eq!(h.entries, 100, "{h:?}");
         assert_eq!(k.used(), 0);
     }
@@ -898,7 +1021,8 @@ mod tests {
                 k.push(&r);
             }
             let racing = if rnd(4) == 0 { rnd(n / 3) } else { 0 };
-            reap(&mut k, &r, rnd(2) == 0, racing);
+            let after = if rnd(4) == 0 { rnd(n * 3 / 2) } else { 0 };
+            reap(&mut k, &r, rnd(2) == 0, racing, after);
         }
         // Well behaved from here: push only below the soft limit, reap on
         // ring-full exits as `reap_vcpu` does (unwedging when it finds
@@ -917,7 +1041,7 @@ mod tests {
             }
             prev_empty = empty;
             k.walk(&r);
-            r.after_reset(|_, _| {});
+            r.after_reset(None, |_, _| {});
             assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset);
             assert!(k.used() < 1 << 31);
         }
@@ -929,10 +1053,150 @@ mod tests {
         );
     }
 
+    /// The storm of 2026-12-04: the thread that reset the rings is switched
+    /// out between the ioctl and reading the rings, and the vCPU refills
+    /// every entry the reset freed. The flags then look like an overrun
+    /// onto our first mark (nothing reached); only the ioctl's count tells.
+    /// Taken for the overrun, our indexes fall a lap's part behind the
+    /// kernel's, a later hole is "skipped" onto entries the kernel has not
+    /// pushed yet, its reset index passes its dirty index, and the vCPU
+    /// exits ring-full for ever however many entries are handed back.
+    #[test]
+    fn a_vcpu_refilling_what_the_reset_freed_before_we_look_keeps_the_indexes_in_step() {
+        let n = 64;
+        let r = ring(n);
+        let soft = n - 8;
+        let mut k = Kernel { dirty: 0, reset: 0 };
+        for _ in 0..40 {
+            k.push(&r);
+        }
+        assert_eq!(r.harvest(false, |_, _| {}).entries, 40);
+        let count = k.walk(&r);
+        assert_eq!(count, 40);
+        // The vCPU runs on: 24 entries after the 40, then the 40 freed.
+        for _ in 0..n {
+            k.push(&r);
+        }
+        let s = r.after_reset(Some(count), |_, _| {});
+        assert_eq!((s.reached, s.overwritten), (40, false), "{s:?}");
+        assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset);
+        // The ring works on: ring-full reaps as `reap_vcpu` does them.
+        let mut prev_empty = false;
+        for step in 0..2000 {
+            if k.used() < soft {
+                k.push(&r);
+                continue;
+            }
+            let h = r.harvest(true, |_, _| {});
+            let empty = h.entries == 0 && h.skipped == 0 && h.repaired == 0;
+            if empty && prev_empty {
+                r.unwedge();
+            }
+            prev_empty = empty;
+            let count = k.walk(&r);
+            r.after_reset(Some(count), |_, _| {});
+            assert!(
+                k.used() < 1 << 31,
+                "step {step}: reset index past the dirty index"
+            );
+            assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset, "step {step}");
+        }
+    }
+
+    #[test]
+    fn the_count_settles_what_the_flags_cannot() {
+        let exact = |n| Reach {
+            at_least: n,
+            exact: true,
+        };
+        let open = |n| Reach {
+            at_least: n,
+            exact: false,
+        };
+        // The flags account for everything: as they say.
+        assert_eq!(
+            split_reset(30, &[(exact(10), 10), (exact(20), 40)]),
+            [Some(10), Some(20)]
+        );
+        // One ring they cannot tell about: the rest of the count.
+        assert_eq!(
+            split_reset(50, &[(exact(10), 10), (open(0), 40)]),
+            [Some(10), Some(40)]
+        );
+        assert_eq!(
+            split_reset(10, &[(exact(10), 10), (open(0), 40)]),
+            [Some(10), Some(0)]
+        );
+        assert_eq!(split_reset(25, &[(open(5), 64)]), [Some(25)]);
+        // Several: the one split of all-or-least that adds up.
+        assert_eq!(
+            split_reset(70, &[(open(0), 30), (open(0), 40), (open(0), 50)]),
+            [Some(30), Some(40), Some(0)]
+        );
+        // Two splits add up (30 + 40 = 70 = 20 + 50): cannot tell.
+        assert_eq!(
+            split_reset(
+                70,
+                &[(open(0), 30), (open(0), 40), (open(0), 20), (open(0), 50)]
+            ),
+            [None, None, None, None]
+        );
+        // More than every ring could reach, or less than the flags show:
+        // the flags' figures stand for the rings they are sure of.
+        assert_eq!(
+            split_reset(99, &[(exact(10), 10), (open(0), 40)]),
+            [Some(10), None]
+        );
+        assert_eq!(
+            split_reset(5, &[(exact(10), 10), (open(0), 40)]),
+            [Some(10), None]
+        );
+    }
+
+    #[test]
+    fn two_rings_one_refilled_before_we_look_one_overrun_before_the_reset() {
+        // One reset over three rings: A reached in full and refilled at
+        // once (its flags look like B's), B overrun onto its first mark
+        // before the reset, C plain. The count (A's 40 + C's 10) tells.
+        let (a, b, c) = (ring(64), ring(64), ring(64));
+        let mut ka = Kernel { dirty: 0, reset: 0 };
+        let mut kb = Kernel { dirty: 0, reset: 0 };
+        let mut kc = Kernel { dirty: 0, reset: 0 };
+        for _ in 0..40 {
+            ka.push(&a);
+        }
+        for _ in 0..64 {
+            kb.push(&b);
+        }
+        for _ in 0..10 {
+            kc.push(&c);
+        }
+        a.harvest(false, |_, _| {});
+        b.harvest(false, |_, _| {});
+        c.harvest(false, |_, _| {});
+        kb.push(&b);
+        let count = ka.walk(&a) + kb.walk(&b) + kc.walk(&c);
+        assert_eq!(count, 50);
+        for _ in 0..64 {
+            ka.push(&a);
+        }
+        let rings = [&a, &b, &c];
+        let reach: Vec<(Reach, u32)> = rings.iter().map(|r| (r.reach(), r.lag())).collect();
+        assert!(!reach[0].0.exact && !reach[1].0.exact && reach[2].0.exact);
+        let split = split_reset(u64::from(count), &reach);
+        assert_eq!(split, [Some(40), Some(0), Some(10)]);
+        for (r, hint) in rings.iter().zip(split) {
+            r.after_reset(hint, |_, _| {});
+        }
+        assert_eq!(a.kreset.load(Ordering::Relaxed), ka.reset);
+        assert_eq!(b.kreset.load(Ordering::Relaxed), kb.reset);
+        assert_eq!(c.kreset.load(Ordering::Relaxed), kc.reset);
+    }
+
     /// `after_reset` with a sink that collects what it reports again.
     fn settle(r: &Ring) -> (Settled, Vec<u64>) {
         let mut again = Vec::new();
-        let s = r.after_reset(|_, offset| again.push(offset));
+        let s = r.after_reset(None, |_, offset| again.push(offset));
         (s, again)
     }
 

@@ -150,9 +150,25 @@ impl Vm {
         }
         let slots = self.slots.read();
         let (mut reached, mut unreached) = (0u64, 0u64);
-        let rings = vcpus.values().filter_map(|v| v.ring.as_ref()).chain(extra);
-        for ring in rings.filter(|r| r.lag() > 0) {
-            let s = ring.after_reset(|slot, offset| {
+        let rings: Vec<&Ring> = vcpus
+            .values()
+            .filter_map(|v| v.ring.as_ref())
+            .chain(extra)
+            .filter(|r| r.lag() > 0)
+            .collect();
+        // How far the reset got on each ring; where the flags cannot tell,
+        // from the count (`Ring::reach`, `split_reset`).
+        let reach: Vec<(Reach, u32)> = rings.iter().map(|r| (r.reach(), r.lag())).collect();
+        let split = split_reset(reset, &reach);
+        if split.iter().any(Option::is_none) {
+            log::warn!(
+                "KVM_RESET_DIRTY_RINGS: neither the rings' flags nor the count ({reset}) tell how \
+                 far the reset got on a ring a vCPU overran or refilled meanwhile; taking what \
+                 the flags show: {reach:?}"
+            );
+        }
+        for (ring, hint) in rings.into_iter().zip(split) {
+            let s = ring.after_reset(hint, |slot, offset| {
                 if let Some(b) = slots.get(&slot).and_then(|s| s.dirty.as_deref()) {
                     b.set_locked(offset);
                 }
