@@ -184,25 +184,58 @@ pub struct Reach {
 pub fn split_reset(count: u64, rings: &[(Reach, u32)]) -> Vec<Option<u32>> {
     let mut out: Vec<Option<u32>> = rings.iter().map(|(r, _)| Some(r.at_least)).collect();
     let known: u64 = rings.iter().map(|(r, _)| u64::from(r.at_least)).sum();
-    let rest = count.checked_sub(known);
-    if rest == Some(0) {
-        return out;
-    }
-    let open: Vec<usize> = (0..rings.len())
-        .filter(|&i| !rings[i].0.exact && rings[i].0.at_least < rings[i].1)
-        .collect();
-    let Some(rest) = rest else {
-        for &i in &open {
-            out[i] = None;
+    let Some(rest) = count.checked_sub(known) else {
+        for (o, (r, _)) in out.iter_mut().zip(rings) {
+            if !r.exact {
+                *o = None;
+            }
         }
         return out;
     };
+    if rest == 0 {
+        return out;
+    }
+    // The rings whose flags say they cannot tell first; then every ring
+    // with entries left: a kernel overrunning a ring by more than a lap
+    // pushes anywhere in it, over 0s the walk left as well, and the ring
+    // need not have been found full since.
+    for loose in [false, true] {
+        let open: Vec<usize> = (0..rings.len())
+            .filter(|&i| (loose || !rings[i].0.exact) && rings[i].0.at_least < rings[i].1)
+            .collect();
+        if let Some(pick) = unique_split(rest, &open, rings) {
+            if let &[i] = open.as_slice() {
+                out[i] = Some(rings[i].0.at_least + rest as u32);
+            } else {
+                for (b, &i) in open.iter().enumerate() {
+                    if pick & (1 << b) != 0 {
+                        out[i] = Some(rings[i].1);
+                    }
+                }
+            }
+            return out;
+        }
+    }
+    for (o, (r, lag)) in out.iter_mut().zip(rings) {
+        if r.at_least < *lag {
+            *o = None;
+        }
+    }
+    out
+}
+
+/// `split_reset`'s search: which of the `open` rings (a bit each) reached
+/// all their entries, the others only `at_least`, for `rest` more entries
+/// in all; `None` unless exactly one choice adds up. A single open ring
+/// takes any part of `rest` up to its entries left.
+fn unique_split(rest: u64, open: &[usize], rings: &[(Reach, u32)]) -> Option<u32> {
     let more = |i: usize| u64::from(rings[i].1 - rings[i].0.at_least);
-    let mut found = None;
-    match open.as_slice() {
-        &[i] if rest <= more(i) => found = Some(1),
+    match open {
+        [] => None,
+        &[i] => (rest <= more(i)).then_some(1),
         // 2^16 sums at most: enough for every vCPU of a reap of 16.
-        many if many.len() > 1 && many.len() <= 16 => {
+        many if many.len() <= 16 => {
+            let mut found = None;
             for pick in 1u32..1 << many.len() {
                 let sum: u64 = (0..many.len())
                     .filter(|b| pick & (1 << b) != 0)
@@ -210,31 +243,15 @@ pub fn split_reset(count: u64, rings: &[(Reach, u32)]) -> Vec<Option<u32>> {
                     .sum();
                 if sum == rest {
                     if found.is_some() {
-                        found = None;
-                        break;
+                        return None;
                     }
                     found = Some(pick);
                 }
             }
+            found
         }
-        _ => {}
+        _ => None,
     }
-    match (open.as_slice(), found) {
-        (&[i], Some(_)) => out[i] = Some(rings[i].0.at_least + rest as u32),
-        (many, Some(pick)) => {
-            for (b, &i) in many.iter().enumerate() {
-                if pick & (1 << b) != 0 {
-                    out[i] = Some(rings[i].1);
-                }
-            }
-        }
-        (many, None) => {
-            for &i in many {
-                out[i] = None;
-            }
-        }
-    }
-    out
 }
 
 /// What one harvest of one ring found.
@@ -947,17 +964,14 @@ mod tests {
         for _ in 0..after {
             k.push(r);
         }
-        let (reach, lag, k0, f0) = (
-            r.reach(),
-            r.lag(),
-            r.kreset.load(Ordering::Relaxed),
-            r.fetch.load(Ordering::Relaxed),
-        );
-        let s = r.after_reset(Some(count), |_, _| {});
+        // As `Vm::reset` does it, for one ring.
+        let reach = [(r.reach(), r.lag())];
+        let split = split_reset(u64::from(count), &reach);
+        let s = r.after_reset(split[0], |_, _| {});
         assert_eq!(
             r.kreset.load(Ordering::Relaxed),
             k.reset,
-            "{h:?} {reach:?} lag {lag} count {count} kreset {k0} fetch {f0} {s:?} racing {racing} after {after} kernel dirty {}",
+            "{h:?} {reach:?} count {count} {s:?} racing {racing} after {after} kernel dirty {}",
             k.dirty
         );
         assert!(
@@ -1128,6 +1142,13 @@ mod tests {
             [Some(10), Some(0)]
         );
         assert_eq!(split_reset(25, &[(open(5), 64)]), [Some(25)]);
+        // A ring overrun by more than a lap: pushes covered entries the walk
+        // reached after its last 0, and no harvest found it full since.
+        assert_eq!(split_reset(899, &[(exact(833), 899)]), [Some(899)]);
+        assert_eq!(
+            split_reset(110, &[(exact(10), 10), (exact(40), 100)]),
+            [Some(10), Some(100)]
+        );
         // Several: the one split of all-or-least that adds up.
         assert_eq!(
             split_reset(70, &[(open(0), 30), (open(0), 40), (open(0), 50)]),

@@ -123,6 +123,7 @@ struct ReapState {
 struct LogCounts {
     short_resets: AtomicU64,
     rearms: AtomicU64,
+    told_by_count: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {

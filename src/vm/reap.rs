@@ -160,6 +160,26 @@ impl Vm {
         // from the count (`Ring::reach`, `split_reset`).
         let reach: Vec<(Reach, u32)> = rings.iter().map(|r| (r.reach(), r.lag())).collect();
         let split = split_reset(reset, &reach);
+        let told = reach
+            .iter()
+            .zip(&split)
+            .filter(|((r, _), s)| s.is_some_and(|n| n > r.at_least))
+            .count();
+        if told > 0 {
+            let n = self
+                .log_counts
+                .told_by_count
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                log::info!(
+                    "KVM_RESET_DIRTY_RINGS: its count ({reset}) told how far it got on {told} \
+                     ring(s) a vCPU refilled or overran around the reset, where the flags could \
+                     not (reset {n} on this VM told so; logged at powers of two): {reach:?}, \
+                     {split:?}"
+                );
+            }
+        }
         if split.iter().any(Option::is_none) {
             log::warn!(
                 "KVM_RESET_DIRTY_RINGS: neither the rings' flags nor the count ({reset}) tell how \
