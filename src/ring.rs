@@ -527,8 +527,9 @@ impl Ring {
     }
 
     /// After `KVM_RESET_DIRTY_RINGS` returned: takes how far it got on this
-    /// ring (`reach`, or `reached` where the flags cannot tell; without it,
-    /// none), and moves our copy of the kernel's reset index there. Calls
+    /// ring (`reached` of the marked entries: what `reach` read, or what the
+    /// count says where the flags cannot tell, `split_reset`), and moves our
+    /// copy of the kernel's reset index there. Calls
     /// `sink(slot, offset)` for each marked entry it did not reach.
     ///
     /// An unreached entry still flagged RESET names a page the kernel has
@@ -544,11 +545,10 @@ impl Ring {
     /// the vCPU exits ring-full for ever (measured: 1,025 wedges in a row,
     /// then `EOVERFLOW`; the test
     /// `a_vcpu_refilling_what_the_reset_freed_before_we_look_keeps_the_indexes_in_step`).
-    pub fn after_reset(&self, reached: Option<u32>, mut sink: impl FnMut(u32, u64)) -> Settled {
+    pub fn after_reset(&self, reached: u32, mut sink: impl FnMut(u32, u64)) -> Settled {
         let k = self.kreset.load(Ordering::Relaxed);
         let lag = self.lag();
-        let reach = self.reach();
-        let reached = reached.unwrap_or(reach.at_least).clamp(reach.at_least, lag);
+        let reached = reached.min(lag);
         let mem = self.mem();
         let flags = |j: u32| mem.load(k.wrapping_add(j));
         let mut settled = Settled {
@@ -888,7 +888,7 @@ mod tests {
                     r.flags(k).store(0, Ordering::Release);
                     k = k.wrapping_add(1);
                 }
-                r.after_reset(None, |_, _| {});
+                r.after_reset(r.reach().at_least, |_, _| {});
                 assert_eq!(r.kreset.load(Ordering::Relaxed), k);
                 freed.store(k, Ordering::Release);
                 std::thread::yield_now();
@@ -964,14 +964,11 @@ mod tests {
         for _ in 0..after {
             k.push(r);
         }
-        // As `Vm::reset` does it, for one ring.
-        let reach = [(r.reach(), r.lag())];
-        let split = split_reset(u64::from(count), &reach);
-        let s = r.after_reset(split[0], |_, _| {});
+        let s = settle_with(r, count);
         assert_eq!(
             r.kreset.load(Ordering::Relaxed),
             k.reset,
-            "{h:?} {reach:?} count {count} {s:?} racing {racing} after {after} kernel dirty {}",
+            "{h:?} count {count} {s:?} racing {racing} after {after} kernel dirty {}",
             k.dirty
         );
         assert!(
@@ -1000,7 +997,7 @@ mod tests {
             }
             prev_empty = empty;
             let count = k.walk(r);
-            r.after_reset(Some(count), |_, _| {});
+            settle_with(r, count);
             assert!(
                 k.used() < 1 << 31,
                 "step {step}: reset index past the dirty index"
@@ -1101,7 +1098,7 @@ mod tests {
         for _ in 0..n {
             k.push(&r);
         }
-        let s = r.after_reset(Some(count), |_, _| {});
+        let s = settle_with(&r, count);
         assert_eq!((s.reached, s.overwritten), (40, false), "{s:?}");
         assert_eq!(r.kreset.load(Ordering::Relaxed), k.reset);
         // The ring works on.
@@ -1197,18 +1194,25 @@ mod tests {
         assert!(!reach[0].0.exact && !reach[1].0.exact && reach[2].0.exact);
         let split = split_reset(u64::from(count), &reach);
         assert_eq!(split, [Some(40), Some(0), Some(10)]);
-        for (r, hint) in rings.iter().zip(split) {
-            r.after_reset(hint, |_, _| {});
+        for (r, n) in rings.iter().zip(split) {
+            r.after_reset(n.unwrap(), |_, _| {});
         }
         assert_eq!(a.kreset.load(Ordering::Relaxed), ka.reset);
         assert_eq!(b.kreset.load(Ordering::Relaxed), kb.reset);
         assert_eq!(c.kreset.load(Ordering::Relaxed), kc.reset);
     }
 
+    /// `after_reset` for one ring as `Vm::reset` does it, with the count.
+    fn settle_with(r: &Ring, count: u32) -> Settled {
+        let reach = [(r.reach(), r.lag())];
+        let n = split_reset(u64::from(count), &reach)[0].unwrap_or(reach[0].0.at_least);
+        r.after_reset(n, |_, _| {})
+    }
+
     /// `after_reset` with a sink that collects what it reports again.
     fn settle(r: &Ring) -> (Settled, Vec<u64>) {
         let mut again = Vec::new();
-        let s = r.after_reset(None, |_, offset| again.push(offset));
+        let s = r.after_reset(r.reach().at_least, |_, offset| again.push(offset));
         (s, again)
     }
 

@@ -116,6 +116,8 @@ struct ReapState {
     rearm: bool,
     /// Entries harvested since the last reset (for its log line).
     harvested: u64,
+    /// `reset`'s buffer: each ring's `Reach` and lag.
+    reach: Vec<(Reach, u32)>,
 }
 
 /// Counts behind the log's powers of two (not in `Stats`).

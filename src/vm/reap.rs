@@ -150,45 +150,25 @@ impl Vm {
         }
         let slots = self.slots.read();
         let (mut reached, mut unreached) = (0u64, 0u64);
-        let rings: Vec<&Ring> = vcpus
-            .values()
-            .filter_map(|v| v.ring.as_ref())
-            .chain(extra)
-            .filter(|r| r.lag() > 0)
-            .collect();
-        // How far the reset got on each ring; where the flags cannot tell,
-        // from the count (`Ring::reach`, `split_reset`).
-        let reach: Vec<(Reach, u32)> = rings.iter().map(|r| (r.reach(), r.lag())).collect();
-        let split = split_reset(reset, &reach);
-        let told = reach
-            .iter()
-            .zip(&split)
-            .filter(|((r, _), s)| s.is_some_and(|n| n > r.at_least))
-            .count();
-        if told > 0 {
-            let n = self
-                .log_counts
-                .told_by_count
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if n.is_power_of_two() {
-                log::info!(
-                    "KVM_RESET_DIRTY_RINGS: its count ({reset}) told how far it got on {told} \
-                     ring(s) a vCPU refilled or overran around the reset, where the flags could \
-                     not (reset {n} on this VM told so; logged at powers of two): {reach:?}, \
-                     {split:?}"
-                );
-            }
+        let rings = || {
+            vcpus
+                .values()
+                .filter_map(|v| v.ring.as_ref())
+                .chain(extra)
+                .filter(|r| r.lag() > 0)
+        };
+        // How far the reset got on each ring, read once (`Ring::reach`);
+        // where the flags do not add up to the count, from the count
+        // (`split_reset`). The buffer is kept: no allocation per reap.
+        let mut reach = std::mem::take(&mut st.reach);
+        reach.clear();
+        reach.extend(rings().map(|r| (r.reach(), r.lag())));
+        let shown: u64 = reach.iter().map(|(r, _)| u64::from(r.at_least)).sum();
+        if shown != reset {
+            self.settle_by_count(reset, &mut reach);
         }
-        if split.iter().any(Option::is_none) {
-            log::warn!(
-                "KVM_RESET_DIRTY_RINGS: neither the rings' flags nor the count ({reset}) tell how \
-                 far the reset got on a ring a vCPU overran or refilled meanwhile; taking what \
-                 the flags show: {reach:?}"
-            );
-        }
-        for (ring, hint) in rings.into_iter().zip(split) {
-            let s = ring.after_reset(hint, |slot, offset| {
+        for (ring, &(r, _)) in rings().zip(&reach) {
+            let s = ring.after_reset(r.at_least, |slot, offset| {
                 if let Some(b) = slots.get(&slot).and_then(|s| s.dirty.as_deref()) {
                     b.set_locked(offset);
                 }
@@ -201,6 +181,7 @@ impl Vm {
             }
         }
         drop(slots);
+        st.reach = reach;
         st.marked = unreached;
         if unreached > 0 {
             self.stats.add(stat!(reset_shortfall), unreached);
@@ -225,6 +206,44 @@ impl Vm {
             t.elapsed().as_micros()
         );
         Ok(())
+    }
+
+    /// Where the rings' flags do not add up to `KVM_RESET_DIRTY_RINGS`'s
+    /// count: takes from the count how far the reset got on the rings
+    /// whose flags cannot tell (`split_reset`), into `reach`; logs what it
+    /// settled, and where it could not.
+    fn settle_by_count(&self, count: u64, reach: &mut [(Reach, u32)]) {
+        let split = split_reset(count, reach);
+        let mut told = 0;
+        for ((r, _), s) in reach.iter_mut().zip(&split) {
+            if let Some(n) = *s
+                && n != r.at_least
+            {
+                r.at_least = n;
+                told += 1;
+            }
+        }
+        if told > 0 {
+            let n = self
+                .log_counts
+                .told_by_count
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                log::info!(
+                    "KVM_RESET_DIRTY_RINGS: its count ({count}) told how far it got on {told} \
+                     ring(s) a vCPU refilled or overran around the reset, where the flags could \
+                     not (reset {n} on this VM told so; logged at powers of two): {reach:?}"
+                );
+            }
+        }
+        if split.iter().any(Option::is_none) {
+            log::warn!(
+                "KVM_RESET_DIRTY_RINGS: neither the rings' flags nor the count ({count}) tell how \
+                 far the reset got on a ring a vCPU overran or refilled meanwhile; taking what \
+                 the flags show: {reach:?}"
+            );
+        }
     }
 
     /// Re-arms dirty logging on every logged slot (reap lock held): turns
