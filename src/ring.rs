@@ -501,7 +501,8 @@ impl Ring {
     /// reached them all; the thread that reset was switched out between the
     /// ioctl and this read) leave the same flags, and a vCPU overrunning
     /// the ring while the reset walked it leaves them for any count in
-    /// between. `Reach::Unknown`: the ioctl's count settles it (`split_reset`).
+    /// between: `exact` is false, and the ioctl's count settles it
+    /// (`split_reset`).
     pub fn reach(&self) -> Reach {
         let k = self.kreset.load(Ordering::Relaxed);
         let lag = self.lag();
