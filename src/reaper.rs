@@ -173,7 +173,7 @@ impl Reaper {
 
 /// The thread's loop.
 fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
-    let mut pacer = Pacer::new(cfg, Instant::now());
+    let mut pacer = Pacer::new(cfg);
     let mut levels = Vec::new();
     loop {
         {

@@ -367,6 +367,23 @@ impl Ring {
         hi
     }
 
+    /// The ring's level for a reader without the reap lock: (entries the
+    /// kernel has pushed into it so far, entries waiting to be harvested),
+    /// that is ([`harvested`](Self::harvested) plus [`fill`](Self::fill),
+    /// the fill). A harvest on another thread marks entries, then moves the
+    /// fetch index, then adds to the harvested total; with the total read
+    /// first, the count can only come out short by what that harvest took
+    /// (entries already marked, or already behind the fetch index, and not
+    /// yet in the total), never long. The reaper's pacing relies on that
+    /// (`pacer`).
+    pub fn level(&self) -> (u64, u32) {
+        // Acquire, pairing with the Release add in `harvest`: a total read
+        // here was added after the fetch index it counts was stored.
+        let harvested = self.harvested.load(Ordering::Acquire);
+        let fill = self.fill();
+        (harvested + u64::from(fill), fill)
+    }
+
     /// The entry array, as a copy the compiler keeps in registers (`Ring`
     /// has atomic fields, so it must reload them after every store).
     #[inline]
@@ -456,7 +473,8 @@ impl Ring {
         }
         self.fetch.store(fetch, Ordering::Relaxed);
         let n = u64::from(fetch.wrapping_sub(start)) - skipped;
-        self.harvested.fetch_add(n, Ordering::Relaxed);
+        // Release: after the fetch index (`pushed`).
+        self.harvested.fetch_add(n, Ordering::Release);
         // Every position of the ring is in use from the kernel's reset index
         // (harvested, a hole the kernel had left, or owed): it was completely
         // full, so the kernel may have overrun it again.
@@ -847,6 +865,27 @@ mod tests {
             push(&r, i, 1, 0);
         }
         assert_eq!(r.fill(), 1024, "a full lap, across the wrap");
+    }
+
+    /// What the reaper's pacing relies on: in the middle of a harvest the
+    /// count a lock-free reader takes is short by what the harvest took so
+    /// far, never above what the kernel pushed, and exact again after it.
+    #[test]
+    fn the_count_read_during_a_harvest_is_short_never_long() {
+        let r = ring(1024);
+        for i in 0..300 {
+            push(&r, i, 1, 0);
+        }
+        assert_eq!(r.level(), (300, 300));
+        let mut seen = vec![];
+        r.harvest(false, |_, _| seen.push(r.level().0));
+        assert_eq!(seen.len(), 300);
+        assert!(seen.iter().all(|&n| n <= 300), "{seen:?}");
+        assert!(
+            seen.iter().any(|&n| n < 300),
+            "a harvest in progress shows short"
+        );
+        assert_eq!(r.level(), (300, 0));
     }
 
     #[test]

@@ -396,8 +396,8 @@ impl Vm {
     pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, u64, u32, u32)) {
         for (&i, v) in self.vcpus.read().iter() {
             if let Some(r) = &v.ring {
-                let fill = r.fill();
-                f(i, r.harvested() + u64::from(fill), fill, r.entries());
+                let (pushed, fill) = r.level();
+                f(i, pushed, fill, r.entries());
             }
         }
     }
