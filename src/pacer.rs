@@ -44,6 +44,8 @@ pub(crate) struct Level {
     pub(crate) fill: u32,
     /// The ring's size.
     pub(crate) size: u32,
+    /// When the read of this ring began (the count is from then or later).
+    pub(crate) at: Instant,
 }
 
 /// The pacing state of one reaper thread.
@@ -52,7 +54,7 @@ pub(crate) struct Pacer {
     /// The pause before the next check.
     pause: Duration,
     /// Per vCPU: entries the kernel had pushed at the last sample kept,
-    /// and when.
+    /// and when its read began.
     pushed: HashMap<u32, (u64, Instant)>,
     /// The fastest fill rate of any trusted sample, entries a second.
     peak: f64,
@@ -92,8 +94,16 @@ impl Pacer {
         self.pushed.clear();
     }
 
-    /// A check at `now` that found `levels`: whether some ring holds the
-    /// high-water mark (reap now).
+    /// A check that found `levels`, ending at `now` (after every ring was
+    /// read): whether some ring holds the high-water mark (reap now).
+    ///
+    /// A ring's rate is its count's growth over the longest the interval
+    /// between the two reads can have been: from when the earlier read
+    /// began to `now`. The thread can be switched out between reading a
+    /// ring and reading the clock (measured: checks 8 to 57 ms late on the
+    /// 8-vCPU cell); a sample stamped after that delay and the next one
+    /// stamped on time would measure the count over a fraction of its
+    /// interval. The peak only grows, so an estimate must err low.
     pub(crate) fn check(&mut self, now: Instant, levels: &[Level]) -> bool {
         let pct = u64::from(self.cfg.high_water_pct());
         let (mut over, mut rate, mut trusted) = (false, 0f64, false);
@@ -105,7 +115,7 @@ impl Pacer {
             over |= u64::from(l.fill) * 100 >= u64::from(l.size) * pct;
             let prev = self.pushed.get(&l.index).copied();
             let Some((before, then)) = prev else {
-                self.pushed.insert(l.index, (l.pushed, now));
+                self.pushed.insert(l.index, (l.pushed, l.at));
                 continue;
             };
             if l.pushed < before {
@@ -113,7 +123,7 @@ impl Pacer {
                 // next sample from the previous one.
                 continue;
             }
-            self.pushed.insert(l.index, (l.pushed, now));
+            self.pushed.insert(l.index, (l.pushed, l.at));
             let n = l.pushed - before;
             let dt = now.duration_since(then).as_secs_f64().max(1e-6);
             // An eighth of the mark: 128 entries of a 4096-entry ring at 25 %.
@@ -168,12 +178,14 @@ mod tests {
         Pacer::new(cfg)
     }
 
-    fn level(pushed: u64, fill: u32) -> [Level; 1] {
+    /// One ring, read at `at` (a check that took no time).
+    fn level(at: Instant, pushed: u64, fill: u32) -> [Level; 1] {
         [Level {
             index: 0,
             pushed,
             fill,
             size: RING,
+            at,
         }]
     }
 
@@ -191,23 +203,23 @@ mod tests {
         let mut p = pacer();
         // Idle before the migration.
         let mut t = t0 + Duration::from_millis(50);
-        assert!(!p.check(t, &level(1000, 0)));
+        assert!(!p.check(t, &level(t, 1000, 0)));
         assert_eq!(p.plan(false), Duration::from_millis(50));
         // Logging starts and wakes the thread 5 ms into its pause; 200
         // entries came in the last moments. Read over the 5 ms that would
         // be 40,000 a second, trusted: the wake check only takes the count.
         p.wake();
         t += us(5000);
-        assert!(!p.check(t, &level(1200, 200)));
+        assert!(!p.check(t, &level(t, 1200, 200)));
         assert_eq!(p.plan(false), us(400));
         // 3 entries in 80 us (35,000 a second, which paced a 39 ms pause
         // before): not trusted; the pause keeps doubling.
         t += us(80);
-        assert!(!p.check(t, &level(1203, 203)));
+        assert!(!p.check(t, &level(t, 1203, 203)));
         assert_eq!(p.plan(false), us(800));
         // 200,000 a second for 800 us: 160 entries, trusted.
         t += us(800);
-        assert!(!p.check(t, &level(1363, 363)));
+        assert!(!p.check(t, &level(t, 1363, 363)));
         let pause = p.plan(false);
         // (1024 - 363) entries at 200,000 a second: 3.3 ms.
         let want = 661.0 / 200_000.0;
@@ -217,7 +229,7 @@ mod tests {
         t += pause;
         let fill = 363 + (pause.as_secs_f64() * 200_000.0).round() as u64;
         assert_eq!(fill, 1024);
-        assert!(p.check(t, &level(1000 + fill, fill as u32)));
+        assert!(p.check(t, &level(t, 1000 + fill, fill as u32)));
     }
 
     /// A slow vCPU paces by its rate once a sample is big enough; an idle
@@ -229,7 +241,7 @@ mod tests {
         p.wake();
         let mut t = t0;
         let mut pushed = 0;
-        assert!(!p.check(t, &level(pushed, 0)));
+        assert!(!p.check(t, &level(t, pushed, 0)));
         let mut pauses = vec![];
         // 10,000 entries a second.
         for _ in 0..8 {
@@ -238,7 +250,7 @@ mod tests {
             t += pause;
             pushed += pause.as_micros() as u64 / 100;
             let fill = (pushed % 1024) as u32;
-            if p.check(t, &level(pushed, fill)) {
+            if p.check(t, &level(t, pushed, fill)) {
                 unreachable!("the fill stays below the mark here");
             }
         }
@@ -251,7 +263,7 @@ mod tests {
         let mut q = pacer();
         for _ in 0..10 {
             t += q.pause();
-            assert!(!q.check(t, &level(0, 0)));
+            assert!(!q.check(t, &level(t, 0, 0)));
             q.plan(false);
         }
         assert_eq!(q.pause(), Duration::from_millis(50));
@@ -263,11 +275,11 @@ mod tests {
     fn a_new_ring_is_measured_from_its_first_check() {
         let t0 = Instant::now();
         let mut p = pacer();
-        assert!(!p.check(t0 + us(100), &level(100_000, 100)));
+        assert!(!p.check(t0 + us(100), &level(t0 + us(100), 100_000, 100)));
         p.plan(false);
         assert!(p.learning);
         // A ring over the mark is reaped whatever the rate.
-        assert!(p.check(t0 + us(200), &level(101_100, 1100)));
+        assert!(p.check(t0 + us(200), &level(t0 + us(200), 101_100, 1100)));
         // 1,000 entries in 100 us: the mark in 102 us, so the shortest pause.
         assert_eq!(p.plan(true), us(200));
     }
@@ -282,22 +294,50 @@ mod tests {
         let t0 = Instant::now();
         let mut p = pacer();
         p.wake();
-        assert!(!p.check(t0, &level(10_000, 0)));
+        assert!(!p.check(t0, &level(t0, 10_000, 0)));
         // 200,000 a second for 2 ms: trusted.
         let t = t0 + us(2000);
-        assert!(!p.check(t, &level(10_400, 400)));
+        assert!(!p.check(t, &level(t, 10_400, 400)));
         assert_eq!(p.peak, 200_000.0);
         // 200 us on, another thread is in the middle of harvesting the
         // 440 entries: the fill reads 0, the total is not yet added.
-        assert!(!p.check(t + us(200), &level(10_000, 0)));
+        assert!(!p.check(t + us(200), &level(t + us(200), 10_000, 0)));
         // 200 us after that, the harvest is counted: 80 entries in 400 us.
-        assert!(!p.check(t + us(400), &level(10_480, 40)));
+        assert!(!p.check(t + us(400), &level(t + us(400), 10_480, 40)));
         assert_eq!(p.peak, 200_000.0, "not 440 entries in 200 us");
         // And a real sample after it still counts from the kept one.
-        assert!(!p.check(t + us(2000), &level(10_800, 360)));
+        assert!(!p.check(t + us(2000), &level(t + us(2000), 10_800, 360)));
         assert_eq!(p.peak, 200_000.0);
-        assert!(p.check(t + us(6000), &level(12_000, 1560)));
+        assert!(p.check(t + us(6000), &level(t + us(6000), 12_000, 1560)));
         assert_eq!(p.peak, 300_000.0);
+    }
+
+    /// The reaper thread switched out between reading a ring and reading
+    /// the clock: the count is from when the read began, so the interval
+    /// runs from then (measured on the 8-vCPU cell: checks 8 to 57 ms
+    /// late, and a peak of 0.66 to 1 million entries a second where a
+    /// running vCPU pushes some 250,000).
+    #[test]
+    fn a_check_switched_out_after_its_read_does_not_inflate_the_rate() {
+        let t0 = Instant::now();
+        let mut p = pacer();
+        p.wake();
+        assert!(!p.check(t0, &level(t0, 0, 0)));
+        // Read at 2 ms (400 entries: 200,000 a second), then switched out
+        // for 10 ms before the check read the clock.
+        let read = t0 + us(2000);
+        assert!(!p.check(read + us(10_000), &level(read, 400, 400)));
+        // Over the longest the interval can have been (12 ms): low, not high.
+        assert!((p.peak - 400.0 / 0.012).abs() < 1.0, "{}", p.peak);
+        // The next check, on time at 14 ms: 2,400 entries since the read at
+        // 2 ms (200,000 a second), not since the late clock at 12 ms.
+        let t = t0 + us(14_000);
+        assert!(p.check(t, &level(t, 2_800, 2_800)));
+        assert!(
+            (p.peak - 200_000.0).abs() < 1.0,
+            "not 2,400 entries in 2 ms: {}",
+            p.peak
+        );
     }
 
     /// A failed reap backs off to the longest pause.

@@ -193,12 +193,13 @@ fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
             return;
         };
         levels.clear();
-        vm.ring_levels(|index, pushed, fill, size| {
+        vm.ring_levels(|index, pushed, fill, size, at| {
             levels.push(Level {
                 index,
                 pushed,
                 fill,
                 size,
+                at,
             });
         });
         let over = pacer.check(Instant::now(), &levels);

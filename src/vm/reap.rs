@@ -391,13 +391,14 @@ impl Vm {
     }
 
     /// For each vCPU ring: (vCPU index, entries the kernel pushed so far,
-    /// entries waiting to be harvested, ring size). No syscall, no
-    /// reap lock: a snapshot for the reaper's decisions.
-    pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, u64, u32, u32)) {
+    /// entries waiting to be harvested, ring size, when the read began).
+    /// No syscall, no reap lock: a snapshot for the reaper's decisions.
+    pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, u64, u32, u32, Instant)) {
         for (&i, v) in self.vcpus.read().iter() {
             if let Some(r) = &v.ring {
+                let at = Instant::now();
                 let (pushed, fill) = r.level();
-                f(i, pushed, fill, r.entries());
+                f(i, pushed, fill, r.entries(), at);
             }
         }
     }
