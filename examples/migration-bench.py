@@ -105,6 +105,7 @@ def run_args(qemu, mode, ram_mib, spin, a, smp=2):
     ns.bandwidth_mib = a.bandwidth_mib
     ns.downtime_ms = a.downtime_ms
     ns.timeout = a.timeout
+    ns.ring_size = a.ring_size
     ns.label = ""
     if a.perf:
         ns.perf = f"/tmp/kds-bench-{os.getpid()}.perf"
@@ -167,6 +168,7 @@ def record(ns, log, results, line, **fields):
     if ns.perf and os.path.exists(ns.perf):
         os.unlink(ns.perf)
     r.update(fields)
+    r.setdefault("ring_size", ns.ring_size)
     results.append(r)
     log.write(json.dumps(r) + "\n")
     log.flush()
@@ -431,6 +433,8 @@ def main():
     ap.add_argument("--downtime-ms", type=int,
                     help="1000 (heavy: 300, QEMU's default)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds a migration may take")
+    ap.add_argument("--ring-size", type=int, default=4096, help="entries per vCPU ring "
+                    "(QEMU's dirty-ring-size)")
     ap.add_argument("--calibrate-s", type=float, default=5)
     ap.add_argument("--spins", default="", help="name=spin,... instead of calibrating")
     ap.add_argument("--out", default="doc/migration.csv")
@@ -447,7 +451,7 @@ def main():
     machine = (f"kvm-dirty-shim migration bench ({a.matrix}): Linux {platform.release()}, "
                f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; "
                f"{'2 vCPUs, ' if a.matrix == 'paced' else ''}"
-               f"{a.bandwidth_mib} MiB/s, downtime limit {a.downtime_ms} ms, 4096-entry rings, "
+               f"{a.bandwidth_mib} MiB/s, downtime limit {a.downtime_ms} ms, {a.ring_size}-entry rings, "
                f"medians of completed runs; {time.strftime('%Y-%m-%d')}")
     jsonl = os.path.splitext(a.out)[0] + ".jsonl"
     if a.summarize:
