@@ -38,8 +38,9 @@ use crate::reaper::Config;
 pub(crate) struct Level {
     /// The vCPU.
     pub(crate) index: u32,
-    /// Entries the kernel pushed into the ring so far.
-    pub(crate) pushed: u64,
+    /// Entries the kernel pushed into the ring so far; `None` when the
+    /// read was torn by a harvest on another thread (`Ring::level`).
+    pub(crate) pushed: Option<u64>,
     /// Entries waiting to be harvested.
     pub(crate) fill: u32,
     /// The ring's size.
@@ -113,18 +114,23 @@ impl Pacer {
             self.entries = self.entries.max(l.size);
             self.fullest = self.fullest.max(l.fill);
             over |= u64::from(l.fill) * 100 >= u64::from(l.size) * pct;
-            let prev = self.pushed.get(&l.index).copied();
-            let Some((before, then)) = prev else {
-                self.pushed.insert(l.index, (l.pushed, l.at));
+            let Some(pushed) = l.pushed else {
+                // Torn by a harvest: measure the next from the last kept.
                 continue;
             };
-            if l.pushed < before {
-                // Read in the middle of a harvest: short by it; measure the
-                // next sample from the previous one.
+            let prev = self.pushed.get(&l.index).copied();
+            let Some((before, then)) = prev else {
+                self.pushed.insert(l.index, (pushed, l.at));
+                continue;
+            };
+            if pushed < before {
+                // Short of what the kernel pushed: a hole it left after
+                // overrunning the ring, or entries handed back, are not
+                // counted until harvested past. Measure from the last kept.
                 continue;
             }
-            self.pushed.insert(l.index, (l.pushed, l.at));
-            let n = l.pushed - before;
+            self.pushed.insert(l.index, (pushed, l.at));
+            let n = pushed - before;
             let dt = now.duration_since(then).as_secs_f64().max(1e-6);
             // An eighth of the mark: 128 entries of a 4096-entry ring at 25 %.
             if n * 800 >= u64::from(l.size) * pct {
@@ -182,7 +188,7 @@ mod tests {
     fn level(at: Instant, pushed: u64, fill: u32) -> [Level; 1] {
         [Level {
             index: 0,
-            pushed,
+            pushed: Some(pushed),
             fill,
             size: RING,
             at,
@@ -284,11 +290,13 @@ mod tests {
         assert_eq!(p.plan(true), us(200));
     }
 
-    /// A count read while another thread harvested the ring (short by
-    /// that harvest, `Ring::level`) must not make the harvest look like
-    /// entries pushed in the next interval: that read 0.66 to 7.7 million
-    /// entries a second in the 8-vCPU cell (doc/heavy.md), and the peak
-    /// paced every later pause at the shortest.
+    /// A count read while another thread harvested the ring comes as
+    /// none (`Ring::level`), and one below the last kept (a hole the kernel
+    /// left, entries handed back) is not kept: neither may make the next
+    /// sample's growth look like entries pushed in a short interval. That
+    /// read 0.66 to 7.7 million entries a second in the 8-vCPU cell
+    /// (doc/heavy.md), and the peak paced every later pause at the
+    /// shortest.
     #[test]
     fn a_count_read_during_a_harvest_does_not_inflate_the_rate() {
         let t0 = Instant::now();
@@ -299,8 +307,13 @@ mod tests {
         let t = t0 + us(2000);
         assert!(!p.check(t, &level(t, 10_400, 400)));
         assert_eq!(p.peak, 200_000.0);
-        // 200 us on, another thread is in the middle of harvesting the
-        // 440 entries: the fill reads 0, the total is not yet added.
+        // 100 us on, torn by a harvest on another thread.
+        let torn = [Level {
+            pushed: None,
+            ..level(t, 0, 0)[0]
+        }];
+        assert!(!p.check(t + us(100), &torn));
+        // 200 us on, a hole at the fetch index: the count reads short.
         assert!(!p.check(t + us(200), &level(t + us(200), 10_000, 0)));
         // 200 us after that, the harvest is counted: 80 entries in 400 us.
         assert!(!p.check(t + us(400), &level(t + us(400), 10_480, 40)));

@@ -390,10 +390,11 @@ impl Vm {
         *self.reaper_wake.lock() = w;
     }
 
-    /// For each vCPU ring: (vCPU index, entries the kernel pushed so far,
-    /// entries waiting to be harvested, ring size, when the read began).
+    /// For each vCPU ring: (vCPU index, entries the kernel pushed so far
+    /// or `None` if a harvest tore the read, entries waiting to be
+    /// harvested, ring size, when the read began).
     /// No syscall, no reap lock: a snapshot for the reaper's decisions.
-    pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, u64, u32, u32, Instant)) {
+    pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, Option<u64>, u32, u32, Instant)) {
         for (&i, v) in self.vcpus.read().iter() {
             if let Some(r) = &v.ring {
                 let at = Instant::now();
