@@ -17,16 +17,22 @@
 //! the first check after the wake mostly precedes the logging, so that
 //! check only takes each ring's count to measure from.
 //!
-//! A ring's count is read without the reap lock, while another thread may
-//! be harvesting it: such a snapshot can come out short by what that
-//! harvest took (`Ring::pushed`), never long. A count below the ring's
-//! previous one is such a snapshot: it is not kept, and the next sample
-//! measures from the previous count and its time. (Until 0.3 it was kept,
-//! and the next check read the harvest as pushed since it: 0.66 to 7.7
-//! million entries a second in the 8-vCPU cell of doc/heavy.md, where a
-//! running vCPU pushes some 250,000. The peak only grows, so every pause
-//! of the run fell to the shortest, and the reaper thread spent two to
-//! four times its CPU on checks.)
+//! The peak only grows, so one sample read too high paces every later
+//! pause of the migration at the shortest. Until 0.3 two kinds did, in the
+//! 8-vCPU cell of doc/heavy.md (0.66 to 7.7 million entries a second,
+//! where a running vCPU pushes some 250,000; the reaper then spent two to
+//! four times its CPU on checks):
+//! - a count read while another thread harvested the ring, short by what
+//!   that harvest took, against which the next count read long. A torn
+//!   read now gives no count (`Ring::level`, a sequence count), and a
+//!   count below the last kept one (a hole the kernel left, entries handed
+//!   back) is not kept either;
+//! - a count stamped late: the thread was switched out between reading the
+//!   rings and reading the clock (checks 8 to 57 ms late there), and the
+//!   next sample measured a whole interval's entries over the part of it
+//!   after the stamp. A ring's growth is now measured from when its
+//!   earlier read began to the end of the check: the longest the interval
+//!   can have been, so the rate errs low.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -96,15 +102,9 @@ impl Pacer {
     }
 
     /// A check that found `levels`, ending at `now` (after every ring was
-    /// read): whether some ring holds the high-water mark (reap now).
-    ///
-    /// A ring's rate is its count's growth over the longest the interval
-    /// between the two reads can have been: from when the earlier read
-    /// began to `now`. The thread can be switched out between reading a
-    /// ring and reading the clock (measured: checks 8 to 57 ms late on the
-    /// 8-vCPU cell); a sample stamped after that delay and the next one
-    /// stamped on time would measure the count over a fraction of its
-    /// interval. The peak only grows, so an estimate must err low.
+    /// read): whether some ring holds the high-water mark (reap now). A
+    /// ring's rate is its count's growth from when the earlier read began
+    /// to `now` (see the module's comment).
     pub(crate) fn check(&mut self, now: Instant, levels: &[Level]) -> bool {
         let pct = u64::from(self.cfg.high_water_pct());
         let (mut over, mut rate, mut trusted) = (false, 0f64, false);
