@@ -118,6 +118,14 @@ impl Pacer {
                 // Torn by a harvest: measure the next from the last kept.
                 continue;
             };
+            if l.fill >= l.size {
+                // A full ring: the kernel may be writing over entries, and
+                // the harvest after it counts what it finds (measured: 4,096
+                // entries in 1.5 ms, then 3,986 in 0.4 ms). No rate from
+                // it; measure afresh from the next count.
+                self.pushed.remove(&l.index);
+                continue;
+            }
             let prev = self.pushed.get(&l.index).copied();
             let Some((before, then)) = prev else {
                 self.pushed.insert(l.index, (pushed, l.at));
@@ -351,6 +359,27 @@ mod tests {
             "not 2,400 entries in 2 ms: {}",
             p.peak
         );
+    }
+
+    /// A ring found full (overrun on this kernel) gives no rate, nor does
+    /// the count after the harvest of it: measured, 4,096 entries in 1.5
+    /// ms and then 3,986 in 0.4 ms (9.7 million a second).
+    #[test]
+    fn a_full_ring_gives_no_rate() {
+        let t0 = Instant::now();
+        let mut p = pacer();
+        p.wake();
+        assert!(!p.check(t0, &level(t0, 5_757_205, 0)));
+        let t = t0 + us(1_500);
+        assert!(p.check(t, &level(t, 5_761_301, 4096)));
+        assert_eq!(p.peak, 0.0);
+        let t = t + us(400);
+        assert!(!p.check(t, &level(t, 5_765_287, 43)));
+        assert_eq!(p.peak, 0.0);
+        // From there on, rates count again (and this ring is over the mark).
+        let t = t + us(2_000);
+        assert!(p.check(t, &level(t, 5_766_487, 1243)));
+        assert!((p.peak - 600_000.0).abs() < 1.0, "{}", p.peak);
     }
 
     /// A failed reap backs off to the longest pause.
