@@ -18,21 +18,24 @@
 //! check only takes each ring's count to measure from.
 //!
 //! The peak only grows, so one sample read too high paces every later
-//! pause of the migration at the shortest. Until 0.3 two kinds did, in the
-//! 8-vCPU cell of doc/heavy.md (0.66 to 7.7 million entries a second,
-//! where a running vCPU pushes some 250,000; the reaper then spent two to
-//! four times its CPU on checks):
+//! pause of the migration at the shortest. Three kinds of sample could
+//! read too high until 0.3 (the 8-vCPU cell of doc/heavy.md, where a
+//! running vCPU really pushes 555,000 to 690,000 entries a second):
 //! - a count read while another thread harvested the ring, short by what
 //!   that harvest took, against which the next count read long. A torn
 //!   read now gives no count (`Ring::level`, a sequence count), and a
 //!   count below the last kept one (a hole the kernel left, entries handed
 //!   back) is not kept either;
 //! - a count stamped late: the thread was switched out between reading the
-//!   rings and reading the clock (checks 8 to 57 ms late there), and the
-//!   next sample measured a whole interval's entries over the part of it
-//!   after the stamp. A ring's growth is now measured from when its
+//!   rings and reading the clock (its checks came up to 88 ms late there),
+//!   and the next sample measured a whole interval's entries over the part
+//!   of it after the stamp. A ring's growth is now measured from when its
 //!   earlier read began to the end of the check: the longest the interval
-//!   can have been, so the rate errs low.
+//!   can have been, so the rate errs low;
+//! - a full ring, overrun (measured after an overflow: 4,096 entries in
+//!   1.5 ms, then 3,986 in 0.4 ms after its harvest, 9.7 million a
+//!   second, and every later pause at the shortest). A full ring now gives
+//!   no rate, and the count after it is measured afresh.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -301,10 +304,7 @@ mod tests {
     /// A count read while another thread harvested the ring comes as
     /// none (`Ring::level`), and one below the last kept (a hole the kernel
     /// left, entries handed back) is not kept: neither may make the next
-    /// sample's growth look like entries pushed in a short interval. That
-    /// read 0.66 to 7.7 million entries a second in the 8-vCPU cell
-    /// (doc/heavy.md), and the peak paced every later pause at the
-    /// shortest.
+    /// sample's growth look like entries pushed in a short interval.
     #[test]
     fn a_count_read_during_a_harvest_does_not_inflate_the_rate() {
         let t0 = Instant::now();
@@ -334,10 +334,8 @@ mod tests {
     }
 
     /// The reaper thread switched out between reading a ring and reading
-    /// the clock: the count is from when the read began, so the interval
-    /// runs from then (measured on the 8-vCPU cell: checks 8 to 57 ms
-    /// late, and a peak of 0.66 to 1 million entries a second where a
-    /// running vCPU pushes some 250,000).
+    /// the clock (its checks came up to 88 ms late in the 8-vCPU cell): the
+    /// count is from when the read began, so the interval runs from then.
     #[test]
     fn a_check_switched_out_after_its_read_does_not_inflate_the_rate() {
         let t0 = Instant::now();

@@ -380,8 +380,7 @@ impl Ring {
     /// changed the fetch index, the flags or the total while they were
     /// read (a sequence count, `begin_change`): such a snapshot comes out
     /// short by what that harvest took, and the next one long by as much
-    /// against it (the reaper's pacing read 0.66 to 1.5 million entries a
-    /// second from those, where a running vCPU pushes some 250,000).
+    /// against it, a rate too high for the reaper's pacing.
     pub fn level(&self) -> (Option<u64>, u32) {
         // Acquire: the reads below come after it.
         let before = self.changes.load(Ordering::Acquire);
