@@ -209,17 +209,10 @@ impl DirtyTracker {
     /// that stays mapped while the slot exists (the kernel maps it into the
     /// guest), as for `KVM_SET_USER_MEMORY_REGION`.
     pub unsafe fn update_memslot(&self, m: &Memslot) -> Result<()> {
-        // SAFETY: the caller's contract is this function's.
-        unsafe { self.vm.update_memslot(&m.region()) }?;
-        // Whatever kept the slot's memory is let go once the slot is gone
-        // (address 0: no mapping is there) or maps other memory.
-        let addr = if m.memory_size == 0 {
-            0
-        } else {
-            m.userspace_addr
-        };
-        self.vm.keep_memory(m.slot.raw(), addr, None);
-        Ok(())
+        // SAFETY: the caller's contract is this function's. Whatever the
+        // VM kept of the slot's memory (`update_memslot_region`) is let go
+        // once the slot is gone or maps other memory.
+        unsafe { self.vm.update_memslot(&m.region(), None) }
     }
 
     /// Registers vCPU `index` (created with kvm-ioctls); in ring mode

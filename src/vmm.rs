@@ -47,10 +47,7 @@ impl DirtyTracker {
         // SAFETY: `region` is a live mapping of `len` bytes at `as_ptr`;
         // the VM keeps this Arc (so the mapping) until the slot is deleted
         // or remapped, and past its own fd (`Vm::keep_memory`).
-        unsafe { self.vm_core().update_memslot(&m.region()) }?;
-        self.vm_core()
-            .keep_memory(slot.raw(), m.userspace_addr, Some(region));
-        Ok(())
+        unsafe { self.vm_core().update_memslot(&m.region(), Some(region)) }
     }
 
     /// Syncs `slot` (as [`sync_memslot_each`](Self::sync_memslot_each))

@@ -389,22 +389,20 @@ impl Vm {
         }
     }
 
-    /// After a successful update of `slot` to host address `addr`: keeps
-    /// `keeper` (the memory's owner) alive while the slot maps it, or, with
-    /// `None`, lets go of what the slot kept unless it still maps the same
-    /// memory (a flags change). A deleted slot passes address 0.
-    pub(crate) fn keep_memory(&self, slot: u32, addr: u64, keeper: Option<Keeper>) {
+    /// After a successful update of `slot` to host address `addr`
+    /// (lifecycle lock held): keeps `keeper` (the memory's owner) alive
+    /// while the slot maps it, or, with `None`, lets go of what the slot
+    /// kept unless it still maps the same memory (a flags change). A
+    /// deleted slot passes address 0. Returns what was let go of, for the
+    /// caller to drop once the lock is released.
+    fn keep_memory(&self, slot: u32, addr: u64, keeper: Option<Keeper>) -> Option<Keeper> {
         let mut kept = self.kept.lock();
-        match keeper {
-            Some(k) => {
-                kept.insert(slot, (addr, k));
-            }
-            None => {
-                if kept.get(&slot).is_some_and(|(a, _)| *a != addr) {
-                    kept.remove(&slot);
-                }
-            }
-        }
+        let gone = match keeper {
+            Some(k) => kept.insert(slot, (addr, k)),
+            None if kept.get(&slot).is_some_and(|(a, _)| *a != addr) => kept.remove(&slot),
+            None => None,
+        };
+        gone.map(|(_, k)| k)
     }
 
     fn slot(&self, slot: u32) -> Option<Arc<Slot>> {
