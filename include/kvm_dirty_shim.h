@@ -284,6 +284,12 @@ typedef struct KdsStats {
    * reported every dirty-logged page, as after an overflow.
    */
   uint64_t resets_switched_out;
+  /**
+   * ABI 3. Pages kds_memslot_clear() took out of
+   * the next sync's report: pages reported before, which the caller
+   * was about to send, written again since.
+   */
+  uint64_t pages_cleared;
 } KdsStats;
 
 /**
@@ -621,6 +627,31 @@ int64_t kds_memslot_sync_runs(struct KdsVm *vm,
                               uint32_t flags,
                               KdsDirtyRunFn run,
                               void *opaque);
+
+/**
+ * Tells the library that the caller is about to read (send) the pages
+ * first_page .. first_page + npages of the slot that its syncs reported:
+ * those written again since their report are left out of the next sync,
+ * which would report them for a write the read already carries. What
+ * KVM_CLEAR_DIRTY_LOG does for a bitmap with manual protect (QEMU clears
+ * each chunk of a RAMBlock right before sending its first page). Only
+ * pages a sync reported since the last clear of their range are left
+ * out; a write after this call is reported as always. Call it only right
+ * before reading the pages: a page left out here but never read is lost.
+ *
+ * Ring modes reap every ring first. Nothing is left out in bitmap mode
+ * (each sync clears what it reports), after a ring overrun until the next
+ * sync, or for a slot changed since its last sync.
+ *
+ * @param slot        the memslot, as in KdsMemslot.slot
+ * @param first_page  the first page, an index in the slot
+ * @param npages      pages from first_page, all within the slot
+ * @return the number of pages left out; -ENOENT for an unknown slot or
+ *         one without KDS_MEM_LOG_DIRTY_PAGES; -EINVAL for NULL or a range
+ *         past the slot's end; the errno of the ioctl that failed (the
+ *         reset).
+ */
+int64_t kds_memslot_clear(struct KdsVm *vm, uint32_t slot, uint64_t first_page, uint64_t npages);
 
 /* ------------------------------------------------------------------------
  * The adaptive reaper thread

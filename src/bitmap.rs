@@ -199,6 +199,50 @@ impl AtomicBitmap {
         count
     }
 
+    /// ORs `bits` into word `i` (the writers' lock held; bits past the
+    /// last page are dropped).
+    pub fn or_word_locked(&self, i: usize, bits: u64) {
+        let bits = bits & word_mask(self.npages, i);
+        if bits != 0 {
+            let w = &self.words[i];
+            w.store(w.load(Ordering::Relaxed) | bits, Ordering::Relaxed);
+            self.mark_word(i);
+        }
+    }
+
+    /// Clears, for each page in `first .. first + n` whose bit is set in
+    /// `taken`, that bit in `taken` and in this bitmap (the writers' lock
+    /// of both held). Returns how many of those bits were set here.
+    pub fn clear_taken(&self, taken: &AtomicBitmap, first: u64, n: u64) -> u64 {
+        let end = first.saturating_add(n).min(self.npages).min(taken.npages);
+        if first >= end {
+            return 0;
+        }
+        let mut cleared = 0;
+        for i in (first / 64) as usize..=((end - 1) / 64) as usize {
+            let base = i as u64 * 64;
+            let lo = first.saturating_sub(base);
+            let hi = (end - base).min(64);
+            let range = (u64::MAX >> (64 - (hi - lo))) << lo;
+            let t = &taken.words[i];
+            let m = t.load(Ordering::Relaxed) & range;
+            if m == 0 {
+                continue;
+            }
+            t.store(t.load(Ordering::Relaxed) & !m, Ordering::Relaxed);
+            let w = &self.words[i];
+            let v = w.load(Ordering::Relaxed);
+            w.store(v & !m, Ordering::Relaxed);
+            cleared += u64::from((v & m).count_ones());
+        }
+        cleared
+    }
+
+    /// Did `set_all` run since the last `take_whole`?
+    pub fn is_whole(&self) -> bool {
+        self.whole.load(Ordering::Relaxed)
+    }
+
     /// Did `set_all` run since the previous call? (The caller drains
     /// under the writers' lock right after.)
     pub fn take_whole(&self) -> bool {
@@ -237,6 +281,39 @@ mod tests {
         assert!(!b.take_whole(), "only once");
         assert!(b.set_locked(3));
         assert!(!b.take_whole(), "one page is not the whole slot");
+    }
+
+    #[test]
+    fn clear_taken_clears_only_taken_pages_in_the_range() {
+        let (b, taken) = (AtomicBitmap::new(200), AtomicBitmap::new(200));
+        for p in [2, 60, 63, 64, 65, 130, 199] {
+            b.set_locked(p);
+        }
+        // Taken: 60 and 64 in the range with their bit set here, 61 in
+        // the range without, 65 and 130 past it, 1 before it.
+        for p in [1, 60, 61, 64, 65, 130] {
+            taken.set_locked(p);
+        }
+        assert_eq!(b.clear_taken(&taken, 60, 5), 2, "pages 60 and 64");
+        let left: Vec<u64> = (0..200).filter(|&p| b.get(p)).collect();
+        assert_eq!(left, [2, 63, 65, 130, 199]);
+        let taken_left: Vec<u64> = (0..200).filter(|&p| taken.get(p)).collect();
+        assert_eq!(
+            taken_left,
+            [1, 65, 130],
+            "taken bits in the range are used up"
+        );
+        assert_eq!(b.clear_taken(&taken, 60, 5), 0, "nothing twice");
+        // A range past the end is cut at it; an empty one clears nothing.
+        assert_eq!(
+            b.clear_taken(&taken, 100, u64::MAX),
+            1,
+            "130; 65 is before it"
+        );
+        assert_eq!(b.clear_taken(&taken, 0, 0), 0);
+        assert_eq!(b.clear_taken(&taken, 500, 10), 0);
+        let left: Vec<u64> = (0..200).filter(|&p| b.get(p)).collect();
+        assert_eq!(left, [2, 63, 65, 199]);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! is [`DirtyTracker::update_memslot`], `kds_reaper_enable` is
 //! [`DirtyTracker::enable_reaper`]), and the core's method has the same name.
 
+use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -311,6 +312,26 @@ impl DirtyTracker {
     ) -> Result<SyncReport> {
         self.vm
             .sync_memslot_runs(slot.raw(), stage == SyncStage::Final, f)
+    }
+
+    /// Tells the tracker that the caller is about to read (send) the
+    /// pages in `pages` (indices in `slot`) that its syncs reported: those
+    /// written again since their report are left out of the next sync,
+    /// which would report them for a write the read already carries. What
+    /// `KVM_CLEAR_DIRTY_LOG` does for a bitmap (QEMU clears each chunk of
+    /// a RAMBlock before sending its first page). Only pages a sync
+    /// reported since the last clear of their range are left out; a write
+    /// after this call is reported as always. Returns how many were left
+    /// out; 0 in bitmap mode (each sync clears what it reports), after a
+    /// ring overrun until the next sync, and for a slot changed since its
+    /// last sync.
+    ///
+    /// Call it only right before reading the pages: one reported and left
+    /// out here but never read afterwards is lost to the caller.
+    /// [`ErrorKind::InvalidArgument`] for a range past the slot's end.
+    pub fn clear_memslot(&self, slot: SlotId, pages: Range<u64>) -> Result<u64> {
+        let n = pages.end.saturating_sub(pages.start);
+        self.vm.clear_memslot(slot.raw(), pages.start, n)
     }
 
     /// The C ABI's `kds_memslot_sync`: `nbits` valid bits in `out`.

@@ -422,6 +422,10 @@ pub struct Stats {
     /// without ring entries, so the shim re-armed dirty logging and
     /// reported every dirty-logged page, as after an overflow.
     pub resets_switched_out: u64,
+    /// ABI 3. Pages kds_memslot_clear() took out of
+    /// the next sync's report: pages reported before, which the caller
+    /// was about to send, written again since.
+    pub pages_cleared: u64,
 }
 
 /// Counters of one vCPU, read with kds_vcpu_stats_get(): what a VMM's

@@ -103,3 +103,26 @@ fn the_ordering_rules_are_the_c_abis() {
         ErrorKind::NotFound
     );
 }
+
+#[test]
+fn a_clear_checks_its_slot_and_range() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let kvm = Kvm::new().expect("/dev/kvm");
+    for ring in [Some(4096), None] {
+        let vm = kvm.create_vm().unwrap();
+        let t = DirtyTracker::adopt(&vm).unwrap();
+        if let Some(n) = ring {
+            t.enable_dirty_ring(n).unwrap();
+        }
+        t.board_init(BoardFlags::empty()).unwrap();
+        let mem = Mem::new(1 << 16);
+        // SAFETY: `mem` outlives the tracker.
+        unsafe { t.update_memslot(&logged_slot0(&mem)) }.unwrap();
+        let s = SlotId::new(0);
+        assert_eq!(t.clear_memslot(s, 0..16).unwrap(), 0, "nothing reported yet");
+        let e = t.clear_memslot(s, 8..17).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        let e = t.clear_memslot(SlotId::new(5), 0..1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    }
+}

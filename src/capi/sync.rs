@@ -118,3 +118,43 @@ pub unsafe extern "C" fn kds_memslot_sync_runs(
         Ok(r.pages)
     })
 }
+
+/// Tells the library that the caller is about to read (send) the pages
+/// first_page .. first_page + npages of the slot that its syncs reported:
+/// those written again since their report are left out of the next sync,
+/// which would report them for a write the read already carries. What
+/// KVM_CLEAR_DIRTY_LOG does for a bitmap with manual protect (QEMU clears
+/// each chunk of a RAMBlock right before sending its first page). Only
+/// pages a sync reported since the last clear of their range are left
+/// out; a write after this call is reported as always. Call it only right
+/// before reading the pages: a page left out here but never read is lost.
+///
+/// Ring modes reap every ring first. Nothing is left out in bitmap mode
+/// (each sync clears what it reports), after a ring overrun until the next
+/// sync, or for a slot changed since its last sync.
+///
+/// @param slot        the memslot, as in KdsMemslot.slot
+/// @param first_page  the first page, an index in the slot
+/// @param npages      pages from first_page, all within the slot
+/// @return the number of pages left out; -ENOENT for an unknown slot or
+///         one without KDS_MEM_LOG_DIRTY_PAGES; -EINVAL for NULL or a range
+///         past the slot's end; the errno of the ioctl that failed (the
+///         reset).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kds_memslot_clear(
+    vm: *mut KdsVm,
+    slot: u32,
+    first_page: u64,
+    npages: u64,
+) -> i64 {
+    ffi_boundary!("kds_memslot_clear", {
+        let v = try_ref_from_ptr!(vm);
+        let Some(end) = first_page.checked_add(npages) else {
+            return Err(Error::inval("first_page + npages overflows"));
+        };
+        let n = v
+            .tracker
+            .clear_memslot(SlotId::from_raw(slot), first_page..end)?;
+        Ok(n)
+    })
+}

@@ -81,6 +81,10 @@ struct Slot {
     /// The shim's bitmap of harvested, published pages; `Some` while the
     /// slot has `KDS_MEM_LOG_DIRTY_PAGES`.
     dirty: Option<Arc<AtomicBitmap>>,
+    /// Ring modes: the pages a sync reported since a `clear_memslot` of
+    /// their range last used them up (what `KVM_CLEAR_DIRTY_LOG` would be
+    /// given in bitmap mode). Empty again at every change of the slot.
+    reported: Option<Arc<AtomicBitmap>>,
 }
 
 /// The dirty bits of a deleted dirty-logged slot, kept by the host

@@ -100,12 +100,60 @@ impl Vm {
         let s = self.logged_slot(slot, nbits)?;
         let dirty = s.dirty.as_ref().expect("logged slot has a bitmap");
         let whole_slot = dirty.take_whole();
-        let pages = dirty.drain_words(backup.as_deref(), f);
+        let reported = s.reported.as_deref();
+        let pages = dirty.drain_words(backup.as_deref(), |i, v| {
+            if let Some(r) = reported {
+                r.or_word_locked(i, v);
+            }
+            f(i, v)
+        });
         log::debug!(
             "sync slot {slot:#x}: {pages} pages reported (final: {final_stage}, whole slot: \
              {whole_slot})"
         );
         Ok(SyncReport { pages, whole_slot })
+    }
+
+    /// Forgets the pages in `first .. first + n` of `slot` that a sync
+    /// reported since the last clear of their range: the caller is about
+    /// to read them (send them), so a write the shim harvested since that
+    /// sync is in what it reads, and reporting the page again at the next
+    /// sync would send it twice. What `KVM_CLEAR_DIRTY_LOG` does for
+    /// QEMU's bitmap mode, where it clears a chunk before sending it.
+    /// Returns how many pages were forgotten.
+    ///
+    /// A bit is in the shim's bitmap only once the reset that re-protected
+    /// its page has returned (`reap_locked`), and this runs under the reap
+    /// lock: each bit forgotten is of a write before that reset, and a
+    /// write after it makes a new entry, which the next sync reports. The
+    /// rings are reaped first only so that writes still in them are
+    /// forgotten too. Nothing is forgotten while a reset is owed or the
+    /// slot is to be reported whole (a ring overrun). Bitmap mode: nothing
+    /// to do (each sync clears what it reports, `kernel_bitmap`).
+    pub fn clear_memslot(&self, slot: u32, first: u64, n: u64) -> Result<u64> {
+        let s = self.logged_slot(slot, None)?;
+        if first.checked_add(n).is_none_or(|end| end > s.npages) {
+            return Err(Error::inval(format!(
+                "pages {first} + {n} are past the end of slot {slot:#x} ({} pages)",
+                s.npages
+            )));
+        }
+        if !self.mode().has_ring() || n == 0 {
+            return Ok(0);
+        }
+        let mut st = self.reap.lock();
+        self.reap_all(&mut st)?;
+        // Look the slot up again: the reap published into the current one.
+        let s = self.logged_slot(slot, None)?;
+        let (Some(dirty), Some(reported)) = (&s.dirty, &s.reported) else {
+            return Ok(0);
+        };
+        if st.marked != 0 || st.overflow || dirty.is_whole() {
+            return Ok(0);
+        }
+        let n = dirty.clear_taken(reported, first, n);
+        self.stats.add(stat!(pages_cleared), n);
+        Ok(n)
     }
 
     /// Names (at debug level) the guest-physical pages that the backup
