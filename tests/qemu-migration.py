@@ -550,6 +550,12 @@ def migrate(args):
         status = None
         info = {}
         trail = []  # (s, MiB remaining, dirty syncs), once a second
+        # (s, auto-converge's cpu-throttle-percentage) at each change: how
+        # fast the throttle rose is what decides when auto-converge converges.
+        throttle = []
+        # (s, the guest's stores so far), once a second: its progress while
+        # throttled, at each stage.
+        stores = []
         while time.time() - t0 < args.timeout:
             info = src.cmd("query-migrate")
             status = info.get("status")
@@ -558,6 +564,10 @@ def migrate(args):
             if not trail or time.time() - t0 >= trail[-1][0] + 1:
                 trail.append((round(time.time() - t0), r.get("remaining", 0) >> 20,
                               r.get("dirty-sync-count")))
+                stores.append((trail[-1][0], sum(beats(f"{work}/src.serial").values())))
+            pct = info.get("cpu-throttle-percentage")
+            if pct is not None and (not throttle or throttle[-1][1] != pct):
+                throttle.append((round(time.time() - t0, 1), pct))
             if status in ("completed", "failed", "cancelled"):
                 break
             if src_p.poll() is not None:
@@ -583,6 +593,8 @@ def migrate(args):
         result["total_ms"] = info.get("total-time")
         result["transferred_mib"] = round(ram.get("transferred", 0) / (1 << 20), 1)
         result["pages_sent"] = ram.get("normal")
+        result["throttle_trail"] = throttle
+        result["stores_trail"] = stores
         if status != "completed":
             result["remaining_mib_trail"] = trail[-12:]
             src.cmd("migrate_cancel")

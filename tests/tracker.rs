@@ -119,7 +119,11 @@ fn a_clear_checks_its_slot_and_range() {
         // SAFETY: `mem` outlives the tracker.
         unsafe { t.update_memslot(&logged_slot0(&mem)) }.unwrap();
         let s = SlotId::new(0);
-        assert_eq!(t.clear_memslot(s, 0..16).unwrap(), 0, "nothing reported yet");
+        assert_eq!(
+            t.clear_memslot(s, 0..16).unwrap(),
+            0,
+            "nothing reported yet"
+        );
         let e = t.clear_memslot(s, 8..17).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
         let e = t.clear_memslot(SlotId::new(5), 0..1).unwrap_err();
