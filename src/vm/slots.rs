@@ -130,6 +130,14 @@ impl Vm {
         } else {
             None
         };
+        // Ring modes: the pages syncs report, for `clear_memslot`. Empty at
+        // every change of the slot (what earlier syncs reported is not used
+        // by a later clear); without the memory, clears leave nothing out.
+        let reported = if m.flags & MEM_LOG_DIRTY_PAGES != 0 && self.mode().has_ring() {
+            AtomicBitmap::try_new(npages).map(Arc::new)
+        } else {
+            None
+        };
         self.slots.write().try_reserve(1).map_err(|_| {
             Error::new(
                 libc::ENOMEM,
@@ -214,12 +222,6 @@ impl Vm {
             self.adopt_retired(m, d);
         }
         let started_logging = dirty.is_some() && old.as_ref().is_none_or(|o| o.dirty.is_none());
-        // Empty: what earlier syncs reported is not used by a clear after
-        // a change of the slot. Without the memory, clears do nothing.
-        let reported = dirty
-            .as_ref()
-            .filter(|_| self.mode().has_ring())
-            .and_then(|_| AtomicBitmap::try_new(npages).map(Arc::new));
         self.slots.write().insert(
             m.slot,
             Arc::new(Slot {
