@@ -448,15 +448,24 @@ def main():
         a.downtime_ms = 300 if a.matrix == "heavy" else 1000
     if a.out == "doc/migration.csv" and a.matrix != "paced":
         a.out = f"doc/migration-{a.matrix}.csv"
-    machine = (f"kvm-dirty-shim migration bench ({a.matrix}): Linux {platform.release()}, "
-               f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; "
-               f"{'2 vCPUs, ' if a.matrix == 'paced' else ''}"
-               f"{a.bandwidth_mib} MiB/s, downtime limit {a.downtime_ms} ms, {a.ring_size}-entry rings, "
-               f"medians of completed runs; {time.strftime('%Y-%m-%d')}")
+    def machine_line(links, rings):
+        return (f"kvm-dirty-shim migration bench ({a.matrix}): Linux {platform.release()}, "
+                f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * 4096 >> 30} GiB; "
+                f"{'2 vCPUs, ' if a.matrix == 'paced' else ''}"
+                f"{links} MiB/s, downtime limit {a.downtime_ms} ms, {rings}-entry rings, "
+                f"medians of completed runs; {time.strftime('%Y-%m-%d')}")
+    machine = machine_line(a.bandwidth_mib, a.ring_size)
     jsonl = os.path.splitext(a.out)[0] + ".jsonl"
     if a.summarize:
         with open(jsonl) as f:
             rs = [json.loads(x) for x in f if x.strip()]
+        if a.matrix != "paced":
+            # The link and ring size the records say, of the rows the plot
+            # shows (configurations without a suffix), not the defaults.
+            shown = [r for r in rs if " (" not in r["config"]] or rs
+            join = lambda k, d: " or ".join(  # noqa: E731
+                str(v) for v in sorted({r.get(k, d) for r in shown}))
+            machine = machine_line(join("bandwidth_mib", 128), join("ring_size", 4096))
         (summarize if a.matrix == "paced" else summarize_matrix)(rs, a, machine)
         return 0
     if a.perf and not shutil.which("perf"):
