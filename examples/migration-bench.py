@@ -55,6 +55,7 @@ down during a migration).
 """
 
 import argparse
+import glob
 import importlib.util
 import json
 import os
@@ -112,33 +113,63 @@ def run_args(qemu, mode, ram_mib, spin, a, smp=2):
     return ns
 
 
-def store_rate(qemu, spin, seconds):
+def thread_cpu(pid):
+    """CPU seconds per thread name of a process."""
+    out = {}
+    for t in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            with open(t + "/comm") as f:
+                comm = f.read().strip()
+            with open(t + "/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[comm] = out.get(comm, 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def guest_rate(qemu, spin, seconds, ram_mib=512, ring_size=0, region_pages=0, settle_s=0):
     """Stores per second of the whole guest (2 vCPUs), booted without
-    migrating."""
+    migrating, and the CPU seconds each QEMU thread took meanwhile.
+    `region_pages`: the region the vCPUs store to (0: the guest's default);
+    `settle_s`: how long to let it run first."""
     work = f"/tmp/kds-calibrate-{os.getpid()}"
     os.makedirs(work, exist_ok=True)
     elf = qm.build_guest(work)
     serial = f"{work}/serial"
     if os.path.exists(serial):
         os.unlink(serial)
-    cmd = [qemu, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "2",
-           "-m", "512", "-kernel", elf, "-display", "none", "-nodefaults",
+    accel = f"kvm,dirty-ring-size={ring_size}" if ring_size else "kvm"
+    cmd = [qemu, "-name", "kds,debug-threads=on", "-accel", accel,
+           "-cpu", "host,-arch-capabilities", "-smp", "2",
+           "-m", str(ram_mib), "-kernel", elf, "-display", "none", "-nodefaults",
            "-serial", f"file:{serial}",
            "-device", f"loader,addr=0x800004,data={BEAT_MASK},data-len=4"]
     if spin:
         cmd += ["-device", f"loader,addr=0x800000,data={spin},data-len=4"]
+    if region_pages:  # guest/mp-guest.S: KNOB_REGION_PAGES, KNOB_NCPUS
+        cmd += ["-device", f"loader,addr=0x800010,data={region_pages},data-len=4",
+                "-device", "loader,addr=0x800014,data=2,data-len=4"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if not qm.wait_beats(serial, 2, {}, time.time() + 120):
             raise RuntimeError("the guest printed no heartbeat in 120 s")
-        b0, t0 = qm.beats(serial), time.time()
+        time.sleep(settle_s)
+        b0, c0, t0 = qm.beats(serial), thread_cpu(p.pid), time.time()
         time.sleep(seconds)
-        b1, t1 = qm.beats(serial), time.time()
-        return sum(b1.get(c, 0) - b0.get(c, 0) for c in range(2)) / (t1 - t0)
+        b1, c1, t1 = qm.beats(serial), thread_cpu(p.pid), time.time()
+        rate = sum(b1.get(c, 0) - b0.get(c, 0) for c in range(2)) / (t1 - t0)
+        return rate, {k: v - c0.get(k, 0) for k, v in c1.items()}
     finally:
         p.kill()
         p.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def store_rate(qemu, spin, seconds):
+    """Stores per second of the whole guest (2 vCPUs), booted without
+    migrating."""
+    return guest_rate(qemu, spin, seconds)[0]
 
 
 def calibrate(qemu, a):
