@@ -55,7 +55,6 @@ down during a migration).
 """
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
@@ -114,17 +113,10 @@ def run_args(qemu, mode, ram_mib, spin, a, smp=2):
 
 
 def thread_cpu(pid):
-    """CPU seconds per thread name of a process."""
+    """CPU seconds per thread name of a process (`qm.thread_cpu`)."""
     out = {}
-    for t in glob.glob(f"/proc/{pid}/task/*"):
-        try:
-            with open(t + "/comm") as f:
-                comm = f.read().strip()
-            with open(t + "/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended
-        out[comm] = out.get(comm, 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for name, (user, system) in qm.thread_cpu(pid).values():
+        out[name] = out.get(name, 0) + user + system
     return out
 
 
