@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use crate::reaper::Config;
 
-/// One ring's level at a check (`Vm::ring_levels`).
+/// One ring's level at a check (`Vm::ring_levels` reads it).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Level {
     /// The vCPU.

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::pacer::{Level, Pacer};
+use crate::pacer::Pacer;
 use crate::types::ReaperConfig;
 use crate::vm::Vm;
 
@@ -192,16 +192,7 @@ fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
         let Some(vm) = vm.upgrade() else {
             return;
         };
-        levels.clear();
-        vm.ring_levels(|index, pushed, fill, size, at| {
-            levels.push(Level {
-                index,
-                pushed,
-                fill,
-                size,
-                at,
-            });
-        });
+        vm.ring_levels(&mut levels);
         let over = pacer.check(Instant::now(), &levels);
         if over && let Err(e) = vm.reap_by_reaper() {
             log::warn!("adaptive reaper: {e}; retrying in {:?}", pacer.back_off());

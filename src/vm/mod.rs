@@ -30,6 +30,7 @@ use crate::counters::{Counters, stat};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvm::{KvmVm, RING_NEEDS_SLOT_BITMAP, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
+use crate::pacer::Level;
 use crate::reaper::Wake;
 use crate::ring::{ENTRY_SIZE, Harvest, MAX_UNWEDGES, Reach, Ring, Wedge, split_reset};
 use crate::types::{BoardFlags, MemslotFlags, Mode, Stats, SyncReport, VcpuStats};

@@ -390,16 +390,21 @@ impl Vm {
         *self.reaper_wake.lock() = w;
     }
 
-    /// For each vCPU ring: (vCPU index, entries the kernel pushed so far
-    /// or `None` if a harvest tore the read, entries waiting to be
-    /// harvested, ring size, when the read began).
-    /// No syscall, no reap lock: a snapshot for the reaper's decisions.
-    pub(crate) fn ring_levels(&self, mut f: impl FnMut(u32, Option<u64>, u32, u32, Instant)) {
-        for (&i, v) in self.vcpus.read().iter() {
+    /// Each vCPU ring's level into `levels` (cleared first): a snapshot
+    /// for the reaper's decisions, with no syscall and no reap lock.
+    pub(crate) fn ring_levels(&self, levels: &mut Vec<Level>) {
+        levels.clear();
+        for (&index, v) in self.vcpus.read().iter() {
             if let Some(r) = &v.ring {
                 let at = Instant::now();
                 let (pushed, fill) = r.level();
-                f(i, pushed, fill, r.entries(), at);
+                levels.push(Level {
+                    index,
+                    pushed,
+                    fill,
+                    size: r.entries(),
+                    at,
+                });
             }
         }
     }

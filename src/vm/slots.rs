@@ -72,6 +72,8 @@ impl Vm {
                     format!("delete of unknown slot {:#x}", m.slot),
                 ));
             };
+            // Under the reap lock, as every update (see below).
+            let mut st = self.reap.lock();
             self.kernel_set(m, "delete")?;
             if old.dirty.is_some() && self.mode().has_ring() {
                 // The vCPUs may have pushed entries for this slot up to
@@ -80,12 +82,12 @@ impl Vm {
                 // returned (it waits for SRCU readers, vCPUs included), and
                 // the id names no other slot until this returns (the
                 // lifecycle lock): harvest them into this slot's bits now.
-                let mut st = self.reap.lock();
                 if let Err(e) = self.reap_all(&mut st) {
                     log::warn!("slot {:#x} deleted; reaping its last entries: {e}", m.slot);
                 }
             }
             self.slots.write().remove(&m.slot);
+            drop(st);
             // Address 0: no memory is mapped there.
             *released = self.keep_memory(m.slot, 0, None);
             if let Some(d) = old.dirty.as_ref().filter(|d| d.count() > 0) {
@@ -144,6 +146,25 @@ impl Vm {
                 "out of memory for the slot table; nothing was changed",
             )
         })?;
+        // The reap lock from here on, across the kernel's update, for two
+        // reasons:
+        // - the kernel holds its memslot lock (`slots_lock`) for the whole
+        //   update, for milliseconds on a large slot whose logging changes,
+        //   and KVM_RESET_DIRTY_RINGS takes it too. A reset issued now on
+        //   another thread would sleep until the update is done, which the
+        //   shim cannot tell from a stop that cut the reset short
+        //   (`kvm::Reset::switched_out`): it would re-arm logging on every
+        //   slot and report every page. Measured: 38 of 1,403 resets beside
+        //   20 logging toggles of a 16 GiB slot (tests/reaper.rs); in QEMU,
+        //   which turns logging on slot by slot at the start of every
+        //   migration, the first sync of a 64 GiB guest took 60 and 97 ms
+        //   instead of 8. Waiting here, for the reap lock, is the same wait
+        //   without the doubt;
+        // - no reap on another thread can find the first entries the kernel
+        //   pushes for a slot that starts logging before its bitmap is in
+        //   the table below, nor publish into the old bitmap of a slot
+        //   between the copy of its bits and its replacement.
+        let mut reap_lock = self.reap.lock();
         if let Some(o) = old.as_ref().filter(|_| recreate) {
             let del = Region {
                 memory_size: 0,
@@ -151,43 +172,13 @@ impl Vm {
             };
             self.kernel_set(&del, "delete for resize of")?;
         }
-        // Logging starts on a slot the kernel keeps (a new one, or flags
-        // changed in place): its bitmap goes into the table first, so that
-        // a reap on another thread that finds the first entries the kernel
-        // pushes for it, before this returns, records them instead of
-        // skipping them as naming a slot that does not log.
-        let starts_in_place = !recreate
-            && m.flags & MEM_LOG_DIRTY_PAGES != 0
-            && old.as_ref().is_none_or(|o| o.dirty.is_none());
-        if let (true, Some(f)) = (starts_in_place, &fresh) {
-            let region = old.as_ref().map_or(*m, |o| o.region);
-            let early = Slot {
-                region,
-                npages: region.memory_size / ps,
-                dirty: Some(f.clone()),
-                reported: None,
-            };
-            self.slots.write().insert(m.slot, Arc::new(early));
-        }
         if let Err(e) = self.kernel_set(m, if old.is_some() { "update" } else { "create" }) {
-            let mut slots = self.slots.write();
-            match &old {
+            if recreate {
                 // The old slot is gone from the kernel: forget it too.
-                Some(_) if recreate => {
-                    slots.remove(&m.slot);
-                }
-                Some(o) => {
-                    slots.insert(m.slot, o.clone());
-                }
-                None => {
-                    slots.remove(&m.slot);
-                }
+                self.slots.write().remove(&m.slot);
             }
             return Err(e);
         }
-        // Under the reap lock: no publish into the old bitmap can slip in
-        // between copying its bits and replacing it.
-        let mut reap_lock = self.reap.lock();
         let stops_logging =
             m.flags & MEM_LOG_DIRTY_PAGES == 0 && old.as_ref().is_some_and(|o| o.dirty.is_some());
         if stops_logging && self.mode().has_ring() {
