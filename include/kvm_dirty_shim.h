@@ -279,9 +279,11 @@ typedef struct KdsStats {
    * ABI 2, appended after 0.2.0. KVM_RESET_DIRTY_RINGS calls during which
    * the calling thread was switched out (stopped by SIGSTOP, a debugger
    * or the cgroup freezer, which cannot be blocked, or waiting for the
-   * kernel's memslot lock). Each may have left pages write-enabled
-   * without ring entries, so the shim re-armed dirty logging and
-   * reported every dirty-logged page, as after an overflow.
+   * kernel's memslot lock, held by a memslot ioctl made outside the
+   * shim: the shim's own updates hold off its resets until they are
+   * done). Each may have left pages write-enabled without ring entries,
+   * so the shim re-armed dirty logging and reported every dirty-logged
+   * page, as after an overflow.
    */
   uint64_t resets_switched_out;
   /**

@@ -354,8 +354,10 @@ pub struct Reset {
     /// The calling thread slept during the call: stopped (SIGSTOP, a
     /// debugger, the cgroup freezer; these cannot be blocked and may have
     /// stopped the reset partway, leaving up to 64 pages write-enabled
-    /// without their entries), or waited for the kernel's memslot lock.
-    /// The caller cannot tell which, and must assume the first.
+    /// without their entries), or waited for the kernel's memslot lock
+    /// (`slots_lock`, held through every `KVM_SET_USER_MEMORY_REGION`;
+    /// the VM's own updates hold its reap lock so that no reset waits for
+    /// them here). The caller cannot tell which, and must assume the first.
     pub switched_out: bool,
 }
 

@@ -141,7 +141,8 @@ impl Vm {
             if n.is_power_of_two() {
                 log::warn!(
                     "KVM_RESET_DIRTY_RINGS: the thread was stopped or slept during the reset \
-                     (SIGSTOP, a debugger, the cgroup freezer, or the kernel's memslot lock); \
+                     (SIGSTOP, a debugger, the cgroup freezer, or the kernel's memslot lock, \
+                     held by a memslot ioctl made outside the shim); \
                      the kernel may have left pages write-enabled without ring entries: \
                      re-arming dirty logging and reporting every page (reset {n} on this VM; \
                      logged at powers of two, see the stats)"
@@ -274,8 +275,9 @@ impl Vm {
         let n = self.log_counts.rearms.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             log::warn!(
-                "dirty logging re-armed on {} slots after a kernel ring overrun (re-arm {n} on \
-                 this VM; logged at powers of two)",
+                "dirty logging re-armed on {} slots after ring entries may have been lost (a \
+                 kernel ring overrun, or a reset the thread was stopped in; re-arm {n} on this \
+                 VM; logged at powers of two)",
                 slots.len()
             );
         }
