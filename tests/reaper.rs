@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use common::*;
 use kvm_dirty_shim::capi::*;
 
@@ -195,18 +197,15 @@ fn a_reset_beside_a_memslot_update_is_not_taken_for_a_stop() {
     let big = Mem::new(16 << 30);
     let big_gpa = 1 << 32;
     vm.set_slot(7, big_gpa, &big, 0);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (reaps, toggles) = (
-        std::sync::atomic::AtomicU64::new(0),
-        std::sync::atomic::AtomicU64::new(0),
-    );
+    let stop = AtomicBool::new(false);
+    let (reaps, toggles) = (AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|sc| {
         let (vm, stop, reaps) = (&vm, &stop, &reaps);
         sc.spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let r = c!(kds_reap(vm.vm()));
                 assert!(r >= 0, "kds_reap: {r}: {}", last_error());
-                reaps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                reaps.fetch_add(1, Ordering::Relaxed);
             }
         });
         let toggles = &toggles;
@@ -215,7 +214,7 @@ fn a_reset_beside_a_memslot_update_is_not_taken_for_a_stop() {
             for _ in 0..20 {
                 vm.set_slot(7, big_gpa, &big, KDS_MEM_LOG_DIRTY_PAGES);
                 vm.set_slot(7, big_gpa, &big, 0);
-                toggles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                toggles.fetch_add(1, Ordering::Relaxed);
             }
         });
         // The vCPU dirties throughout, so that every reap has entries to
@@ -232,8 +231,8 @@ fn a_reset_beside_a_memslot_update_is_not_taken_for_a_stop() {
     });
     let s = vm.stats();
     let (reaps, toggles) = (
-        reaps.load(std::sync::atomic::Ordering::Relaxed),
-        toggles.load(std::sync::atomic::Ordering::Relaxed),
+        reaps.load(Ordering::Relaxed),
+        toggles.load(Ordering::Relaxed),
     );
     assert_eq!(toggles, 20);
     assert!(s.ring_resets > toggles, "too few resets to overlap: {s:?}");
