@@ -17,6 +17,10 @@
 //! lost. It prints one line per round and exits non-zero on any lost page.
 //!
 //!     cargo run --release --features vm-memory --example rust_vmm [rounds]
+//!
+//! Like a VMM that takes soundness seriously, it has no `unsafe` at all.
+
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,9 +37,9 @@ use vm_memory::{
 };
 
 // The guest's bytes and its start registers (kvm-ioctls only).
-#[path = "../guest/host.rs"]
-mod host;
-use host::{GUEST, setup_regs};
+#[path = "../guest/boot.rs"]
+mod boot;
+use boot::{GUEST, setup_regs};
 
 const PAGE: u64 = 4096;
 const CODE_PAGES: u64 = 8;
@@ -93,8 +97,7 @@ fn main() {
     };
     let mut vcpus = Vec::new();
     for i in 0..VCPUS {
-        let fd = vm.create_vcpu(u64::from(i)).expect("KVM_CREATE_VCPU");
-        let dirty = tracker.add_vcpu(&fd, i).expect("add vCPU");
+        let (fd, dirty) = tracker.create_vcpu(i).expect("KVM_CREATE_VCPU");
         setup_regs(&fd, mailbox(i).0, PAGE * (CODE_PAGES - u64::from(i)));
         put(i, 0, 1); // the value stored: the round
         put(i, 4, STORES);

@@ -29,19 +29,68 @@ pub enum ErrorKind {
     /// Out of memory (or an address-space limit); nothing was changed.
     /// `ENOMEM`.
     OutOfMemory,
-    /// A system call failed; the message names it and its errno.
+    /// A system call failed; the message names it and its errno
+    /// ([`Error::raw_os_error`]; [`std::error::Error::source`] is that
+    /// errno as an [`std::io::Error`]).
     Kernel,
+    /// A call into the tracker from inside one of its own callbacks (a
+    /// `sync_memslot_each` or `sync_memslot_runs` closure, a vm-memory
+    /// `Bitmap` the sync marks): the callback runs with the tracker's
+    /// locks held, so the call would wait for itself. Collect what the
+    /// callback needs and call after the sync returns. `EDEADLK`.
+    WouldDeadlock,
 }
 
 /// A failure: its [`ErrorKind`], the errno the C ABI returns (positive
 /// here, negated at the boundary) and a message that says what happened
 /// and what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Display` is the message alone. For a failed system call
+/// ([`ErrorKind::Kernel`]) [`source`](std::error::Error::source) is the
+/// system call's errno as an [`std::io::Error`], so that
+/// `io::Error::from(e)` keeps both the message and the OS error:
+///
+/// ```
+/// use std::error::Error as _;
+/// use kvm_dirty_shim::{BoardFlags, DirtyTracker, ErrorKind, Memslot, SlotId};
+/// let t = DirtyTracker::create(0).unwrap();
+/// t.board_init(BoardFlags::empty()).unwrap();
+/// let len = 1 << 20;
+/// // SAFETY: a fresh anonymous mapping, never unmapped.
+/// let host = unsafe {
+///     libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
+///                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+/// } as u64;
+/// let at = |slot| Memslot::new(SlotId::new(slot), 0, host, len as u64);
+/// // SAFETY: the mapping lives as long as the process.
+/// unsafe { t.update_memslot(&at(0)) }.unwrap();
+/// // Slot 1 over slot 0's guest-physical range: the kernel says EEXIST.
+/// // SAFETY: as above.
+/// let e = unsafe { t.update_memslot(&at(1)) }.unwrap_err();
+/// assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+/// assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+/// let io = std::io::Error::from(e);
+/// assert_eq!(io.kind(), std::io::ErrorKind::AlreadyExists);
+/// assert!(io.to_string().starts_with("KVM_SET_USER_MEMORY_REGION"), "{io}");
+/// let os = io.source().and_then(|s| s.downcast_ref::<std::io::Error>()).unwrap();
+/// assert_eq!(os.raw_os_error(), Some(libc::EEXIST));
+/// ```
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     errno: i32,
     msg: String,
+    /// For a failed system call, its errno.
+    os: Option<std::sync::Arc<std::io::Error>>,
 }
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        (self.kind, self.errno, &self.msg) == (other.kind, other.errno, &other.msg)
+    }
+}
+
+impl Eq for Error {}
 
 /// Result type of the safe Rust layer.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -53,6 +102,7 @@ impl Error {
             kind,
             errno,
             msg: msg.into(),
+            os: None,
         }
     }
 
@@ -67,6 +117,7 @@ impl Error {
             libc::EEXIST => ErrorKind::AlreadyExists,
             libc::EOVERFLOW => ErrorKind::RingWedged,
             libc::ENOMEM => ErrorKind::OutOfMemory,
+            libc::EDEADLK => ErrorKind::WouldDeadlock,
             _ => ErrorKind::Kernel,
         };
         Self::with_kind(kind, errno, msg)
@@ -91,7 +142,17 @@ impl Error {
             msg.push_str(": ");
             msg.push_str(hint);
         }
-        Self::with_kind(ErrorKind::Kernel, errno, msg)
+        let mut e = Self::with_kind(ErrorKind::Kernel, errno, msg);
+        e.os = Some(std::sync::Arc::new(std::io::Error::from_raw_os_error(
+            errno,
+        )));
+        e
+    }
+
+    /// The same error with another kind (the errno and the OS error stay).
+    pub(crate) fn into_kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// What kind of failure this is.
@@ -109,18 +170,34 @@ impl Error {
     pub fn message(&self) -> &str {
         &self.msg
     }
+
+    /// The errno of the system call that failed, where one did (as
+    /// [`std::io::Error::raw_os_error`]); `None` for a failure the
+    /// library found itself (a bad argument, a wrong order).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.os.as_ref().and_then(|e| e.raw_os_error())
+    }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (-{})", self.msg, errno_name(self.errno))
+        f.write_str(&self.msg)
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    /// For a failed system call, its errno as an [`std::io::Error`].
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.os
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<Error> for std::io::Error {
-    /// An `io::Error` of the errno's kind, carrying this error.
+    /// An `io::Error` of the errno's kind carrying this error: its
+    /// `Display` is the message, its `source()` the system call's
+    /// `io::Error` (with `raw_os_error()`) where one failed.
     fn from(e: Error) -> Self {
         let kind = std::io::Error::from_raw_os_error(e.errno).kind();
         std::io::Error::new(kind, e)
@@ -146,6 +223,7 @@ pub(crate) fn errno_name(errno: i32) -> String {
         libc::ENOTRECOVERABLE => "ENOTRECOVERABLE",
         libc::EPERM => "EPERM",
         libc::EACCES => "EACCES",
+        libc::EDEADLK => "EDEADLK",
         _ => return format!("errno {errno}"),
     };
     name.to_string()

@@ -150,6 +150,105 @@ fn check_vm_fd(fd: RawFd, shown: RawFd) -> Result<()> {
     Ok(())
 }
 
+/// `MADV_POPULATE_READ` (Linux 5.14): fault a range in now, and fail
+/// with `EFAULT` where a read would raise `SIGBUS`.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// Faults `len` bytes at `p` in; `Err(errno)` where a page cannot be read
+/// (`EFAULT`); `Ok(false)` on a kernel without `MADV_POPULATE_READ`.
+fn populate(p: *mut libc::c_void, len: usize) -> std::result::Result<bool, i32> {
+    // SAFETY: madvise on a mapping of ours; MADV_POPULATE_READ only faults
+    // pages in and writes no memory.
+    if unsafe { libc::madvise(p, len, MADV_POPULATE_READ) } == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error().raw_os_error().unwrap_or(0) {
+        libc::EINVAL => Ok(false),
+        e => Err(e),
+    }
+}
+
+/// Maps `len` bytes of vCPU `fd` at `offset` (its dirty ring), shared, and
+/// faults them in before anyone reads them: a fd that is not a vCPU, a
+/// vCPU of a VM without a ring or with a smaller one would otherwise map
+/// fine and raise `SIGBUS` at the first read. Also checks that the page
+/// past the ring is not part of it (a VM with a larger ring: a ring of a
+/// size other than this VM's).
+pub(crate) fn map_vcpu_ring(
+    fd: RawFd,
+    offset: u64,
+    len: usize,
+    page_size: u64,
+) -> Result<std::ptr::NonNull<libc::c_void>> {
+    let fail = |errno: i32, why: &str| {
+        Error::sys(
+            "mmap of the vCPU dirty ring (KVM_DIRTY_LOG_PAGE_OFFSET)",
+            errno,
+            &format!("{why}: pass a vCPU fd of this VM, created after enable_dirty_ring"),
+        )
+    };
+    let map = |off: u64, n: usize| {
+        // SAFETY: a fresh shared mapping of `fd`; nothing is read from it
+        // before `populate` has checked every page.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                off as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        } else {
+            Ok(p)
+        }
+    };
+    let unmap = |p: *mut libc::c_void, n: usize| {
+        // SAFETY: unmaps a mapping made by `map` above, never read.
+        unsafe { libc::munmap(p, n) };
+    };
+    let p = map(offset, len).map_err(|e| fail(e, "the kernel refused the mapping"))?;
+    if let Err(e) = populate(p, len) {
+        unmap(p, len);
+        return Err(fail(
+            e,
+            "the mapping cannot be read (not a vCPU, or its VM has no ring of this size)",
+        ));
+    }
+    // The page right after the ring must not be part of it.
+    let past = page_size as usize;
+    if let Ok(q) = map(offset + len as u64, past) {
+        let readable = populate(q, past) == Ok(true);
+        unmap(q, past);
+        if readable {
+            unmap(p, len);
+            return Err(Error::inval(format!(
+                "the vCPU's dirty ring is larger than {} bytes: it is not a ring of this VM's \
+                 size (another VM's vCPU?)",
+                len
+            )));
+        }
+    }
+    Ok(std::ptr::NonNull::new(p).expect("mmap returned NULL"))
+}
+
+/// The KVM vCPU id of `fd` from /proc/self/fd (`anon_inode:kvm-vcpu:<id>`);
+/// `Ok(None)` without /proc; `EINVAL` for a fd that is not a KVM vCPU.
+pub(crate) fn vcpu_id_of(fd: RawFd) -> Result<Option<u32>> {
+    let Some(t) = fd_target(fd) else {
+        return Ok(None);
+    };
+    match t.strip_prefix("anon_inode:kvm-vcpu:").map(str::parse) {
+        Some(Ok(id)) => Ok(Some(id)),
+        _ => Err(Error::inval(format!(
+            "fd {fd} is {t}, not a KVM vCPU fd: pass the fd KVM_CREATE_VCPU returned"
+        ))),
+    }
+}
+
 impl Drop for KvmVm {
     fn drop(&mut self) {
         // Before the fd closes (the fields drop after this), so that its
@@ -219,6 +318,18 @@ impl KvmVm {
     /// The VM fd (ours: the duplicate for an adopted VM).
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// `KVM_CREATE_VCPU` with `id` (kvm-ioctls, which maps its `kvm_run`).
+    pub fn create_vcpu(&self, id: u64) -> std::result::Result<kvm_ioctls::VcpuFd, i32> {
+        self.fd.create_vcpu(id).map_err(|e| e.errno())
+    }
+
+    /// Is a dirty ring enabled on this VM (by anyone)? `KVM_RESET_DIRTY_RINGS`
+    /// answers `EINVAL` only on a VM without one; on a VM with one it
+    /// resets what is marked RESET, which is what a reset owes anyway.
+    pub fn has_ring(&self) -> bool {
+        self.reset_dirty_rings().is_ok()
     }
 
     /// `KVM_CHECK_EXTENSION` on the VM fd: the capability's value (0: absent).

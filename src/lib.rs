@@ -26,6 +26,7 @@ mod kvm;
 mod order;
 mod pacer;
 mod reaper;
+mod reentry;
 mod ring;
 mod tracker;
 mod types;

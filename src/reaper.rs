@@ -40,7 +40,7 @@
 //! stop and wake flags.
 
 use std::sync::{Arc, Weak};
-use std::thread::{JoinHandle, ThreadId};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -120,6 +120,10 @@ impl Wake {
     }
 }
 
+/// What the caller runs first on the new thread (`enable_reaper_with`):
+/// its seccomp filter, say.
+pub(crate) type OnStart = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
+
 /// A running reaper thread; `stop` joins it.
 pub(crate) struct Reaper {
     wake: Arc<Wake>,
@@ -128,19 +132,52 @@ pub(crate) struct Reaper {
 
 impl Reaper {
     /// Starts the thread on `vm`, which it holds weakly: it ends by itself
-    /// when the VM is gone.
-    pub(crate) fn start(vm: &Arc<Vm>, cfg: Config) -> Result<Reaper> {
+    /// when the VM is gone. `on_start` runs on the thread first; its
+    /// failure ends the thread and is returned here.
+    pub(crate) fn start(vm: &Arc<Vm>, cfg: Config, on_start: Option<OnStart>) -> Result<Reaper> {
         let wake = Arc::new(Wake::default());
         let (w, vm) = (Arc::clone(&wake), Arc::downgrade(vm));
+        let (started_tx, started) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("kds-reaper".into())
-            .spawn(move || run(&vm, cfg, &w))
+            .spawn(move || {
+                // The thread runs no caller code but `on_start` and the
+                // logger; the logger must not call back into a tracker.
+                let _in_call = crate::reentry::enter("the reaper thread");
+                let r = on_start.map_or(Ok(()), |f| f());
+                let ok = r.is_ok();
+                // The receiver waits for this; it is gone only if the
+                // spawning call panicked.
+                let _ = started_tx.send(r);
+                if ok {
+                    run(&vm, cfg, &w);
+                }
+            })
             .map_err(|e| {
                 Error::new(
                     e.raw_os_error().unwrap_or(libc::EAGAIN),
                     format!("could not start the reaper thread: {e}"),
                 )
             })?;
+        match started.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // The thread has ended (or is about to).
+                let _ = thread.join();
+                return Err(Error::sys(
+                    "the reaper thread's on_start",
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    &format!("{e}; the reaper is not running"),
+                ));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::new(
+                    libc::EIO,
+                    "the reaper thread's on_start panicked; the reaper is not running",
+                ));
+            }
+        }
         log::info!(
             "adaptive reaper started: high water {}%, checks every {:?} to {:?}",
             cfg.high_water_pct,
@@ -148,11 +185,6 @@ impl Reaper {
             cfg.max
         );
         Ok(Reaper { wake, thread })
-    }
-
-    /// The thread's id (a stop from the thread itself would never return).
-    pub(crate) fn thread_id(&self) -> ThreadId {
-        self.thread.thread().id()
     }
 
     /// The flags the VM wakes the thread with.

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
 use kvm_bindings::kvm_dirty_gfn;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kvm::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET};
 
 /// A ring's entries: base and index mask, borrowed from the `Ring`.
@@ -281,28 +281,9 @@ impl Ring {
     pub fn map(vcpu_fd: RawFd, entries: u32, page_size: u64) -> Result<Self> {
         let len = entries as usize * ENTRY_SIZE as usize;
         let offset = kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET as u64 * page_size;
-        // SAFETY: a fresh shared mapping of the vCPU fd; the kernel checks
-        // the offset and length against the enabled ring and fails otherwise.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                vcpu_fd,
-                offset as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            return Err(Error::sys(
-                "mmap of the vCPU dirty ring (KVM_DIRTY_LOG_PAGE_OFFSET)",
-                errno,
-                "pass a vCPU fd of this VM, created after enable_dirty_ring",
-            ));
-        }
+        let p = crate::kvm::map_vcpu_ring(vcpu_fd, offset, len, page_size)?;
         Ok(Ring {
-            base: NonNull::new(p as *mut kvm_dirty_gfn).expect("mmap returned NULL"),
+            base: p.cast::<kvm_dirty_gfn>(),
             entries,
             fetch: AtomicU32::new(0),
             kreset: AtomicU32::new(0),

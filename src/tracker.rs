@@ -13,8 +13,12 @@
 //!   earlier.
 //! - The ordering rules (ring before memslots and vCPUs, the board hook
 //!   before the first memslot) return [`ErrorKind::Ordering`] errors.
-//! - Dropping the tracker stops its reaper thread; the VM's rings and fd
-//!   are freed once the last [`VcpuTracker`] is gone too.
+//! - Safe code cannot make the kernel reach freed memory, map what is not
+//!   a vCPU's ring, or deadlock the tracker (see "Soundness" on
+//!   [`DirtyTracker`]).
+//! - Dropping the tracker (or [`DirtyTracker::release`]) ends tracking and
+//!   hands the VM back running: dirty logging off on every slot, every ring
+//!   drained and reset, the reaper gone.
 //!
 //! Names: an operation has one name in every layer. The C function
 //! `kds_<noun>_<verb>` is the method `<verb>_<noun>` here (`kds_memslot_update`
@@ -30,7 +34,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::reaper::{Config as CheckedReaperConfig, Reaper};
+use crate::reaper::{Config as CheckedReaperConfig, OnStart, Reaper};
+use crate::reentry::enter;
 use crate::types::{
     BoardFlags, Memslot, Mode, ReaperConfig, SlotId, Stats, SyncReport, SyncStage, VcpuStats,
 };
@@ -46,6 +51,46 @@ use crate::vm::Vm;
 /// method takes `&self` and is thread-safe: share the tracker with an
 /// `Arc` with the migration thread; each vCPU thread owns its
 /// [`VcpuTracker`].
+///
+/// # Soundness
+///
+/// No safe method, called in any order with any argument, lets the kernel
+/// reach memory Rust has freed, maps anything but a vCPU's dirty ring, or
+/// deadlocks:
+/// - Memory. A slot made from a vm-memory region
+///   ([`update_memslot_region`](Self::update_memslot_region), feature
+///   `vm-memory`) keeps the region (its `Arc`) for as long as the kernel
+///   can reach it: until [`delete_memslot`](Self::delete_memslot) has
+///   removed the slot from the kernel, or another update has pointed it at
+///   other memory. A tracker dropped while such a slot exists leaves the
+///   slot to the guest, which runs on; the kernel VM lives as long as any
+///   fd of it (the VMM's `VmFd`, each `VcpuFd`), which the tracker cannot
+///   see, so the region is then never unmapped (leaked, as
+///   `std::mem::forget` would). Delete the slots first to get the memory
+///   back. A slot made from a raw address is [`update_memslot`]
+///   (Self::update_memslot), `unsafe`: its memory is the caller's to keep.
+/// - vCPUs. [`create_vcpu`](Self::create_vcpu) creates the vCPU on this
+///   VM, so its ring is this VM's. [`add_vcpu`](Self::add_vcpu) and
+///   [`add_vcpu_fd`](Self::add_vcpu_fd) take a fd the caller created, and
+///   nothing the kernel offers tells which VM a vCPU fd belongs to: they
+///   are `unsafe`, and still refuse what they can tell (a fd that is not a
+///   KVM vCPU, a vCPU registered already, a ring that is not there:
+///   mapped and faulted in with `MADV_POPULATE_READ` before any read, so a
+///   bad fd is an error, never a `SIGBUS`).
+/// - Callbacks. A call into any tracker from inside a tracker call on the
+///   same thread (a sync's closure, a vm-memory `Bitmap`, the `log`
+///   backend) is [`ErrorKind::WouldDeadlock`], never a deadlock.
+///
+/// # Ending tracking
+///
+/// [`release`](Self::release), and `Drop` the same way, hands the VM back
+/// running: the reaper stopped, dirty logging turned off on every slot,
+/// every ring harvested and reset (so a vCPU never exits ring-full again),
+/// the slots left as they are. A later tracker may adopt the VM again in
+/// bitmap mode; a VM with a ring cannot be handed to a new tracker's ring
+/// (the kernel enables a ring once per VM, and where it pushes next is
+/// not visible to userspace): to migrate again, keep the tracker and turn
+/// logging on again.
 ///
 /// ```
 /// use kvm_dirty_shim::{
@@ -76,22 +121,24 @@ use crate::vm::Vm;
 ///     .with_flags(MemslotFlags::LOG_DIRTY_PAGES);
 /// // SAFETY: the mapping outlives the slot (the tracker is dropped first).
 /// unsafe { tracker.update_memslot(&m) }.unwrap();
-/// let vcpu_fd = vm.create_vcpu(0).unwrap();
-/// let vcpu = tracker.add_vcpu(&vcpu_fd, 0).unwrap();
+/// let (vcpu_fd, vcpu) = tracker.create_vcpu(0).unwrap();
 ///
 /// // ... run the vCPU (see VcpuTracker::handle_exit); then, each round:
 /// let mut dirty = vec![0u64; len / 4096 / 64];
 /// let r = tracker.sync_memslot(slot, &mut dirty, SyncStage::Live).unwrap();
 /// assert_eq!(r.pages, 0); // nothing ran, nothing is dirty
-/// drop(vcpu);
-/// drop(tracker);
-/// // SAFETY: nothing refers to the mapping any more.
+/// // The kernel maps `host` until the slot is deleted.
+/// tracker.delete_memslot(slot).unwrap();
+/// drop((vcpu, vcpu_fd, tracker));
+/// // SAFETY: no slot maps the memory any more.
 /// unsafe { libc::munmap(host, len) };
 /// ```
 pub struct DirtyTracker {
     vm: Arc<Vm>,
     /// The adaptive reaper thread while it runs (it holds the VM weakly).
     reaper: Mutex<Option<Reaper>>,
+    /// `release` ended tracking: nothing left for `drop`.
+    ended: bool,
 }
 
 impl DirtyTracker {
@@ -141,6 +188,7 @@ impl DirtyTracker {
         DirtyTracker {
             vm: Arc::new(vm),
             reaper: Mutex::new(None),
+            ended: false,
         }
     }
 
@@ -181,6 +229,7 @@ impl DirtyTracker {
     /// vCPU; [`ErrorKind::InvalidArgument`] for a size the kernel does not
     /// take.
     pub fn enable_dirty_ring(&self, entries: u32) -> Result<()> {
+        let _g = enter("enable_dirty_ring")?;
         self.vm.enable_dirty_ring(entries)
     }
 
@@ -189,69 +238,151 @@ impl DirtyTracker {
     /// vCPU ([`BoardFlags::VGIC_ITS`]), before the first memslot. With a
     /// ring and the ITS it enables `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`.
     pub fn board_init(&self, board: BoardFlags) -> Result<()> {
+        let _g = enter("board_init")?;
         self.vm.board_init(board.bits())
     }
 
     /// Whether bitmap mode uses `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (default:
     /// yes where the kernel offers it). Before the first memslot.
     pub fn set_manual_protect(&self, enable: bool) -> Result<()> {
+        let _g = enter("set_manual_protect")?;
         self.vm.set_manual_protect(enable)
     }
 
-    /// Creates, changes or (with `memory_size` 0, [`Memslot::delete`])
-    /// deletes a memslot (`KVM_SET_USER_MEMORY_REGION`), keeping the
-    /// shim's bitmaps in step. With the `vm-memory` feature, the safe
-    /// `update_memslot_region` does this for a region the tracker then
-    /// keeps alive.
+    /// Creates or changes a memslot (`KVM_SET_USER_MEMORY_REGION`) on
+    /// memory the caller keeps mapped, keeping the shim's bitmaps in step.
+    /// With the `vm-memory` feature, the safe `update_memslot_region` does
+    /// this for a region the tracker then keeps alive; a slot is deleted,
+    /// safely, with [`delete_memslot`](Self::delete_memslot).
+    ///
+    /// Errors: [`ErrorKind::AlreadyExists`] when the guest-physical range
+    /// overlaps another slot's (the kernel's `EEXIST`);
+    /// [`ErrorKind::InvalidArgument`] for an unaligned range or unknown
+    /// flags; [`ErrorKind::Ordering`] before [`board_init`](Self::board_init).
     ///
     /// # Safety
     ///
     /// `userspace_addr .. + memory_size` must be memory of this process
-    /// that stays mapped while the slot exists (the kernel maps it into the
-    /// guest), as for `KVM_SET_USER_MEMORY_REGION`.
+    /// that stays mapped while the kernel can reach it through the slot:
+    /// until the slot is deleted or pointed at other memory, or the kernel
+    /// VM is gone (every fd of it closed), as for
+    /// `KVM_SET_USER_MEMORY_REGION`. Dropping the tracker does not delete
+    /// the slot.
+    ///
+    /// ```compile_fail,E0133
+    /// # use kvm_dirty_shim::{DirtyTracker, Memslot, SlotId};
+    /// # let tracker = DirtyTracker::create(0).unwrap();
+    /// // A raw address is the caller's promise: not callable from safe code.
+    /// tracker.update_memslot(&Memslot::new(SlotId::new(0), 0, 0x7f00_0000_0000, 1 << 20));
+    /// ```
     pub unsafe fn update_memslot(&self, m: &Memslot) -> Result<()> {
+        let _g = enter("update_memslot")?;
         // SAFETY: the caller's contract is this function's. Whatever the
         // VM kept of the slot's memory (`update_memslot_region`) is let go
         // once the slot is gone or maps other memory.
         unsafe { self.vm.update_memslot(&m.region(), None) }
     }
 
-    /// Registers vCPU `index` (created with kvm-ioctls); in ring mode
-    /// maps its ring (the mapping does not need the fd to stay open).
-    /// Returns the handle the vCPU's thread owns; dropping it unregisters
-    /// the vCPU. [`ErrorKind::AlreadyExists`] for an index registered
-    /// already.
-    pub fn add_vcpu(&self, vcpu: &VcpuFd, index: u32) -> Result<VcpuTracker> {
-        // SAFETY: `vcpu` owns its fd and outlives this borrow.
-        self.add_vcpu_fd(unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) }, index)
+    /// Deletes memslot `slot` from the kernel, harvesting its last dirty
+    /// pages, then lets go of what kept its memory mapped (the region of
+    /// `update_memslot_region`). Safe: a deleted slot maps nothing.
+    /// [`ErrorKind::NotFound`] for a slot the tracker does not know.
+    pub fn delete_memslot(&self, slot: SlotId) -> Result<()> {
+        let _g = enter("delete_memslot")?;
+        // SAFETY: a deletion (size 0) maps no memory into the guest.
+        unsafe {
+            self.vm
+                .update_memslot(&Memslot::delete(slot).region(), None)
+        }
+    }
+
+    /// Creates vCPU `index` on this VM (`KVM_CREATE_VCPU` with id `index`,
+    /// through kvm-ioctls) and registers it: in ring modes maps its ring.
+    /// Returns the vCPU's fd, which the VMM runs, and the handle its thread
+    /// owns (dropping the handle unregisters the vCPU). The safe way to add
+    /// a vCPU: being created here, it is this VM's.
+    ///
+    /// Errors: [`ErrorKind::AlreadyExists`] for an index registered
+    /// already, or a vCPU id the kernel has already (`EEXIST`);
+    /// [`ErrorKind::Kernel`] when `KVM_CREATE_VCPU` fails otherwise.
+    pub fn create_vcpu(&self, index: u32) -> Result<(VcpuFd, VcpuTracker)> {
+        let _g = enter("create_vcpu")?;
+        let fd = self.vm.create_vcpu(index)?;
+        Ok((fd, self.handle(index)))
+    }
+
+    /// Registers vCPU `index`, created by the caller with kvm-ioctls; in
+    /// ring modes maps its ring (the mapping does not need the fd to stay
+    /// open). Returns the handle the vCPU's thread owns; dropping it
+    /// unregisters the vCPU.
+    ///
+    /// Errors: [`ErrorKind::AlreadyExists`] for an index registered
+    /// already, or a vCPU (the same kernel vCPU id) registered under
+    /// another index; [`ErrorKind::InvalidArgument`] for a fd that is not a
+    /// KVM vCPU; [`ErrorKind::Kernel`] when its ring cannot be mapped and
+    /// faulted in (not this VM's ring size, or a VM without a ring).
+    ///
+    /// # Safety
+    ///
+    /// `vcpu` is a vCPU of this tracker's VM (created on the VM's fd, or on
+    /// a duplicate of it). The kernel offers no way to check it: another
+    /// VM's vCPU whose ring has this VM's size would be mapped, and this
+    /// tracker would mark and reset entries of a ring that is not its own.
+    /// [`create_vcpu`](Self::create_vcpu) is the safe form.
+    ///
+    /// ```compile_fail,E0133
+    /// # let kvm = kvm_ioctls::Kvm::new().unwrap();
+    /// # let vm = kvm.create_vm().unwrap();
+    /// # let tracker = kvm_dirty_shim::DirtyTracker::adopt(&vm).unwrap();
+    /// let fd = vm.create_vcpu(0).unwrap();
+    /// // Which VM `fd` belongs to is the caller's promise.
+    /// let vcpu = tracker.add_vcpu(&fd, 0);
+    /// ```
+    pub unsafe fn add_vcpu(&self, vcpu: &VcpuFd, index: u32) -> Result<VcpuTracker> {
+        // SAFETY: `vcpu` owns its fd and outlives this borrow; the
+        // caller's contract is this function's.
+        unsafe { self.add_vcpu_fd(BorrowedFd::borrow_raw(vcpu.as_raw_fd()), index) }
     }
 
     /// [`add_vcpu`](Self::add_vcpu) for a VMM not built on kvm-ioctls:
     /// the vCPU's fd from `KVM_CREATE_VCPU`, borrowed.
-    pub fn add_vcpu_fd(&self, vcpu: BorrowedFd<'_>, index: u32) -> Result<VcpuTracker> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`add_vcpu`](Self::add_vcpu): `vcpu` is a vCPU of this
+    /// tracker's VM.
+    pub unsafe fn add_vcpu_fd(&self, vcpu: BorrowedFd<'_>, index: u32) -> Result<VcpuTracker> {
+        let _g = enter("add_vcpu")?;
         self.vm.add_vcpu(vcpu.as_raw_fd(), index)?;
-        Ok(VcpuTracker {
+        Ok(self.handle(index))
+    }
+
+    fn handle(&self, index: u32) -> VcpuTracker {
+        VcpuTracker {
             vm: Arc::clone(&self.vm),
             index,
             removed: false,
-        })
+        }
     }
 
     /// The C ABI's `kds_vcpu_add`: registers without a handle.
     #[cfg(feature = "capi")]
     pub(crate) fn add_vcpu_index(&self, vcpu: BorrowedFd<'_>, index: u32) -> Result<()> {
+        let _g = enter("add_vcpu")?;
         self.vm.add_vcpu(vcpu.as_raw_fd(), index)
     }
 
     /// The C ABI's `kds_vcpu_remove`.
     #[cfg(feature = "capi")]
     pub(crate) fn remove_vcpu(&self, index: u32) -> Result<()> {
+        let _g = enter("remove_vcpu")?;
         self.vm.remove_vcpu(index)
     }
 
     /// The C ABI's `kds_vcpu_reap`.
     #[cfg(feature = "capi")]
     pub(crate) fn reap_vcpu(&self, index: u32) -> Result<u64> {
+        let _g = enter("reap_vcpu")?;
         self.vm.reap_vcpu(index)
     }
 
@@ -259,6 +390,7 @@ impl DirtyTracker {
     /// In bitmap mode: 0. (A sync reaps by itself; this is for a VMM that
     /// reaps on its own schedule instead of [`enable_reaper`](Self::enable_reaper).)
     pub fn reap(&self) -> Result<u64> {
+        let _g = enter("reap")?;
         self.vm.reap()
     }
 
@@ -273,6 +405,7 @@ impl DirtyTracker {
         out: &mut [u64],
         stage: SyncStage,
     ) -> Result<SyncReport> {
+        let _g = enter("sync_memslot")?;
         let nbits = out.len() as u64 * 64;
         self.vm
             .sync_memslot(slot.raw(), out, nbits, stage == SyncStage::Final)
@@ -282,13 +415,16 @@ impl DirtyTracker {
     /// (its index in the slot) to `f` in ascending order instead of
     /// filling a bitmap: in ring modes without any buffer of the slot's
     /// size. To merge into a vm-memory `Bitmap`, see `sync_memslot_into`
-    /// (feature `vm-memory`).
+    /// (feature `vm-memory`). `f` runs on this thread with the VM's reap
+    /// lock held: a call into a tracker from `f` is
+    /// [`ErrorKind::WouldDeadlock`].
     pub fn sync_memslot_each(
         &self,
         slot: SlotId,
         stage: SyncStage,
         f: impl FnMut(u64),
     ) -> Result<SyncReport> {
+        let _g = enter("sync_memslot_each")?;
         self.vm
             .sync_memslot_each(slot.raw(), stage == SyncStage::Final, f)
     }
@@ -303,13 +439,15 @@ impl DirtyTracker {
     /// the slot's size: for a caller that marks its own dirty bitmap word
     /// by word (QEMU's `physical_memory_set_dirty_lebitmap`). `f` runs on
     /// this thread before the call returns, all runs but the last with the
-    /// VM's reap lock held: it must not call into this tracker.
+    /// VM's reap lock held: a call into a tracker from `f` is
+    /// [`ErrorKind::WouldDeadlock`].
     pub fn sync_memslot_runs(
         &self,
         slot: SlotId,
         stage: SyncStage,
         f: impl FnMut(u64, &[u64]),
     ) -> Result<SyncReport> {
+        let _g = enter("sync_memslot_runs")?;
         self.vm
             .sync_memslot_runs(slot.raw(), stage == SyncStage::Final, f)
     }
@@ -330,6 +468,7 @@ impl DirtyTracker {
     /// out here but never read afterwards is lost to the caller.
     /// [`ErrorKind::InvalidArgument`] for a range past the slot's end.
     pub fn clear_memslot(&self, slot: SlotId, pages: Range<u64>) -> Result<u64> {
+        let _g = enter("clear_memslot")?;
         let n = pages.end.saturating_sub(pages.start);
         self.vm.clear_memslot(slot.raw(), pages.start, n)
     }
@@ -343,13 +482,18 @@ impl DirtyTracker {
         nbits: u64,
         final_stage: bool,
     ) -> Result<SyncReport> {
+        let _g = enter("sync_memslot")?;
         self.vm.sync_memslot(slot, out, nbits, final_stage)
     }
 
     /// Kicks every vCPU out of guest mode with `kick` (so that hardware
     /// buffers such as Intel PML reach the rings), then reaps.
     pub fn flush(&self, kick: impl FnOnce()) -> Result<u64> {
+        // `kick` is the caller's code: it runs outside the tracker call,
+        // and not from inside another one.
+        drop(enter("flush")?);
         kick();
+        let _g = enter("flush")?;
         self.vm.reap()
     }
 
@@ -359,6 +503,24 @@ impl DirtyTracker {
     /// bitmap mode, [`ErrorKind::InvalidArgument`] for a config out of
     /// range.
     pub fn enable_reaper(&self, cfg: &ReaperConfig) -> Result<()> {
+        self.start_reaper(cfg, None)
+    }
+
+    /// As [`enable_reaper`](Self::enable_reaper), running `on_start` on
+    /// the new thread before its first check: where a VMM installs the
+    /// thread's seccomp filter (see [`crate::seccomp`]), names it or sets
+    /// its CPU affinity. An `Err` from `on_start` ends the thread, and this
+    /// call returns it ([`ErrorKind::Kernel`], its errno).
+    pub fn enable_reaper_with(
+        &self,
+        cfg: &ReaperConfig,
+        on_start: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        self.start_reaper(cfg, Some(Box::new(on_start)))
+    }
+
+    fn start_reaper(&self, cfg: &ReaperConfig, on_start: Option<OnStart>) -> Result<()> {
+        let _g = enter("enable_reaper")?;
         let cfg = CheckedReaperConfig::new(cfg)?;
         self.vm.check_reaper()?;
         let mut r = self.reaper.lock();
@@ -369,33 +531,51 @@ impl DirtyTracker {
                 "the reaper already runs; disable_reaper it first",
             ));
         }
-        let reaper = Reaper::start(&self.vm, cfg)?;
+        let reaper = Reaper::start(&self.vm, cfg, on_start)?;
         self.vm.set_reaper_wake(Some(Arc::clone(reaper.wake())));
         *r = Some(reaper);
         Ok(())
     }
 
     /// Stops the reaper thread and waits for it (at most one reap);
-    /// nothing to do when none runs. `EDEADLK` from the reaper thread
-    /// itself (a logger calling it).
+    /// nothing to do when none runs. [`ErrorKind::WouldDeadlock`] from the
+    /// reaper thread itself (a logger calling it).
     pub fn disable_reaper(&self) -> Result<()> {
-        let mut g = self.reaper.lock();
-        if g.as_ref()
-            .is_some_and(|r| r.thread_id() == std::thread::current().id())
-        {
-            return Err(Error::new(
-                libc::EDEADLK,
-                "stopping the reaper from the reaper thread itself (a logger?): it would \
-                 wait for itself; call it from another thread",
-            ));
-        }
-        let r = g.take();
-        drop(g);
+        let _g = enter("disable_reaper")?;
+        self.stop_reaper();
+        Ok(())
+    }
+
+    fn stop_reaper(&self) {
+        let r = self.reaper.lock().take();
         self.vm.set_reaper_wake(None);
         if let Some(r) = r {
             r.stop();
         }
-        Ok(())
+    }
+
+    /// Ends tracking and hands the VM back running, as `Drop` does, but
+    /// returns the first failure instead of logging it: stops the reaper,
+    /// turns dirty logging off on every slot, harvests and resets every
+    /// ring (a vCPU never exits ring-full again), and lets the tracker go.
+    /// The slots stay in the kernel (see "Soundness" for the memory of a
+    /// region slot); a [`VcpuTracker`] still held keeps working
+    /// ([`VcpuTracker::handle_exit`] reaps). See "Ending tracking" for
+    /// adopting the VM again.
+    ///
+    /// Errors: [`ErrorKind::WouldDeadlock`] from inside a tracker call
+    /// (the tracker is then dropped without ending: see `Drop`); the
+    /// failed ioctl's error otherwise (every step is still tried).
+    pub fn release(mut self) -> Result<()> {
+        let r = self.end();
+        self.ended = true;
+        r
+    }
+
+    fn end(&self) -> Result<()> {
+        let _g = enter("release")?;
+        self.stop_reaper();
+        self.vm.end_tracking()
     }
 
     /// The VM's counters.
@@ -406,16 +586,23 @@ impl DirtyTracker {
     /// One vCPU's counters (the migration thread's view of
     /// [`VcpuTracker::stats`]); [`ErrorKind::NotFound`] for an unknown vCPU.
     pub fn vcpu_stats(&self, index: u32) -> Result<VcpuStats> {
+        let _g = enter("vcpu_stats")?;
         self.vm.vcpu_stats(index)
     }
 }
 
 impl Drop for DirtyTracker {
-    /// Stops the reaper, so that the VM, its rings and its fd are freed
-    /// with the tracker (or with the last [`VcpuTracker`]).
+    /// Ends tracking as [`DirtyTracker::release`] does, logging a failure.
+    /// From inside another tracker call on this thread (a callback that
+    /// dropped its last handle) it cannot take the locks: it stops nothing
+    /// and logs an error; the reaper then ends by itself once the VM is
+    /// gone.
     fn drop(&mut self) {
-        if let Err(e) = self.disable_reaper() {
-            log::error!("{e}");
+        if self.ended {
+            return;
+        }
+        if let Err(e) = self.end() {
+            log::error!("dropping the dirty tracker: {e}");
         }
     }
 }
@@ -449,14 +636,14 @@ pub enum ExitAction {
 }
 
 /// One vCPU's dirty tracking, owned by the vCPU's thread
-/// ([`DirtyTracker::add_vcpu`]). Dropping it unregisters the vCPU,
+/// ([`DirtyTracker::create_vcpu`], [`DirtyTracker::add_vcpu`]). Dropping it unregisters the vCPU,
 /// harvesting what its ring still holds.
 ///
 /// ```no_run
 /// # use kvm_dirty_shim::{DirtyTracker, ExitAction};
 /// # use kvm_ioctls::VcpuExit;
-/// # fn run(tracker: &DirtyTracker, mut vcpu: kvm_ioctls::VcpuFd) -> Result<(), Box<dyn std::error::Error>> {
-/// let dirty = tracker.add_vcpu(&vcpu, 0)?;
+/// # fn run(tracker: &DirtyTracker) -> Result<(), Box<dyn std::error::Error>> {
+/// let (mut vcpu, dirty) = tracker.create_vcpu(0)?;
 /// loop {
 ///     match vcpu.run()? {
 ///         VcpuExit::Hlt => break,
@@ -492,6 +679,7 @@ impl VcpuTracker {
         if exit_reason != kvm_bindings::KVM_EXIT_DIRTY_RING_FULL {
             return Ok(ExitAction::NotDirtyRingFull);
         }
+        let _g = enter("handle_exit")?;
         match self.vm.reap_vcpu(self.index) {
             Ok(harvested) => Ok(ExitAction::Reenter { harvested }),
             Err(e) if e.kind() == ErrorKind::RingWedged => Ok(ExitAction::FailMigration(e)),
@@ -501,6 +689,7 @@ impl VcpuTracker {
 
     /// This vCPU's counters.
     pub fn stats(&self) -> Result<VcpuStats> {
+        let _g = enter("VcpuTracker::stats")?;
         self.vm.vcpu_stats(self.index)
     }
 
@@ -508,6 +697,7 @@ impl VcpuTracker {
     /// (dropping the handle does the same, logging a failure).
     pub fn remove(mut self) -> Result<()> {
         self.removed = true;
+        let _g = enter("VcpuTracker::remove")?;
         self.vm.remove_vcpu(self.index)
     }
 }
@@ -525,7 +715,10 @@ impl Drop for VcpuTracker {
         if self.removed {
             return;
         }
-        if let Err(e) = self.vm.remove_vcpu(self.index) {
+        // From inside a tracker call the vCPU stays registered (its ring
+        // mapped) until the VM goes: removing it would take held locks.
+        let r = enter("dropping a VcpuTracker").and_then(|_g| self.vm.remove_vcpu(self.index));
+        if let Err(e) = r {
             log::error!("vCPU {}: {e}", self.index);
         }
     }

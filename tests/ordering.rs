@@ -27,6 +27,17 @@ fn refused(ret: i64, want: i32, says: &[&str]) {
     }
 }
 
+fn new_handle_of(kvm_vm: &kvm_ioctls::VmFd) -> Handle {
+    let mut h = ptr::null_mut();
+    assert_eq!(
+        c!(kds_vm_adopt(kvm_vm.as_raw_fd(), &mut h)),
+        0,
+        "{}",
+        last_error()
+    );
+    Handle(h)
+}
+
 fn new_vm() -> (kvm_ioctls::VmFd, Handle) {
     let kvm_vm = Kvm::new().unwrap().create_vm().unwrap();
     let mut h = ptr::null_mut();
@@ -380,10 +391,40 @@ fn bad_vcpus() {
     let (k, h) = new_vm();
     assert_eq!(c!(kds_dirty_ring_enable(h.0, 4096)), 0);
     refused(c!(kds_vcpu_add(h.0, -1, 0)).into(), EINVAL, &["fd"]);
-    // Not a vCPU fd: the ring cannot be mapped from it.
-    let r = c!(kds_vcpu_add(h.0, k.as_raw_fd(), 0));
-    assert!(r < 0, "a VM fd is not a vCPU fd");
-    assert!(last_error().contains("mmap"), "{}", last_error());
+    // Not a vCPU fd: refused before anything is mapped.
+    refused(
+        c!(kds_vcpu_add(h.0, k.as_raw_fd(), 0)).into(),
+        EINVAL,
+        &["anon_inode:kvm-vm", "not a KVM vCPU fd"],
+    );
+    // An empty regular file would map, and raise SIGBUS at the first read.
+    let path = std::env::temp_dir().join(format!("kds-empty-{}", std::process::id()));
+    let empty = std::fs::File::create(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    refused(
+        c!(kds_vcpu_add(h.0, empty.as_raw_fd(), 0)).into(),
+        EINVAL,
+        &["not a KVM vCPU fd"],
+    );
+    // A vCPU of a VM without a ring: its "ring" maps, but cannot be read.
+    let other = Kvm::new().unwrap().create_vm().unwrap();
+    let stranger = other.create_vcpu(0).unwrap();
+    refused(
+        c!(kds_vcpu_add(h.0, stranger.as_raw_fd(), 0)).into(),
+        -libc::EFAULT,
+        &["mmap of the vCPU dirty ring", "cannot be read"],
+    );
+    // A vCPU of a VM with a larger ring.
+    let big = Kvm::new().unwrap().create_vm().unwrap();
+    let hb = new_handle_of(&big);
+    assert_eq!(c!(kds_dirty_ring_enable(hb.0, 8192)), 0);
+    let big_vcpu = big.create_vcpu(0).unwrap();
+    refused(
+        c!(kds_vcpu_add(h.0, big_vcpu.as_raw_fd(), 0)).into(),
+        EINVAL,
+        &["larger than"],
+    );
+    c!(kds_vm_free(hb.0));
     let vcpu = k.create_vcpu(0).unwrap();
     assert_eq!(
         c!(kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0)),
@@ -395,6 +436,12 @@ fn bad_vcpus() {
         c!(kds_vcpu_add(h.0, vcpu.as_raw_fd(), 0)).into(),
         -libc::EEXIST,
         &["already registered"],
+    );
+    // The same vCPU under another index.
+    refused(
+        c!(kds_vcpu_add(h.0, vcpu.as_raw_fd(), 1)).into(),
+        -libc::EEXIST,
+        &["KVM vCPU 0, registered already as index 0"],
     );
     refused(
         c!(kds_vcpu_reap(h.0, 5)),

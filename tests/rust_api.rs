@@ -93,12 +93,14 @@ fn a_vcpu_handle_unregisters_on_drop_and_leaves_other_exits_alone() {
     let ring = t.enable_dirty_ring(4096).is_ok();
     t.board_init(BoardFlags::empty()).unwrap();
     assert_eq!(t.mode(), if ring { Mode::Ring } else { Mode::Bitmap });
-    let fd = vm.create_vcpu(0).unwrap();
-    let v = t.add_vcpu(&fd, 0).unwrap();
+    let (fd, v) = t.create_vcpu(0).unwrap();
     assert_eq!(
-        t.add_vcpu(&fd, 0).unwrap_err().kind(),
+        t.create_vcpu(0).unwrap_err().kind(),
         ErrorKind::AlreadyExists
     );
+    // SAFETY: `fd` is a vCPU of the tracker's VM.
+    let e = unsafe { t.add_vcpu(&fd, 1) }.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "one vCPU, twice: {e}");
     assert_eq!(
         v.handle_exit(kvm_bindings::KVM_EXIT_HLT).unwrap(),
         ExitAction::NotDirtyRingFull
@@ -114,7 +116,8 @@ fn a_vcpu_handle_unregisters_on_drop_and_leaves_other_exits_alone() {
     assert_eq!(v.stats().unwrap(), t.vcpu_stats(0).unwrap());
     drop(v);
     assert_eq!(t.vcpu_stats(0).unwrap_err().kind(), ErrorKind::NotFound);
-    let v = t.add_vcpu(&fd, 0).expect("the index is free again");
+    // SAFETY: `fd` is a vCPU of the tracker's VM.
+    let v = unsafe { t.add_vcpu(&fd, 0) }.expect("the index is free again");
     v.remove().unwrap();
     assert_eq!(t.vcpu_stats(0).unwrap_err().kind(), ErrorKind::NotFound);
 }
@@ -163,11 +166,15 @@ fn a_vm_memory_region_lives_while_its_slot_maps_it() {
         1,
         "deleted: the region is ours again"
     );
-    // Kept past the tracker's life otherwise: dropped with the VM.
+    // Kept past the tracker's life otherwise: the kernel still maps it.
     t.update_memslot_region(slot, Arc::clone(&r), MemslotFlags::empty())
         .unwrap();
     drop(t);
-    assert_eq!(Arc::strong_count(&r), 1);
+    assert_eq!(
+        Arc::strong_count(&r),
+        2,
+        "never released while the slot exists"
+    );
 }
 
 #[test]

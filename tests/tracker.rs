@@ -49,7 +49,8 @@ fn dropping_a_tracker_stops_its_reaper_and_frees_everything() {
     let handles: Vec<_> = vcpus
         .iter()
         .enumerate()
-        .map(|(i, v)| t.add_vcpu(v, i as u32).unwrap())
+        // SAFETY: each is a vCPU of the tracker's VM.
+        .map(|(i, v)| unsafe { t.add_vcpu(v, i as u32) }.unwrap())
         .collect();
     t.enable_reaper(&ReaperConfig::default()).unwrap();
     assert_eq!(

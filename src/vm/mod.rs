@@ -45,6 +45,7 @@ const MEM_READONLY: u32 = MemslotFlags::READONLY.bits();
 mod reap;
 mod slots;
 mod sync;
+mod teardown;
 mod vcpus;
 
 /// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
@@ -100,6 +101,9 @@ struct Retired {
 /// A registered vCPU.
 struct Vcpu {
     ring: Option<Ring>,
+    /// Its KVM vCPU id, where /proc/self/fd told it: one kernel vCPU is
+    /// registered once.
+    kernel_id: Option<u32>,
     ring_full_reaps: AtomicU64,
 }
 
@@ -269,9 +273,22 @@ impl Vm {
         }
         self.kvm.enable_cap(capnr, bytes).map_err(|e| {
             let what = format!("KVM_ENABLE_CAP({name}, {bytes} bytes)");
-            // The size was checked above: the kernel's other refusal is a
-            // vCPU created already (kvm_vm_ioctl_enable_dirty_log_ring).
-            if e == libc::EINVAL {
+            // The size was checked above: the kernel's other refusals are a
+            // ring enabled already and a vCPU created already
+            // (kvm_vm_ioctl_enable_dirty_log_ring).
+            if e == libc::EINVAL && self.kvm.has_ring() {
+                Error::with_kind(
+                    ErrorKind::Ordering,
+                    libc::EBUSY,
+                    format!(
+                        "{what} failed: EINVAL: this VM's dirty ring is enabled already, by \
+                         an earlier tracker of this VM or outside the shim; the kernel enables \
+                         a ring once per VM, and a new tracker cannot know where it pushes \
+                         next: track a VM with the ring through one tracker for its life (to \
+                         migrate again, keep the tracker and turn logging on again)"
+                    ),
+                )
+            } else if e == libc::EINVAL {
                 Error::with_kind(
                     ErrorKind::Ordering,
                     libc::EBUSY,

@@ -8,11 +8,18 @@ impl Vm {
         // SAFETY: the C caller promises (ABI) that the host range of the
         // slot stays mapped while the slot exists; a deletion passes size 0.
         unsafe { self.kvm.update_memslot(m) }.map_err(|e| {
-            Error::sys(
+            let err = Error::sys(
                 &format!("KVM_SET_USER_MEMORY_REGION ({what} slot {:#x})", m.slot),
                 e,
                 "check the slot id, the address ranges (no overlap) and the slot limit",
-            )
+            );
+            // The kernel's EEXIST: the guest-physical range overlaps
+            // another slot's.
+            if e == libc::EEXIST {
+                err.into_kind(ErrorKind::AlreadyExists)
+            } else {
+                err
+            }
         })
     }
 
