@@ -16,21 +16,34 @@
 //! the vCPUs, does the final sync, and compares: a page that differs was
 //! lost. It prints one line per round and exits non-zero on any lost page.
 //!
+//! Every thread runs under a seccomp allow-list built with rust-vmm's
+//! `seccompiler`, as Firecracker's and cloud-hypervisor's do: the calls
+//! the library makes on it (`kvm_dirty_shim::seccomp`) plus the VMM's own,
+//! and nothing else (a call outside the list kills the process with
+//! `SIGSYS`). Each vCPU thread installs its filter first thing, the main
+//! (migration) thread once setup is done, the reaper thread in its
+//! `on_start` hook.
+//!
 //!     cargo run --release --features vm-memory --example rust_vmm [rounds]
 //!
 //! Like a VMM that takes soundness seriously, it has no `unsafe` at all.
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kvm_dirty_shim::{
     BoardFlags, DirtyTracker, ErrorKind, ExitAction, MemslotFlags, ReaperConfig, SlotId, SyncStage,
-    dirty_pages,
+    dirty_pages, seccomp,
 };
 use kvm_ioctls::{Kvm, VcpuExit};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
@@ -49,6 +62,45 @@ const STORES: u32 = 2000; // per batch; the vCPU re-enters at once
 const RING: u32 = 4096;
 
 type Region = GuestRegionMmap<AtomicBitmap>;
+
+/// `KVM_RUN`: `_IO(KVMIO, 0x80)`, the vCPU threads' own ioctl.
+const KVM_RUN: u64 = 0xae80;
+
+/// A filter that allows `syscalls` and, for `ioctl`, only `ioctls`, and
+/// kills the process with `SIGSYS` on anything else.
+fn filter(syscalls: &[&[libc::c_long]], ioctls: &[u64]) -> BpfProgram {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls
+        .iter()
+        .flat_map(|list| list.iter())
+        .map(|&s| (s, vec![]))
+        .collect();
+    let request = |r: u64| {
+        let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, r);
+        SeccompRule::new(vec![c.expect("condition")]).expect("rule")
+    };
+    rules.insert(
+        libc::SYS_ioctl,
+        ioctls.iter().map(|&r| request(r)).collect(),
+    );
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .expect("a seccomp architecture");
+    SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch)
+        .and_then(TryInto::try_into)
+        .expect("the filter")
+}
+
+/// The calls the VMM itself makes on a thread, beside the library's:
+/// writing its report, sleeping between rounds, closing fds, and a
+/// thread's (or the process's) exit.
+const VMM_OWN: &[libc::c_long] = &[
+    libc::SYS_write,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_sigaltstack,
+];
 
 fn region(gpa: u64, pages: u64) -> Arc<Region> {
     let mapping = MmapRegion::<AtomicBitmap>::new((pages * PAGE) as usize).expect("mmap");
@@ -124,10 +176,30 @@ fn main() {
     let full_exits = AtomicU64::new(0);
     let mut bitmap = vec![0u64; (PAGES / 64) as usize];
     let mut lost = 0;
+    // The filters, built before any is installed.
+    let vcpu_filter = filter(
+        &[seccomp::TRACKING, VMM_OWN],
+        &[seccomp::TRACKING_IOCTLS, &[KVM_RUN]].concat(),
+    );
+    // The reaper thread inherits the main thread's filter (filters stack),
+    // so the main thread's allows what the reaper makes too, and the
+    // installing of the reaper's own filter in its `on_start`.
+    let main_filter = filter(
+        &[
+            seccomp::TRACKING,
+            seccomp::REAPER_START,
+            seccomp::REAPER_THREAD,
+            VMM_OWN,
+            &[libc::SYS_seccomp, libc::SYS_prctl],
+        ],
+        seccomp::TRACKING_IOCTLS,
+    );
+    let reaper_filter = filter(&[seccomp::REAPER_THREAD], seccomp::TRACKING_IOCTLS);
     std::thread::scope(|s| {
         for (mut fd, dirty) in vcpus {
-            let (stop, full_exits) = (&stop, &full_exits);
+            let (stop, full_exits, vcpu_filter) = (&stop, &full_exits, &vcpu_filter);
             s.spawn(move || {
+                seccompiler::apply_filter(vcpu_filter).expect("the vCPU thread's filter");
                 // Until told to stop, checked at each batch's `out 0x10`;
                 // a batch is STORES stores, so this ends promptly.
                 loop {
@@ -151,10 +223,17 @@ fn main() {
                 // Dropping `dirty` unregisters the vCPU.
             });
         }
+        seccompiler::apply_filter(&main_filter).expect("the main thread's filter");
+        let mut reaper_filter = Some(reaper_filter);
         for round in 1..=rounds {
             if round == rounds / 2 + 1 && tracker.mode().has_ring() {
-                let cfg = ReaperConfig::default().max_interval(Duration::from_millis(20));
-                tracker.enable_reaper(&cfg).expect("start the reaper");
+                let cfg = ReaperConfig::default().with_max_interval(Duration::from_millis(20));
+                let f = reaper_filter.take().expect("started once");
+                tracker
+                    .enable_reaper_with(&cfg, move || {
+                        seccompiler::apply_filter(&f).map_err(std::io::Error::other)
+                    })
+                    .expect("start the reaper");
             }
             // The guest stores the round number from now on: a page copied
             // earlier and written again differs unless it is sent again.

@@ -188,7 +188,8 @@ typedef struct KdsReaperConfig {
 } KdsReaperConfig;
 
 /**
- * Counters of one VM since its creation, read with kds_stats_get().
+ * Counters of one VM since its creation, read with `DirtyTracker::stats`
+ * (C: kds_stats_get()).
  * Fields are only ever appended; the first 9 are ABI 1's.
  */
 typedef struct KdsStats {
@@ -201,7 +202,8 @@ typedef struct KdsStats {
    */
   uint64_t ring_resets;
   /**
-   * kds_vcpu_reap() calls that found entries.
+   * Ring-full exits reaped (`VcpuTracker::handle_exit`; C:
+   * kds_vcpu_reap()) that found entries.
    */
   uint64_t ring_full_reaps;
   /**
@@ -234,10 +236,11 @@ typedef struct KdsStats {
    */
   uint64_t ring_overflows;
   /**
-   * ABI 2. kds_vcpu_reap() calls that found the ring wedged (ring-full
+   * ABI 2. Ring-full exits reaped (`VcpuTracker::handle_exit`; C:
+   * kds_vcpu_reap()) that found the ring wedged (ring-full
    * exits with nothing to harvest twice in a row); every dirty-logged
    * page was reported dirty. Most are undone (see ring_recoveries); only
-   * 1024 in a row return -EOVERFLOW.
+   * 1024 in a row fail (`ExitAction::FailMigration`; C: -EOVERFLOW).
    */
   uint64_t ring_wedges;
   /**
@@ -255,7 +258,7 @@ typedef struct KdsStats {
   uint64_t ring_recoveries;
   /**
    * ABI 2. Reaps done by the adaptive reaper thread
-   * (kds_reaper_enable()).
+   * (`DirtyTracker::enable_reaper`; C: kds_reaper_enable()).
    */
   uint64_t reaper_reaps;
   /**
@@ -287,7 +290,8 @@ typedef struct KdsStats {
    */
   uint64_t resets_switched_out;
   /**
-   * ABI 3. Pages kds_memslot_clear() took out of
+   * ABI 3. Pages `DirtyTracker::clear_memslot` (C: kds_memslot_clear())
+   * took out of
    * the next sync's report: pages reported before, which the caller
    * was about to send, written again since.
    */
@@ -295,7 +299,8 @@ typedef struct KdsStats {
 } KdsStats;
 
 /**
- * Counters of one vCPU, read with kds_vcpu_stats_get(): what a VMM's
+ * Counters of one vCPU, read with `VcpuTracker::stats` (C:
+ * kds_vcpu_stats_get()): what a VMM's
  * dirty-rate and dirty-limit features read. Fields are only ever appended.
  */
 typedef struct KdsVcpuStats {
@@ -304,7 +309,8 @@ typedef struct KdsVcpuStats {
    */
   uint64_t entries_reaped;
   /**
-   * kds_vcpu_reap() calls for this vCPU that found entries.
+   * Ring-full exits of this vCPU reaped (`VcpuTracker::handle_exit`; C:
+   * kds_vcpu_reap()) that found entries.
    */
   uint64_t ring_full_reaps;
 } KdsVcpuStats;
@@ -372,9 +378,12 @@ int kds_vm_create(uint64_t machine_type, struct KdsVm **out);
 int kds_vm_adopt(int vm_fd, struct KdsVm **out);
 
 /**
- * Stops the adaptive reaper if it runs, unmaps every ring, frees
- * everything and closes the VM fd the shim holds. No other call on vm may
- * be running or follow.
+ * Ends tracking and hands the VM back running: stops the adaptive reaper
+ * if it runs, turns dirty logging off on every memslot, harvests and
+ * resets every ring (so no vCPU exits KVM_EXIT_DIRTY_RING_FULL again),
+ * then unmaps every ring, frees everything and closes the VM fd the shim
+ * holds. The memslots stay in the kernel. No other call on vm may be
+ * running or follow.
  *
  * @param vm  the handle, or NULL (nothing happens)
  * @return nothing; it cannot fail.
@@ -612,8 +621,8 @@ int64_t kds_memslot_sync(struct KdsVm *vm,
  * page are 0.
  *
  * run is called on this thread, before kds_memslot_sync_runs() returns,
- * every call but the last with the VM's reap lock held: it must not call
- * a kds_ function on this VM (that would deadlock).
+ * every call but the last with the VM's reap lock held: a kds_ function
+ * it calls (on any VM) fails with -EDEADLK instead of waiting for itself.
  *
  * @param slot    the memslot, as in KdsMemslot.slot
  * @param flags   0 or KDS_SYNC_FINAL

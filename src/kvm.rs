@@ -54,14 +54,24 @@ const fn io(nr: u64) -> u64 {
     (KVMIO << 8) | nr
 }
 
+const fn iow(nr: u64, size: usize) -> u64 {
+    (1 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
 const fn iowr(nr: u64, size: usize) -> u64 {
     (3 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
 }
 
 /// `KVM_RESET_DIRTY_RINGS`: `_IO(KVMIO, 0xc7)`.
-const KVM_RESET_DIRTY_RINGS: u64 = io(0xc7);
+pub(crate) const KVM_RESET_DIRTY_RINGS: u64 = io(0xc7);
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
-const KVM_CLEAR_DIRTY_LOG: u64 = iowr(0xc0, std::mem::size_of::<kvm_clear_dirty_log>());
+pub(crate) const KVM_CLEAR_DIRTY_LOG: u64 = iowr(0xc0, std::mem::size_of::<kvm_clear_dirty_log>());
+/// `KVM_SET_USER_MEMORY_REGION` (made through kvm-ioctls; for seccomp).
+pub(crate) const KVM_SET_USER_MEMORY_REGION: u64 =
+    iow(0x46, std::mem::size_of::<kvm_userspace_memory_region>());
+/// `KVM_GET_DIRTY_LOG` (made through kvm-ioctls; for seccomp).
+pub(crate) const KVM_GET_DIRTY_LOG: u64 =
+    iow(0x42, std::mem::size_of::<kvm_bindings::kvm_dirty_log>());
 
 /// The host page size (`sysconf(_SC_PAGESIZE)`): the unit of memslot
 /// offsets, dirty bitmaps and ring entries. Never assumed to be 4096.
@@ -508,5 +518,8 @@ mod tests {
         // linux/kvm.h: _IO(KVMIO, 0xc7) and _IOWR(KVMIO, 0xc0, 24-byte struct).
         assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
         assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+        // _IOW(KVMIO, 0x46, 32 bytes) and _IOW(KVMIO, 0x42, 16 bytes).
+        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+        assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
     }
 }

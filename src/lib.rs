@@ -28,6 +28,7 @@ mod pacer;
 mod reaper;
 mod reentry;
 mod ring;
+pub mod seccomp;
 mod tracker;
 mod types;
 mod vm;
@@ -38,6 +39,11 @@ mod vmm;
 pub mod capi;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// The README's Rust snippet, compiled as a doctest.
+#[cfg(all(doctest, feature = "vm-memory"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use tracker::{DirtyPages, DirtyTracker, ExitAction, VcpuTracker, dirty_pages};
 pub use types::{
     BoardFlags, Memslot, MemslotFlags, Mode, ReaperConfig, SYNC_RUN_WORDS_MAX, SlotId, Stats,

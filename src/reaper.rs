@@ -61,11 +61,7 @@ pub(crate) struct Config {
 impl Config {
     /// `cfg`, checked; `EINVAL` when out of range.
     pub(crate) fn new(c: &ReaperConfig) -> Result<Config> {
-        let (pct, min, max) = (
-            c.get_high_water_pct(),
-            c.get_min_interval(),
-            c.get_max_interval(),
-        );
+        let (pct, min, max) = (c.high_water_pct(), c.min_interval(), c.max_interval());
         if !(1..=90).contains(&pct) || min.is_zero() || min > max || max > Duration::from_secs(10) {
             return Err(Error::inval(format!(
                 "reaper config: high water {pct}% (1..=90), min interval {min:?} and \

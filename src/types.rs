@@ -3,11 +3,7 @@
 //! plain-integer shapes (`capi::types`) and converts at its boundary; the
 //! two counter structs are shared (`#[repr(C)]`, renamed `KdsStats` and
 //! `KdsVcpuStats` in the header by cbindgen.toml), so their field comments
-//! name the C functions; in Rust, `kds_vcpu_reap()` is a ring-full exit
-//! through [`VcpuTracker::handle_exit`](crate::VcpuTracker::handle_exit),
-//! `kds_stats_get()` is [`DirtyTracker::stats`](crate::DirtyTracker::stats)
-//! and `kds_reaper_enable()` is
-//! [`DirtyTracker::enable_reaper`](crate::DirtyTracker::enable_reaper).
+//! name each operation by its Rust method, then its C function.
 
 use std::fmt;
 use std::time::Duration;
@@ -117,79 +113,25 @@ impl From<u16> for SlotId {
     }
 }
 
-/// A set of flags of type `$name` (a `u32` underneath), with the named
-/// constants `$flag`; `|`, `contains`, `empty`, `bits`.
-macro_rules! flags {
-    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $flag:ident = $v:expr;)* }) => {
-        $(#[$m])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-        pub struct $name(u32);
-
-        impl $name {
-            $($(#[$fm])* pub const $flag: $name = $name($v);)*
-            const ALL: u32 = 0 $(| $v)*;
-
-            /// No flag.
-            pub const fn empty() -> Self {
-                $name(0)
-            }
-
-            /// Are all of `other`'s flags set in `self`?
-            pub const fn contains(self, other: Self) -> bool {
-                self.0 & other.0 == other.0
-            }
-
-            /// The bits, as the kernel (and the C ABI) spell them.
-            pub const fn bits(self) -> u32 {
-                self.0
-            }
-
-            /// From bits; `None` when a bit this version does not know is set.
-            pub const fn from_bits(bits: u32) -> Option<Self> {
-                if bits & !Self::ALL == 0 { Some($name(bits)) } else { None }
-            }
-        }
-
-        impl std::ops::BitOr for $name {
-            type Output = Self;
-            fn bitor(self, rhs: Self) -> Self {
-                $name(self.0 | rhs.0)
-            }
-        }
-
-        impl std::ops::BitOrAssign for $name {
-            fn bitor_assign(&mut self, rhs: Self) {
-                self.0 |= rhs.0;
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let mut names = Vec::new();
-                $(if self.contains($name::$flag) && $v != 0 { names.push(stringify!($flag)); })*
-                write!(f, "{}({})", stringify!($name), if names.is_empty() { "empty".into() } else { names.join(" | ") })
-            }
-        }
-    };
-}
-
-flags! {
+bitflags::bitflags! {
     /// A memslot's flags (`KVM_MEM_*`).
-    MemslotFlags {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct MemslotFlags: u32 {
         /// Log the slot's dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
-        LOG_DIRTY_PAGES = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        const LOG_DIRTY_PAGES = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
         /// Read-only for the guest (`KVM_MEM_READONLY`).
-        READONLY = kvm_bindings::KVM_MEM_READONLY;
+        const READONLY = kvm_bindings::KVM_MEM_READONLY;
     }
 }
 
-flags! {
+bitflags::bitflags! {
     /// What the board has that dirties guest memory without a running
     /// vCPU, for [`DirtyTracker::board_init`](crate::DirtyTracker::board_init).
-    BoardFlags {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct BoardFlags: u32 {
         /// The arm64 in-kernel vGIC ITS, which writes its tables into
         /// guest memory when they are saved.
-        VGIC_ITS = 1 << 0;
+        const VGIC_ITS = 1 << 0;
     }
 }
 
@@ -291,21 +233,22 @@ pub struct SyncReport {
 }
 
 /// The adaptive reaper's knobs (`Default`: high water 25 %, checks every
-/// 200 µs to 50 ms).
+/// 200 µs to 50 ms): `with_*` set one, the plain names read it.
 ///
 /// ```
 /// use std::time::Duration;
 /// use kvm_dirty_shim::ReaperConfig;
 /// let cfg = ReaperConfig::default()
-///     .high_water_pct(50)
-///     .max_interval(Duration::from_millis(10));
-/// assert_eq!(cfg.get_high_water_pct(), 50);
+///     .with_high_water_pct(50)
+///     .with_max_interval(Duration::from_millis(10));
+/// assert_eq!(cfg.high_water_pct(), 50);
+/// assert_eq!(cfg.max_interval(), Duration::from_millis(10));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReaperConfig {
-    pub(crate) high_water_pct: u32,
-    pub(crate) min_interval: Duration,
-    pub(crate) max_interval: Duration,
+    high_water_pct: u32,
+    min_interval: Duration,
+    max_interval: Duration,
 }
 
 impl Default for ReaperConfig {
@@ -320,43 +263,62 @@ impl Default for ReaperConfig {
 
 impl ReaperConfig {
     /// Reap as soon as some vCPU's ring holds at least this percentage of
-    /// its entries (1..=90). The check reads one entry's flags per ring, no
-    /// syscall.
-    pub fn high_water_pct(mut self, pct: u32) -> Self {
+    /// its entries (1..=90). The check reads each ring's fill from the
+    /// entries' flags (a binary search), no syscall.
+    pub fn with_high_water_pct(mut self, pct: u32) -> Self {
         self.high_water_pct = pct;
         self
     }
 
     /// The shortest pause between two checks.
-    pub fn min_interval(mut self, d: Duration) -> Self {
+    pub fn with_min_interval(mut self, d: Duration) -> Self {
         self.min_interval = d;
         self
     }
 
     /// The longest pause between two checks (at most 10 s): what an idle
     /// VM costs. Turning dirty logging on wakes the thread whatever this is.
-    pub fn max_interval(mut self, d: Duration) -> Self {
+    pub fn with_max_interval(mut self, d: Duration) -> Self {
         self.max_interval = d;
         self
     }
 
     /// The high-water mark, in percent.
+    pub fn high_water_pct(&self) -> u32 {
+        self.high_water_pct
+    }
+
+    /// The shortest pause.
+    pub fn min_interval(&self) -> Duration {
+        self.min_interval
+    }
+
+    /// The longest pause.
+    pub fn max_interval(&self) -> Duration {
+        self.max_interval
+    }
+
+    /// The high-water mark, in percent.
+    #[deprecated(since = "0.4.0", note = "use `high_water_pct()`")]
     pub fn get_high_water_pct(&self) -> u32 {
         self.high_water_pct
     }
 
     /// The shortest pause.
+    #[deprecated(since = "0.4.0", note = "use `min_interval()`")]
     pub fn get_min_interval(&self) -> Duration {
         self.min_interval
     }
 
     /// The longest pause.
+    #[deprecated(since = "0.4.0", note = "use `max_interval()`")]
     pub fn get_max_interval(&self) -> Duration {
         self.max_interval
     }
 }
 
-/// Counters of one VM since its creation, read with kds_stats_get().
+/// Counters of one VM since its creation, read with `DirtyTracker::stats`
+/// (C: kds_stats_get()).
 /// Fields are only ever appended; the first 9 are ABI 1's.
 #[repr(C)]
 #[non_exhaustive]
@@ -366,7 +328,8 @@ pub struct Stats {
     pub entries_reaped: u64,
     /// KVM_RESET_DIRTY_RINGS calls.
     pub ring_resets: u64,
-    /// kds_vcpu_reap() calls that found entries.
+    /// Ring-full exits reaped (`VcpuTracker::handle_exit`; C:
+    /// kds_vcpu_reap()) that found entries.
     pub ring_full_reaps: u64,
     /// KVM_GET_DIRTY_LOG calls.
     pub bitmap_syncs: u64,
@@ -385,10 +348,11 @@ pub struct Stats {
     /// dropped entries): every page of every dirty-logged slot was then
     /// reported dirty.
     pub ring_overflows: u64,
-    /// ABI 2. kds_vcpu_reap() calls that found the ring wedged (ring-full
+    /// ABI 2. Ring-full exits reaped (`VcpuTracker::handle_exit`; C:
+    /// kds_vcpu_reap()) that found the ring wedged (ring-full
     /// exits with nothing to harvest twice in a row); every dirty-logged
     /// page was reported dirty. Most are undone (see ring_recoveries); only
-    /// 1024 in a row return -EOVERFLOW.
+    /// 1024 in a row fail (`ExitAction::FailMigration`; C: -EOVERFLOW).
     pub ring_wedges: u64,
     /// ABI 2. Entries the kernel reset, as returned by
     /// KVM_RESET_DIRTY_RINGS. Lower than entries_reaped only when the
@@ -400,7 +364,7 @@ pub struct Stats {
     /// ring-full for ever.
     pub ring_recoveries: u64,
     /// ABI 2. Reaps done by the adaptive reaper thread
-    /// (kds_reaper_enable()).
+    /// (`DirtyTracker::enable_reaper`; C: kds_reaper_enable()).
     pub reaper_reaps: u64,
     /// ABI 2. Entries marked RESET that a KVM_RESET_DIRTY_RINGS did not
     /// reach, summed over resets (a vCPU
@@ -424,13 +388,15 @@ pub struct Stats {
     /// so the shim re-armed dirty logging and reported every dirty-logged
     /// page, as after an overflow.
     pub resets_switched_out: u64,
-    /// ABI 3. Pages kds_memslot_clear() took out of
+    /// ABI 3. Pages `DirtyTracker::clear_memslot` (C: kds_memslot_clear())
+    /// took out of
     /// the next sync's report: pages reported before, which the caller
     /// was about to send, written again since.
     pub pages_cleared: u64,
 }
 
-/// Counters of one vCPU, read with kds_vcpu_stats_get(): what a VMM's
+/// Counters of one vCPU, read with `VcpuTracker::stats` (C:
+/// kds_vcpu_stats_get()): what a VMM's
 /// dirty-rate and dirty-limit features read. Fields are only ever appended.
 #[repr(C)]
 #[non_exhaustive]
@@ -438,6 +404,7 @@ pub struct Stats {
 pub struct VcpuStats {
     /// Entries harvested from this vCPU's ring.
     pub entries_reaped: u64,
-    /// kds_vcpu_reap() calls for this vCPU that found entries.
+    /// Ring-full exits of this vCPU reaped (`VcpuTracker::handle_exit`; C:
+    /// kds_vcpu_reap()) that found entries.
     pub ring_full_reaps: u64,
 }

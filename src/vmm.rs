@@ -15,8 +15,14 @@ impl DirtyTracker {
     /// Creates or changes memslot `slot` to map `region` (at its guest
     /// address) with `flags`: the safe form of
     /// [`update_memslot`](Self::update_memslot). The tracker keeps `region`
-    /// alive until the slot is deleted or maps other memory, and at least
-    /// as long as the VM's fd, so the guest never sees freed memory.
+    /// (its `Arc`) until [`delete_memslot`](Self::delete_memslot) removed
+    /// the slot from the kernel or an update pointed it at other memory;
+    /// past the tracker's own life if the slot is still there (the kernel
+    /// VM outlives the tracker while the VMM holds its fds): the guest never
+    /// reaches freed memory. See "Soundness" on [`DirtyTracker`].
+    ///
+    /// Errors: [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists)
+    /// when the region's guest range overlaps another slot's.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -44,9 +50,11 @@ impl DirtyTracker {
             region.len(),
         )
         .with_flags(flags);
+        let _g = crate::reentry::enter("update_memslot_region")?;
         // SAFETY: `region` is a live mapping of `len` bytes at `as_ptr`;
         // the VM keeps this Arc (so the mapping) until the slot is deleted
-        // or remapped, and past its own fd (`Vm::keep_memory`).
+        // or remapped, and for ever if the VM goes while the kernel still
+        // has the slot (`Vm::keep_memory`, `Vm`'s `Drop`).
         unsafe { self.vm_core().update_memslot(&m.region(), Some(region)) }
     }
 
@@ -54,7 +62,9 @@ impl DirtyTracker {
     /// into `bitmap`, a vm-memory [`Bitmap`] of the slot's memory (offset 0
     /// is the slot's first byte), such as the one a VMM keeps its own
     /// device writes in: each dirty page is marked there, with no buffer
-    /// of the slot's size in ring modes.
+    /// of the slot's size in ring modes. For a region's own bitmap pass
+    /// `&region.bitmap()` (`GuestMemoryRegion::bitmap`, a slice of it) or
+    /// `MmapRegion::bitmap(&region)`.
     pub fn sync_memslot_into<B: Bitmap>(
         &self,
         slot: SlotId,

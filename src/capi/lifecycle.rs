@@ -45,9 +45,12 @@ pub unsafe extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_i
     })
 }
 
-/// Stops the adaptive reaper if it runs, unmaps every ring, frees
-/// everything and closes the VM fd the shim holds. No other call on vm may
-/// be running or follow.
+/// Ends tracking and hands the VM back running: stops the adaptive reaper
+/// if it runs, turns dirty logging off on every memslot, harvests and
+/// resets every ring (so no vCPU exits KVM_EXIT_DIRTY_RING_FULL again),
+/// then unmaps every ring, frees everything and closes the VM fd the shim
+/// holds. The memslots stay in the kernel. No other call on vm may be
+/// running or follow.
 ///
 /// @param vm  the handle, or NULL (nothing happens)
 /// @return nothing; it cannot fail.

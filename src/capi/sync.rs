@@ -75,8 +75,8 @@ pub type KdsDirtyRunFn = Option<
 /// page are 0.
 ///
 /// run is called on this thread, before kds_memslot_sync_runs() returns,
-/// every call but the last with the VM's reap lock held: it must not call
-/// a kds_ function on this VM (that would deadlock).
+/// every call but the last with the VM's reap lock held: a kds_ function
+/// it calls (on any VM) fails with -EDEADLK instead of waiting for itself.
 ///
 /// @param slot    the memslot, as in KdsMemslot.slot
 /// @param flags   0 or KDS_SYNC_FINAL

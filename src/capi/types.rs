@@ -139,12 +139,12 @@ impl KdsReaperConfig {
                 Duration::from_micros(u64::from(v))
             }
         };
-        d.high_water_pct(if self.high_water_pct == 0 {
-            d.get_high_water_pct()
+        d.with_high_water_pct(if self.high_water_pct == 0 {
+            d.high_water_pct()
         } else {
             self.high_water_pct
         })
-        .min_interval(us(self.min_interval_us, d.get_min_interval()))
-        .max_interval(us(self.max_interval_us, d.get_max_interval()))
+        .with_min_interval(us(self.min_interval_us, d.min_interval()))
+        .with_max_interval(us(self.max_interval_us, d.max_interval()))
     }
 }
