@@ -161,7 +161,9 @@ fn check_vm_fd(fd: RawFd, shown: RawFd) -> Result<()> {
 }
 
 /// `MADV_POPULATE_READ` (Linux 5.14): fault a range in now, and fail
-/// with `EFAULT` where a read would raise `SIGBUS`.
+/// with `EFAULT` where a read would raise `SIGBUS`. An older kernel
+/// answers `EINVAL`: the check is then skipped (the fd is still checked to
+/// be a vCPU through /proc).
 const MADV_POPULATE_READ: libc::c_int = 22;
 
 /// Faults `len` bytes at `p` in; `Err(errno)` where a page cannot be read

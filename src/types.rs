@@ -297,24 +297,6 @@ impl ReaperConfig {
     pub fn max_interval(&self) -> Duration {
         self.max_interval
     }
-
-    /// The high-water mark, in percent.
-    #[deprecated(since = "0.4.0", note = "use `high_water_pct()`")]
-    pub fn get_high_water_pct(&self) -> u32 {
-        self.high_water_pct
-    }
-
-    /// The shortest pause.
-    #[deprecated(since = "0.4.0", note = "use `min_interval()`")]
-    pub fn get_min_interval(&self) -> Duration {
-        self.min_interval
-    }
-
-    /// The longest pause.
-    #[deprecated(since = "0.4.0", note = "use `max_interval()`")]
-    pub fn get_max_interval(&self) -> Duration {
-        self.max_interval
-    }
 }
 
 /// Counters of one VM since its creation, read with `DirtyTracker::stats`

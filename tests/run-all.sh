@@ -2,8 +2,8 @@
 # The full tier: every test of kvm-dirty-shim, as CI runs it (README,
 # "Test"; .ci/run installs what it needs first, then runs this).
 #
-# Needs, beyond the quick tier's (tests/quick.sh): a nightly toolchain with
-# Miri and cargo-fuzz; valgrind; pkg-config; root for apt (Debian's arm64
+# Needs, beyond the quick tier's (tests/quick.sh): the toolchain of
+# Cargo.toml's rust-version; a nightly toolchain with Miri and cargo-fuzz; valgrind; pkg-config; root for apt (Debian's arm64
 # kernels, QEMU's build dependencies, its source package and the :arm64
 # libraries the arm64 QEMU cross build links); about 5 GB of disk (measured:
 # ~/.cache/kds-qemu 2.1 GB, cargo's target/ 2.5 GB, the rest 0.4 GB).
@@ -32,6 +32,11 @@ trap step_report EXIT
 
 tests/quick.sh
 
+step "MSRV: the crate, its tests and examples build with Cargo.toml's rust-version"
+msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+cargo "+$msrv" check --quiet --all-features --all-targets --target-dir target/msrv
+echo "rustc $msrv: ok"
+
 step "Miri: the bitmap, the ring against a thread playing the kernel, the ordering rules, the sized structs"
 timeout 1800 cargo +nightly miri test --lib --features capi
 
@@ -39,7 +44,7 @@ step "demo (1 s per mode; exits non-zero on any lost page)"
 timeout 300 cargo run --release --features capi --example demo 1 > target/demo.out
 tail -n 3 target/demo.out
 
-step "the example Rust VMM (kvm-ioctls, vm-memory and the Rust API only; 2 unpaced vCPUs; exits non-zero on any lost page)"
+step "the example Rust VMM (kvm-ioctls, vm-memory and the Rust API only, no unsafe, every thread under a seccomp allow-list; 2 unpaced vCPUs; exits non-zero on any lost page)"
 timeout 300 cargo run --release --features vm-memory --example rust_vmm 10 > target/rust_vmm.out
 tail -n 3 target/rust_vmm.out
 

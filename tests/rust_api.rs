@@ -185,3 +185,30 @@ fn the_tracker_is_shared_and_a_vcpu_handle_moves_to_its_thread() {
     sent::<kvm_dirty_shim::VcpuTracker>();
     shared::<kvm_dirty_shim::Error>();
 }
+
+#[test]
+fn add_vcpu_refuses_every_fd_it_can_tell_is_not_its_vcpu() {
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    let t = DirtyTracker::adopt(&vm).unwrap();
+    if t.enable_dirty_ring(4096).is_err() {
+        return; // no ring here: nothing is mapped
+    }
+    t.board_init(BoardFlags::empty()).unwrap();
+    // An empty regular file maps fine and raised SIGBUS at the first read.
+    let path = std::env::temp_dir().join(format!("kds-rust-empty-{}", std::process::id()));
+    let empty = std::fs::File::create(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    // SAFETY: the contract is broken on purpose: the call must refuse it.
+    let e = unsafe { t.add_vcpu_fd(empty.as_fd(), 0) }.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    // A vCPU of a VM without a ring: its ring offset maps, unreadable.
+    let other = kvm.create_vm().unwrap();
+    let stranger = other.create_vcpu(0).unwrap();
+    // SAFETY: as above.
+    let e = unsafe { t.add_vcpu(&stranger, 0) }.unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+    // Nothing was registered: the index is free.
+    let (_fd, v) = t.create_vcpu(0).unwrap();
+    v.remove().unwrap();
+}
