@@ -194,7 +194,10 @@ fn main() {
         ],
         seccomp::TRACKING_IOCTLS,
     );
-    let reaper_filter = filter(&[seccomp::REAPER_THREAD], seccomp::TRACKING_IOCTLS);
+    let reaper_filter = filter(
+        &[seccomp::TRACKING, seccomp::REAPER_THREAD],
+        seccomp::TRACKING_IOCTLS,
+    );
     std::thread::scope(|s| {
         for (mut fd, dirty) in vcpus {
             let (stop, full_exits, vcpu_filter) = (&stop, &full_exits, &vcpu_filter);

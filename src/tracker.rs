@@ -67,8 +67,9 @@ use crate::vm::Vm;
 ///   fd of it (the VMM's `VmFd`, each `VcpuFd`), which the tracker cannot
 ///   see, so the region is then never unmapped (leaked, as
 ///   `std::mem::forget` would). Delete the slots first to get the memory
-///   back. A slot made from a raw address is [`update_memslot`]
-///   (Self::update_memslot), `unsafe`: its memory is the caller's to keep.
+///   back. A slot made from a raw address is
+///   [`update_memslot`](Self::update_memslot), `unsafe`: its memory is the
+///   caller's to keep.
 /// - vCPUs. [`create_vcpu`](Self::create_vcpu) creates the vCPU on this
 ///   VM, so its ring is this VM's. [`add_vcpu`](Self::add_vcpu) and
 ///   [`add_vcpu_fd`](Self::add_vcpu_fd) take a fd the caller created, and
