@@ -372,8 +372,10 @@ int kds_vm_create(uint64_t machine_type, struct KdsVm **out);
  *
  * @param vm_fd  a KVM VM fd
  * @param out    receives the new handle
- * @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL); the
- *         errno of duplicating vm_fd (-EBADF, -EMFILE).
+ * @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL);
+ *         -EBUSY for a VM this process tracks already, or whose dirty
+ *         ring is enabled already (by an earlier KdsVm: a ring cannot be
+ *         taken over); the errno of duplicating vm_fd (-EBADF, -EMFILE).
  */
 int kds_vm_adopt(int vm_fd, struct KdsVm **out);
 

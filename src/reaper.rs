@@ -133,21 +133,33 @@ impl Reaper {
     pub(crate) fn start(vm: &Arc<Vm>, cfg: Config, on_start: Option<OnStart>) -> Result<Reaper> {
         let wake = Arc::new(Wake::default());
         let (w, vm) = (Arc::clone(&wake), Arc::downgrade(vm));
-        let (started_tx, started) = std::sync::mpsc::sync_channel(1);
+        // A handshake only for a hook: without one nothing crosses from the
+        // new thread to this one (a channel would be freed by whichever
+        // thread lets go of it last).
+        let (hook, started) = match on_start {
+            Some(f) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                (Some((f, tx)), Some(rx))
+            }
+            None => (None, None),
+        };
         let thread = std::thread::Builder::new()
             .name("kds-reaper".into())
             .spawn(move || {
                 // The thread runs no caller code but `on_start` and the
-                // logger; the logger must not call back into a tracker.
+                // logger; neither may call back into a tracker.
                 let _in_call = crate::reentry::enter("the reaper thread");
-                let r = on_start.map_or(Ok(()), |f| f());
-                let ok = r.is_ok();
-                // The receiver waits for this; it is gone only if the
-                // spawning call panicked.
-                let _ = started_tx.send(r);
-                if ok {
-                    run(&vm, cfg, &w);
+                if let Some((f, tx)) = hook {
+                    let r = f();
+                    let ok = r.is_ok();
+                    // The receiver waits for this; it is gone only if the
+                    // spawning call panicked.
+                    let _ = tx.send(r);
+                    if !ok {
+                        return;
+                    }
                 }
+                run(&vm, cfg, &w);
             })
             .map_err(|e| {
                 Error::new(
@@ -155,9 +167,9 @@ impl Reaper {
                     format!("could not start the reaper thread: {e}"),
                 )
             })?;
-        match started.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        match started.map(|rx| rx.recv()) {
+            None | Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => {
                 // The thread has ended (or is about to).
                 let _ = thread.join();
                 return Err(Error::sys(
@@ -166,7 +178,7 @@ impl Reaper {
                     &format!("{e}; the reaper is not running"),
                 ));
             }
-            Err(_) => {
+            Some(Err(_)) => {
                 let _ = thread.join();
                 return Err(Error::new(
                     libc::EIO,

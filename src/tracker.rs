@@ -87,10 +87,11 @@ use crate::vm::Vm;
 /// [`release`](Self::release), and `Drop` the same way, hands the VM back
 /// running: the reaper stopped, dirty logging turned off on every slot,
 /// every ring harvested and reset (so a vCPU never exits ring-full again),
-/// the slots left as they are. A later tracker may adopt the VM again in
-/// bitmap mode; a VM with a ring cannot be handed to a new tracker's ring
-/// (the kernel enables a ring once per VM, and where it pushes next is
-/// not visible to userspace): to migrate again, keep the tracker and turn
+/// the slots left as they are. A later tracker may adopt a VM that had no
+/// ring; a VM whose ring is enabled is [`ErrorKind::InUse`] to
+/// [`adopt`](Self::adopt) (the kernel enables a ring once per VM, where
+/// it pushes next is not visible to a new tracker, and a ring VM has no
+/// `KVM_GET_DIRTY_LOG`): to migrate it again, keep the tracker and turn
 /// logging on again.
 ///
 /// ```
@@ -153,7 +154,9 @@ impl DirtyTracker {
     /// its own duplicate of the fd, so `vm` may be dropped independently.
     ///
     /// Errors: [`ErrorKind::InUse`] when this process tracks that VM
-    /// already (two trackers would each reset the other's rings).
+    /// already (two trackers would each reset the other's rings), or when
+    /// its dirty ring is enabled already (an earlier tracker's: see
+    /// "Ending tracking").
     ///
     /// ```
     /// use kvm_dirty_shim::{DirtyTracker, ErrorKind};

@@ -180,6 +180,38 @@ fn the_guest_runs_on_after_the_tracker_is_dropped_with_the_ring() {
 }
 
 #[test]
+fn a_vm_is_adopted_again_unless_its_ring_is_enabled() {
+    for ring in [true, false] {
+        let g = guest(ring);
+        let (mut fd, vcpu) = (g.fd, g.vcpu);
+        assert_eq!(run(&mut fd, Some(&vcpu), 1).batches, 1);
+        drop((vcpu, g.tracker));
+        match DirtyTracker::adopt(&g.vm) {
+            Ok(t) => {
+                assert!(!ring, "a ring VM was adopted again");
+                t.board_init(BoardFlags::empty()).unwrap();
+                t.update_memslot_region(
+                    SlotId::new(1),
+                    Arc::clone(&g.data),
+                    MemslotFlags::LOG_DIRTY_PAGES,
+                )
+                .unwrap();
+                assert_eq!(run(&mut fd, None, 1).batches, 1);
+                let mut n = 0;
+                t.sync_memslot_each(SlotId::new(1), SyncStage::Live, |_| n += 1)
+                    .unwrap();
+                assert!(n > 0, "the new tracker tracks");
+            }
+            Err(e) => {
+                assert!(ring, "{e}");
+                assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+                assert!(e.message().contains("ring is enabled already"), "{e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn the_guest_runs_on_after_the_tracker_is_dropped_in_bitmap_mode() {
     the_guest_runs_on_after_the_tracker_is_dropped(false);
 }

@@ -29,8 +29,10 @@ pub unsafe extern "C" fn kds_vm_create(machine_type: u64, out: *mut *mut KdsVm) 
 ///
 /// @param vm_fd  a KVM VM fd
 /// @param out    receives the new handle
-/// @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL); the
-///         errno of duplicating vm_fd (-EBADF, -EMFILE).
+/// @return 0; -EINVAL (vm_fd negative or not a KVM VM fd, out NULL);
+///         -EBUSY for a VM this process tracks already, or whose dirty
+///         ring is enabled already (by an earlier KdsVm: a ring cannot be
+///         taken over); the errno of duplicating vm_fd (-EBADF, -EMFILE).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kds_vm_adopt(vm_fd: c_int, out: *mut *mut KdsVm) -> c_int {
     ffi_boundary!("kds_vm_adopt", {

@@ -196,8 +196,26 @@ impl Vm {
     }
 
     /// Wraps the caller's VM fd (duplicated: the caller keeps its own).
+    /// Refuses a VM whose dirty ring is enabled already: the kernel
+    /// enables a ring once per VM, a new tracker cannot know where the
+    /// kernel pushes its next entry, and such a VM has no
+    /// `KVM_GET_DIRTY_LOG` for bitmap mode either.
     pub fn adopt(vm_fd: i32) -> Result<Self> {
-        Ok(Self::with_kvm(KvmVm::adopt(vm_fd)?))
+        let kvm = KvmVm::adopt(vm_fd)?;
+        if kvm.has_ring() {
+            return Err(Error::with_kind(
+                ErrorKind::InUse,
+                libc::EBUSY,
+                format!(
+                    "fd {vm_fd} is a VM whose dirty ring is enabled already (by an earlier \
+                     tracker of this VM, or outside the shim): a new tracker cannot take over \
+                     a ring (where the kernel pushes next is not visible), nor use bitmap mode \
+                     on a ring VM; track a VM with the ring through one tracker for its life \
+                     (to migrate it again, keep the tracker and turn logging on again)"
+                ),
+            ));
+        }
+        Ok(Self::with_kvm(kvm))
     }
 
     /// The VM fd the shim uses.
