@@ -1,6 +1,7 @@
-//! With the `capi` feature, generates the C header from the C ABI in
+//! With the `header` feature, generates the C header from the C ABI in
 //! `src/capi/` (cbindgen) into `OUT_DIR` only: a build never writes into
-//! the source tree. Without it (a Rust user's build) it does nothing, and
+//! the source tree. Without it (a Rust user's build, and the C library's,
+//! `capi`, which ships the checked-in header) it does nothing, and
 //! cbindgen is not even compiled.
 //!
 //! cbindgen emits the functions in source order, one file of `src/ffi/`
@@ -9,10 +10,10 @@
 //!
 //! The checked-in copy, `include/kvm_dirty_shim.h`, is compared with it by
 //! `tests/header.rs` in every test run. After changing the ABI, refresh the
-//! copy with `KDS_BLESS_HEADER=1 cargo test --features capi --test header` and commit it.
+//! copy with `KDS_BLESS_HEADER=1 cargo test --features header --test header` and commit it.
 
 /// (first declaration of the group, its banner text).
-#[cfg(feature = "capi")]
+#[cfg(feature = "header")]
 const GROUPS: &[(&str, &str)] = &[
     ("#define KDS_ABI_VERSION", "Constants and types"),
     ("kds_abi_version", "Version and errors"),
@@ -48,7 +49,7 @@ const GROUPS: &[(&str, &str)] = &[
     ),
 ];
 
-#[cfg(feature = "capi")]
+#[cfg(feature = "header")]
 fn banner(text: &str) -> String {
     let mut b = String::from(
         "/* ------------------------------------------------------------------------\n",
@@ -62,11 +63,11 @@ fn banner(text: &str) -> String {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    #[cfg(feature = "capi")]
+    #[cfg(feature = "header")]
     header();
 }
 
-#[cfg(feature = "capi")]
+#[cfg(feature = "header")]
 fn header() {
     use std::path::PathBuf;
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -1,7 +1,7 @@
 //! The checked-in `include/kvm_dirty_shim.h` must be what cbindgen makes
 //! of the code now. build.rs writes the generated header to `OUT_DIR`
 //! only; this test compares the two in every test run, and
-//! `KDS_BLESS_HEADER=1 cargo test --features capi --test header` copies the generated one
+//! `KDS_BLESS_HEADER=1 cargo test --features header --test header` copies the generated one
 //! over the checked-in one (the explicit regeneration command).
 
 #[test]
@@ -15,7 +15,7 @@ fn checked_in_header_matches_the_code() {
     let checked_in = std::fs::read_to_string(path).expect("include/kvm_dirty_shim.h");
     assert!(
         generated == checked_in,
-        "include/kvm_dirty_shim.h is stale: run `KDS_BLESS_HEADER=1 cargo test --features capi --test header` \
+        "include/kvm_dirty_shim.h is stale: run `KDS_BLESS_HEADER=1 cargo test --features header --test header` \
          and commit the header"
     );
     for needed in [

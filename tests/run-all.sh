@@ -48,12 +48,15 @@ step "the example Rust VMM (kvm-ioctls, vm-memory and the Rust API only, no unsa
 timeout 300 cargo run --release --features vm-memory --example rust_vmm 10 > target/rust_vmm.out
 tail -n 3 target/rust_vmm.out
 
-step "a Rust user's build: no cbindgen, no staticlib; the crate packages and builds as published"
+step "a Rust user's build: no cbindgen, no staticlib; the C library's: no cbindgen; the crate packages and builds as published"
 if cargo tree -e build,normal --prefix none | grep -q "^cbindgen "; then
     echo "a Rust-only build compiles cbindgen" >&2; exit 1
 fi
+if cargo tree -e build,normal --features capi --prefix none | grep -q "^cbindgen "; then
+    echo "the C library's build (feature capi) compiles cbindgen" >&2; exit 1
+fi
 cargo tree -e build --all-features --prefix none | grep -q "^cbindgen " ||
-    { echo "the capi feature lost cbindgen" >&2; exit 1; }
+    { echo "the header feature lost cbindgen" >&2; exit 1; }
 rm -rf target/rust-only && cargo build --quiet --release --lib --target-dir target/rust-only
 if find target/rust-only -name 'libkvm_dirty_shim.a' | grep -q .; then
     echo "a Rust-only build produced the staticlib" >&2; exit 1
