@@ -291,22 +291,10 @@ impl Vm {
         }
         self.kvm.enable_cap(capnr, bytes).map_err(|e| {
             let what = format!("KVM_ENABLE_CAP({name}, {bytes} bytes)");
-            // The size was checked above: the kernel's other refusals are a
-            // ring enabled already and a vCPU created already
-            // (kvm_vm_ioctl_enable_dirty_log_ring).
-            if e == libc::EINVAL && self.kvm.has_ring() {
-                Error::with_kind(
-                    ErrorKind::Ordering,
-                    libc::EBUSY,
-                    format!(
-                        "{what} failed: EINVAL: this VM's dirty ring is enabled already, by \
-                         an earlier tracker of this VM or outside the shim; the kernel enables \
-                         a ring once per VM, and a new tracker cannot know where it pushes \
-                         next: track a VM with the ring through one tracker for its life (to \
-                         migrate again, keep the tracker and turn logging on again)"
-                    ),
-                )
-            } else if e == libc::EINVAL {
+            // The size was checked above: the kernel's other refusal is a
+            // vCPU created already (kvm_vm_ioctl_enable_dirty_log_ring; a
+            // ring enabled before adoption was refused by `adopt`).
+            if e == libc::EINVAL {
                 Error::with_kind(
                     ErrorKind::Ordering,
                     libc::EBUSY,
