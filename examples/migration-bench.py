@@ -106,6 +106,8 @@ def run_args(qemu, mode, ram_mib, spin, a, smp=2):
     ns.downtime_ms = a.downtime_ms
     ns.timeout = a.timeout
     ns.ring_size = a.ring_size
+    # The patched build tracks through the shim only when asked.
+    ns.dirty_tracker = "shim" if qemu == a.patched else None
     ns.label = ""
     if a.perf:
         ns.perf = f"/tmp/kds-bench-{os.getpid()}.perf"
@@ -120,6 +122,10 @@ def thread_cpu(pid):
     return out
 
 
+# The patched QEMU, which runs with -accel kvm,dirty-tracker=shim.
+SHIM_QEMU = None
+
+
 def guest_rate(qemu, spin, seconds, ram_mib=512, ring_size=0, region_pages=0, settle_s=0):
     """Stores per second of the whole guest (2 vCPUs), booted without
     migrating, and the CPU seconds each QEMU thread took meanwhile.
@@ -132,6 +138,8 @@ def guest_rate(qemu, spin, seconds, ram_mib=512, ring_size=0, region_pages=0, se
     if os.path.exists(serial):
         os.unlink(serial)
     accel = f"kvm,dirty-ring-size={ring_size}" if ring_size else "kvm"
+    if qemu == SHIM_QEMU:
+        accel += ",dirty-tracker=shim"
     cmd = [qemu, "-name", "kds,debug-threads=on", "-accel", accel,
            "-cpu", "host,-arch-capabilities", "-smp", "2",
            "-m", str(ram_mib), "-kernel", elf, "-display", "none", "-nodefaults",
@@ -493,6 +501,8 @@ def main():
         return 0
     if a.perf and not shutil.which("perf"):
         sys.exit("perf not found: install linux-perf, or run with --no-perf")
+    global SHIM_QEMU
+    SHIM_QEMU = a.patched
     builds = {"stock": a.stock, "patched": a.patched}
     for b in builds.values():
         if not os.access(b, os.X_OK):

@@ -81,7 +81,8 @@ class Flow:
     def start(self, role, incoming):
         a = self.args
         cmd = [a.qemu, "-name", "kds,debug-threads=on",
-               "-accel", f"kvm,dirty-ring-size={a.ring_size}",
+               "-accel", f"kvm,dirty-ring-size={a.ring_size}"
+               + (f",dirty-tracker={a.dirty_tracker}" if a.dirty_tracker else ""),
                "-cpu", "host,-arch-capabilities", "-smp", str(a.smp),
                "-m", str(RAM_MIB), "-kernel", self.elf,
                "-display", "none", "-nodefaults", "-no-reboot",
@@ -89,6 +90,8 @@ class Flow:
                "-qmp", f"unix:{self.work}/{role}.qmp,server=on,wait=off"]
         if a.trace:
             cmd += ["-trace", f"enable={a.trace},file={self.work}/{role}.trace"]
+        if a.spin:  # guest/mp-guest.S: KNOB_SPIN, loop iterations after each store
+            cmd += ["-device", f"loader,addr=0x800000,data={a.spin},data-len=4"]
         if a.flow == "churn":
             cmd += ["-object", f"memory-backend-ram,id=bar,size={BAR_MIB}M",
                     "-device", f"ivshmem-plain,memdev=bar,master=on,addr={BAR_DEV:#x}",
@@ -435,6 +438,8 @@ def main():
     ap.add_argument("--label", default="")
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--ring-size", type=int, default=4096)
+    ap.add_argument("--dirty-tracker", choices=["qemu", "shim"],
+                    help="-accel kvm,dirty-tracker= (a patched QEMU); unset: the binary's default")
     ap.add_argument("--bandwidth-mib", type=int, default=128)
     ap.add_argument("--downtime-ms", type=int, default=3000)
     ap.add_argument("--timeout", type=int, default=180, help="seconds per migration")
@@ -447,6 +452,8 @@ def main():
                     "first attempt")
     ap.add_argument("--churn-ms", type=int, default=250, help="between BAR changes")
     ap.add_argument("--stops", type=int, default=3000, help="SIGSTOP/SIGCONT pairs")
+    ap.add_argument("--spin", type=int, default=0,
+                    help="the guest's pacing: loop iterations after each store (0: unpaced)")
     ap.add_argument("--count", type=int, default=50, help="soak: migrations")
     ap.add_argument("--rss-margin-mib", type=int, default=32, help="soak: RSS growth allowed")
     ap.add_argument("--keep", help="directory to keep logs in")

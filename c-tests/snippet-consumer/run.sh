@@ -6,7 +6,11 @@
 #    and run the consumer without the library;
 # 3. with a rustc older than the crate's rust-version first in PATH: the
 #    feature enabled fails to configure, naming both versions; auto
-#    configures without the library.
+#    configures without the library;
+# 4. the repository as a meson subproject (subprojects/kvm-dirty-shim), as
+#    QEMU's series finds it where pkg-config does not: dependency() with a
+#    version and the fallback builds and links it; a version above the
+#    crate's is refused.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -54,4 +58,35 @@ grep -q "needs rustc $msrv or later; .* is 1.70.0" "$tree/old.log" ||
 env PATH="$old:$PATH" "$meson" setup "$tree/old-auto" "$tree" > "$tree/old-auto.log" 2>&1
 grep -q "kvm-dirty-shim *: false" "$tree/old-auto.log" ||
     { cat "$tree/old-auto.log"; echo "expected kvm-dirty-shim: false with rustc 1.70" >&2; exit 1; }
-echo "snippet consumer: ok (with cargo: built and linked through meson-snippet; without: configures, builds and runs without the library; an old rustc: refused at configure time)"
+
+# The repository as a subproject, found through dependency()'s fallback.
+sub="$tree/sub"
+mkdir -p "$sub/subprojects"
+ln -s "$repo" "$sub/subprojects/kvm-dirty-shim"
+cp "$here/consumer.c" "$here/meson_options.txt" "$sub/"
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n 1)
+write_sub() { # $1: the version dependency() asks for
+    cat > "$sub/meson.build" <<MESON
+project('qemu-like-sub', 'c', default_options: ['c_std=gnu11', 'warning_level=2', 'werror=true'])
+kvm_dirty_shim = dependency('kvm_dirty_shim', version: '$1', method: 'pkg-config',
+                            required: get_option('kvm_dirty_shim'),
+                            fallback: ['kvm-dirty-shim', 'kvm_dirty_shim_dep'])
+config_host_data = configuration_data()
+config_host_data.set('CONFIG_KVM_DIRTY_SHIM', kvm_dirty_shim.found())
+configure_file(output: 'config-host.h', configuration: config_host_data)
+test('consumer', executable('consumer', 'consumer.c', dependencies: kvm_dirty_shim))
+MESON
+}
+write_sub ">=$version"
+env PKG_CONFIG_PATH= "$meson" setup "$sub/build" "$sub" -Dkvm_dirty_shim=enabled > "$sub/setup.log"
+grep -q "Dependency kvm_dirty_shim .*from subproject subprojects/kvm-dirty-shim found: YES $version" \
+    "$sub/setup.log" || { cat "$sub/setup.log"; echo "the subproject was not used" >&2; exit 1; }
+"$meson" test -C "$sub/build" --print-errorlogs >/dev/null
+grep -q "with kvm-dirty-shim: ring enable 0" "$sub/build/meson-logs/testlog.txt" ||
+    { echo "the consumer did not run with the subproject's library" >&2; exit 1; }
+write_sub ">=99.0"
+if env PKG_CONFIG_PATH= "$meson" setup "$sub/new" "$sub" -Dkvm_dirty_shim=enabled \
+        > "$sub/new.log" 2>&1; then
+    echo "configured against kvm-dirty-shim $version where >=99.0 was asked for" >&2; exit 1
+fi
+echo "snippet consumer: ok (with cargo: built and linked through meson-snippet; without: configures, builds and runs without the library; an old rustc: refused at configure time; as a subproject: found by dependency() with its version $version, and refused for >=99.0)"
