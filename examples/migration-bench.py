@@ -19,6 +19,9 @@ the pages that differ after completion (RAM compared page by page through
                                 [--out doc/migration.csv]
     examples/migration-bench.py --matrix heavy [--cells 2x1024,8x4096,16x8192]
     examples/migration-bench.py --matrix scale [--cells 2x1024,2x16384,2x65536]
+    examples/migration-bench.py --matrix scale|heavy --variant LABEL=QEMU ...
+        (stock's rows again on QEMU, a stock build with one change to
+        measure: how doc/qemu.md measured the dirty-bitmap summary)
 
 Configurations: stock QEMU (10.2.2) in bitmap and ring mode, the patched
 QEMU (meson-snippet/qemu/) in bitmap mode, ring mode (the shim's adaptive
@@ -90,6 +93,19 @@ SCALE_CONFIGS = [
     ("stock ring", "stock", "ring", False),
     ("patched ring", "patched", "ring", False),
 ]
+
+
+def matrix_configs(a):
+    """The heavy or scale matrix's configurations, with --variant's: every
+    stock configuration again on the variant build."""
+    base = HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS
+    if a.variant:
+        label = a.variant.split("=", 1)[0]
+        base = base + [(name.replace("stock", label, 1), "variant", *rest)
+                       for name, build, *rest in base if build == "stock"]
+    return [c for c in base if not a.configs or c[0] in a.configs.split(",")]
+
+
 MATRIX_CELLS = {"heavy": "2x1024,8x4096,16x8192", "scale": "2x1024,2x16384,2x65536"}
 GUEST_BASE_MIB = 17  # guest/mp-guest.S: the region starts at 16 MiB
 LOWMEM_MIB = 3072  # pc: RAM below 4 GiB when the guest has 3.5 GiB or more
@@ -330,7 +346,7 @@ def summarize_matrix(results, a, machine):
     for r in results:
         cells.setdefault((r.get("guest", "mp-guest"), r["smp"], r["guest_mib"], r["config"],
                           r.get("bandwidth_mib", 128)), []).append(r)
-    names = [c[0] for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)]
+    names = [c[0] for c in matrix_configs(a)]
     cols = ["guest", "vcpus", "guest_mib", "link_mib_s", "config", "runs", "completed", "total_s", "downtime_ms",
             "dirty_syncs", "sync_ms", "transferred_mib", "stores_per_s_before", "stores_per_s",
             "progress_pct", "dirtied_pages", "ring_entries", "ring_full_exits", "overflows",
@@ -409,8 +425,7 @@ def summarize_matrix(results, a, machine):
 def run_matrix(a, builds, machine):
     """The heavy or scale matrix: runs in rounds, every configuration once
     per round, each cell in turn."""
-    configs = [c for c in (HEAVY_CONFIGS if a.matrix == "heavy" else SCALE_CONFIGS)
-               if not a.configs or c[0] in a.configs.split(",")]
+    configs = matrix_configs(a)
     cells = []
     for c in (a.cells or MATRIX_CELLS[a.matrix]).split(","):
         if c == "linux":  # the Linux guest: vCPUs and RAM are its saved state's
@@ -451,6 +466,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patched", default=f"{CACHE}/build/qemu-system-x86_64")
     ap.add_argument("--stock", default=f"{CACHE}/stock-build/qemu-system-x86_64")
+    ap.add_argument("--variant", metavar="LABEL=QEMU", help="heavy and scale: also run "
+                    "stock's configurations on QEMU, a build of stock with a change to "
+                    "measure (its rows named LABEL)")
     ap.add_argument("--matrix", choices=["paced", "heavy", "scale"], default="paced")
     ap.add_argument("--cells", default="", help="heavy and scale: vCPUsxMiB,... "
                     f"(default {MATRIX_CELLS})")
@@ -504,6 +522,8 @@ def main():
     global SHIM_QEMU
     SHIM_QEMU = a.patched
     builds = {"stock": a.stock, "patched": a.patched}
+    if a.variant:
+        builds["variant"] = a.variant.split("=", 1)[1]
     for b in builds.values():
         if not os.access(b, os.X_OK):
             sys.exit(f"{b}: not built (run meson-snippet/qemu/build-and-test first)")

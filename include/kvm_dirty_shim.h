@@ -181,8 +181,9 @@ typedef struct KdsReaperConfig {
   uint32_t min_interval_us;
   /**
    * Longest pause between two checks, in microseconds (default 50000):
-   * what an idle VM costs. Turning dirty logging on wakes the thread
-   * whatever this is.
+   * what a VM that logs dirty pages but dirties none costs. While no
+   * memslot logs dirty pages the thread sleeps; turning dirty logging on
+   * wakes it whatever this is.
    */
   uint32_t max_interval_us;
 } KdsReaperConfig;
@@ -681,6 +682,7 @@ int64_t kds_memslot_clear(struct KdsVm *vm, uint32_t slot, uint64_t first_page, 
  * and then from min_interval_us on, doubling, until one ring gains an
  * eighth of the mark between two checks, a sample big enough to pace by:
  * vCPUs go from pushing nothing to pushing at full speed at that moment.
+ * While no memslot logs dirty pages it sleeps, with no check at all.
  * It replaces a VMM's own fixed-period
  * reaper thread; kds_vcpu_reap() on ring-full exits and
  * kds_memslot_sync() work beside it. Counted in reaper_reaps. Stop it

@@ -12,8 +12,9 @@
 //! rate, but never before a ring could gain half the mark. After a reap a
 //! ring at the peak rate is checked once, at the mark; a slower one holds
 //! at most one and a half marks when it is reaped. A busy vCPU is reaped
-//! long before `KVM_EXIT_DIRTY_RING_FULL`, a VM that never dirtied
-//! anything costs one check per `max_interval_us`. (Until 0.3 every pause
+//! long before `KVM_EXIT_DIRTY_RING_FULL`, a VM that logs but dirties
+//! nothing costs one check per `max_interval_us`, and one that logs no
+//! memslot costs nothing: the thread sleeps until a slot starts logging. (Until 0.3 every pause
 //! was half the mark: two checks per reap. Without the floor, a ring
 //! filling below the peak rate was checked ever more often as it neared
 //! the mark: measured in doc/heavy.md.)
@@ -114,6 +115,12 @@ impl Wake {
         self.signal.lock().wake = true;
         self.cv.notify_all();
     }
+
+    /// The thread ends at its next check, or now if it sleeps.
+    pub(crate) fn stop(&self) {
+        self.signal.lock().stop = true;
+        self.cv.notify_all();
+    }
 }
 
 /// What the caller runs first on the new thread (`enable_reaper_with`):
@@ -202,8 +209,7 @@ impl Reaper {
 
     /// Asks the thread to stop and waits for it (at most one reap).
     pub(crate) fn stop(self) {
-        self.wake.signal.lock().stop = true;
-        self.wake.cv.notify_all();
+        self.wake.stop();
         if self.thread.join().is_err() {
             log::error!("the reaper thread panicked");
         }
@@ -216,10 +222,21 @@ fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
     let mut pacer = Pacer::new(cfg);
     let mut levels = Vec::new();
     loop {
+        // While no memslot logs dirty pages no vCPU pushes to a ring: sleep
+        // until the VM wakes the thread (a slot starts logging), stops it,
+        // or is gone (its drop stops it).
+        let logging = match vm.upgrade() {
+            Some(vm) => vm.logs_dirty(),
+            None => return,
+        };
         {
             let mut s = w.signal.lock();
             if !s.stop && !s.wake {
-                w.cv.wait_for(&mut s, pacer.pause());
+                if logging {
+                    w.cv.wait_for(&mut s, pacer.pause());
+                } else {
+                    w.cv.wait(&mut s);
+                }
             }
             if s.stop {
                 return;

@@ -276,8 +276,10 @@ impl ReaperConfig {
         self
     }
 
-    /// The longest pause between two checks (at most 10 s): what an idle
-    /// VM costs. Turning dirty logging on wakes the thread whatever this is.
+    /// The longest pause between two checks (at most 10 s): what a VM that
+    /// logs dirty pages but dirties none costs. While no memslot logs dirty
+    /// pages the thread sleeps; turning dirty logging on wakes it whatever
+    /// this is.
     pub fn with_max_interval(mut self, d: Duration) -> Self {
         self.max_interval = d;
         self

@@ -82,7 +82,7 @@ class Flow:
         a = self.args
         cmd = [a.qemu, "-name", "kds,debug-threads=on",
                "-accel", f"kvm,dirty-ring-size={a.ring_size}"
-               + (f",dirty-tracker={a.dirty_tracker}" if a.dirty_tracker else ""),
+               + qm.dirty_tracker(a),
                "-cpu", "host,-arch-capabilities", "-smp", str(a.smp),
                "-m", str(RAM_MIB), "-kernel", self.elf,
                "-display", "none", "-nodefaults", "-no-reboot",
@@ -438,8 +438,7 @@ def main():
     ap.add_argument("--label", default="")
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--ring-size", type=int, default=4096)
-    ap.add_argument("--dirty-tracker", choices=["qemu", "shim"],
-                    help="-accel kvm,dirty-tracker= (a patched QEMU); unset: the binary's default")
+    qm.add_dirty_tracker(ap)
     ap.add_argument("--bandwidth-mib", type=int, default=128)
     ap.add_argument("--downtime-ms", type=int, default=3000)
     ap.add_argument("--timeout", type=int, default=180, help="seconds per migration")

@@ -389,6 +389,17 @@ def describe(diffs, smp):
     return "; ".join(out)
 
 
+def add_dirty_tracker(ap):
+    """--dirty-tracker, which dirty_tracker() turns into -accel's property."""
+    ap.add_argument("--dirty-tracker", choices=["qemu", "shim"],
+                    help="-accel kvm,dirty-tracker= (a patched QEMU); unset: the binary's default")
+
+
+def dirty_tracker(args):
+    """What --dirty-tracker adds to -accel kvm's properties."""
+    return f",dirty-tracker={args.dirty_tracker}" if args.dirty_tracker else ""
+
+
 def parser():
     """The options of one migration (examples/migration-bench.py adds its own)."""
     ap = argparse.ArgumentParser()
@@ -396,8 +407,7 @@ def parser():
     ap.add_argument("--mode", choices=["ring", "dirty-limit", "bitmap"], required=True)
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--ring-size", type=int, default=4096)
-    ap.add_argument("--dirty-tracker", choices=["qemu", "shim"],
-                    help="-accel kvm,dirty-tracker= (a patched QEMU); unset: the binary's default")
+    add_dirty_tracker(ap)
     ap.add_argument("--bandwidth-mib", type=int, default=128)
     # dirty-limit: 1 s, where this guest (about 330k dirtied pages a second
     # from 2 vCPUs) converges only if throttled (measured: without
@@ -478,8 +488,7 @@ def migrate(args):
         accel = "kvm"
         if args.mode != "bitmap":
             accel += f",dirty-ring-size={args.ring_size}"
-        if args.dirty_tracker:
-            accel += f",dirty-tracker={args.dirty_tracker}"
+        accel += dirty_tracker(args)
         trace_events = os.path.join(work, "events")
         with open(trace_events, "w") as f:
             f.write("".join(e + "\n" for e in TRACE_EVENTS))

@@ -386,3 +386,73 @@ fn a_region_slot_over_another_slot_is_already_exists() {
     assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
     assert!(!e.to_string().contains("(-E"), "the message alone: {e}");
 }
+
+/// The voluntary context switches of thread `tid` of this process: one per
+/// sleep it woke from.
+fn switches(tid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_reaper_sleeps_while_no_memslot_logs() {
+    let g = guest(true);
+    let logging = |on: bool| {
+        let flags = if on {
+            MemslotFlags::LOG_DIRTY_PAGES
+        } else {
+            MemslotFlags::empty()
+        };
+        g.tracker
+            .update_memslot_region(SlotId::new(1), Arc::clone(&g.data), flags)
+            .unwrap();
+    };
+    logging(false);
+    // A check every millisecond at most while a slot logs.
+    let cfg = ReaperConfig::default()
+        .with_min_interval(Duration::from_micros(100))
+        .with_max_interval(Duration::from_millis(1));
+    let (tx, rx) = mpsc::channel();
+    g.tracker
+        .enable_reaper_with(&cfg, move || {
+            // "<pid>/task/<tid>"
+            let me = std::fs::read_link("/proc/thread-self")?;
+            tx.send(me.file_name().unwrap().to_string_lossy().into_owned())
+                .unwrap();
+            Ok(())
+        })
+        .unwrap();
+    let tid = rx.recv().unwrap();
+    let wakes_in = |window: Duration| {
+        let before = switches(&tid);
+        std::thread::sleep(window);
+        switches(&tid) - before
+    };
+    let window = Duration::from_millis(200);
+    // A sleep that takes no wake-up at all: at most the start's own.
+    let idle = wakes_in(window);
+    assert!(
+        idle <= 2,
+        "{idle} wake-ups in {window:?} with no slot logging"
+    );
+    // Logging: a check at least every millisecond, so the count shows them.
+    logging(true);
+    let busy = wakes_in(window);
+    assert!(
+        busy >= 20,
+        "{busy} wake-ups in {window:?} with a slot logging"
+    );
+    // Logging off: the check after it finds no slot logging and sleeps.
+    logging(false);
+    std::thread::sleep(Duration::from_millis(20));
+    let after = wakes_in(window);
+    assert!(
+        after <= 2,
+        "{after} wake-ups in {window:?} after logging stopped"
+    );
+    g.tracker.disable_reaper().unwrap();
+}

@@ -4,7 +4,8 @@ context switches, /proc/<pid>/task/<tid>/status) and BQL acquisitions
 (perf, a uprobe on bql_lock_impl counted on that thread) per second, in
 three phases of one idle guest: nothing logged; dirty logging on
 (calc-dirty-rate in dirty-ring mode, as a migration turns it on); and
-dirty-limit in service (set-vcpu-dirty-limit). Prints one line per phase.
+dirty-limit in service (set-vcpu-dirty-limit). Prints one line per phase,
+with the library's own reaper thread's (kds-reaper) wake-ups where it runs.
 
   tools/reaper-wakeups.py --qemu BUILD/qemu-system-x86_64 [--seconds 10]
 
@@ -61,22 +62,27 @@ def main():
     try:
         cmd = qmp(sock)
         time.sleep(2)
-        tid = next(t for t in os.listdir(f"/proc/{q.pid}/task")
-                   if open(f"/proc/{q.pid}/task/{t}/comm").read().strip() == "kvm-reaper")
+        names = {open(f"/proc/{q.pid}/task/{t}/comm").read().strip(): t
+                 for t in os.listdir(f"/proc/{q.pid}/task")}
+        tid = names["kvm-reaper"]
+        kds = names.get("kds-reaper")  # the library's own reaper thread
 
         def phase(label):
             s0 = switches(q.pid, tid)
+            k0 = switches(q.pid, kds) if kds else 0
             out = subprocess.run(["perf", "stat", "-x,", "-e", "probe_qemu:kdsbql", "-t", tid,
                                   "--", "sleep", str(a.seconds)],
                                  capture_output=True, text=True).stderr
             s1 = switches(q.pid, tid)
+            k1 = switches(q.pid, kds) if kds else 0
             # "<not counted>": the thread never ran in the interval.
             m = re.search(r"^(\d+|<not counted>),,probe_qemu:kdsbql", out, re.M)
             if not m:
                 sys.exit(f"perf stat said nothing about the probe:\n{out}")
             bql = int(m.group(1)) if m.group(1).isdigit() else 0
             print(f"{label:<26} wake-ups {(s1 - s0) / a.seconds:6.1f}/s   "
-                  f"BQL acquisitions {bql / a.seconds:6.1f}/s   ({a.seconds} s)")
+                  f"BQL acquisitions {bql / a.seconds:6.1f}/s   ({a.seconds} s)"
+                  + (f"   kds-reaper wake-ups {(k1 - k0) / a.seconds:6.1f}/s" if kds else ""))
 
         print(f"{a.qemu} (dirty-tracker={a.tracker}), QEMU's kvm-reaper thread:")
         phase("idle, nothing logged")

@@ -15,6 +15,7 @@ use super::{KdsReaperConfig, KdsVm, read_sized};
 /// and then from min_interval_us on, doubling, until one ring gains an
 /// eighth of the mark between two checks, a sample big enough to pace by:
 /// vCPUs go from pushing nothing to pushing at full speed at that moment.
+/// While no memslot logs dirty pages it sleeps, with no check at all.
 /// It replaces a VMM's own fixed-period
 /// reaper thread; kds_vcpu_reap() on ring-full exits and
 /// kds_memslot_sync() work beside it. Counted in reaper_reaps. Stop it

@@ -104,8 +104,9 @@ pub struct KdsReaperConfig {
     /// Shortest pause between two checks, in microseconds (default 200).
     pub min_interval_us: u32,
     /// Longest pause between two checks, in microseconds (default 50000):
-    /// what an idle VM costs. Turning dirty logging on wakes the thread
-    /// whatever this is.
+    /// what a VM that logs dirty pages but dirties none costs. While no
+    /// memslot logs dirty pages the thread sleeps; turning dirty logging on
+    /// wakes it whatever this is.
     pub max_interval_us: u32,
 }
 

@@ -385,7 +385,7 @@ impl Vm {
     /// once when a slot logs already.
     pub(crate) fn set_reaper_wake(&self, w: Option<Arc<Wake>>) {
         if let Some(w) = &w
-            && self.slots.read().values().any(|s| s.dirty.is_some())
+            && self.logs_dirty()
         {
             w.wake();
         }
@@ -409,6 +409,12 @@ impl Vm {
                 });
             }
         }
+    }
+
+    /// Whether some memslot logs dirty pages: without one, no vCPU pushes
+    /// to its ring and the reaper thread has nothing to check.
+    pub(crate) fn logs_dirty(&self) -> bool {
+        self.slots.read().values().any(|s| s.dirty.is_some())
     }
 
     /// Tells the reaper thread, if one runs, that dirty logging started on

@@ -49,8 +49,15 @@ impl Drop for Vm {
     /// What still keeps a slot's memory mapped (a slot the kernel still
     /// has) is never released: the kernel VM outlives this one while any
     /// fd of it is open (the VMM's `VmFd`, its `VcpuFd`s), and the guest
-    /// may run on. Deleting the slot first releases it.
+    /// may run on. Deleting the slot first releases it. A reaper thread
+    /// still running is told to end.
     fn drop(&mut self) {
+        // A reaper thread asleep while nothing logs would wait for ever:
+        // the tracker that owns it stops it first, except when dropped
+        // inside one of its own calls.
+        if let Some(w) = self.reaper_wake.get_mut().take() {
+            w.stop();
+        }
         let kept = std::mem::take(self.kept.get_mut());
         if !kept.is_empty() {
             log::info!(
