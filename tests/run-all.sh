@@ -115,7 +115,7 @@ if ! (cd fuzz && timeout 900 cargo +nightly fuzz run calls ../target/fuzz-corpus
 fi
 grep -E "^stat::(number_of_executed_units|new_units_added)|^Done" target/fuzz.log
 
-step "arm64: the ITS path and the ring on an emulated arm64 KVM host (6.12 and 6.1)"
+step "arm64: the ITS path, the ring and the reset under signals on an emulated arm64 KVM host (7.2, 6.12 and 6.1)"
 tests/arm64/run
 
 step "QEMU 10.2.2 for x86_64, patched to use the shim and stock: the builds"

@@ -4,19 +4,22 @@
  * checks the kernel allows, prints "PASS name" / "FAIL name" lines and a
  * last line "N passed, M failed", then powers off.
  *
- * On a kernel with the dirty ring (6.12): ACQ_REL picked, the ITS hook before
- * and after memslots, the ring after a memslot, the vGIC ITS saving its tables
- * into a dirty-logged slot with no vCPU running (only the backup bitmap, at
- * KDS_SYNC_FINAL, may report those pages, and exactly those), and a real arm64
- * vCPU dirtying pages with zero loss, ring-full exits included. On a kernel
- * without it (6.1): the ring is -ENOTSUP and bitmap mode tracks the same guest
- * with zero loss.
+ * On a kernel with the dirty ring (6.12, 7.2): ACQ_REL picked, the ITS hook
+ * before and after memslots, the ring after a memslot, the vGIC ITS saving its
+ * tables into a dirty-logged slot with no vCPU running (only the backup
+ * bitmap, at KDS_SYNC_FINAL, may report those pages, and exactly those), a
+ * real arm64 vCPU dirtying pages with zero loss, ring-full exits included,
+ * and the reset under signals (interrupted_reset()). On a kernel without it
+ * (6.1): the ring is -ENOTSUP and bitmap mode tracks the same guest with zero
+ * loss.
  */
 #include "kds_check.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -24,7 +27,9 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -255,6 +260,153 @@ static void track(const char *name, int ring, uint64_t pages, uint32_t stores, i
     result(name, before);
 }
 
+/*
+ * KVM_RESET_DIRTY_RINGS under signals. Since Linux 6.17 the reset stops
+ * when a signal is pending and returns the count so far; the batch it was
+ * building (up to 64 pages) is marked reset but left write-enabled, so a
+ * later write to those pages makes no ring entry. The library blocks
+ * signals around the ioctl. Here a thread reaps (kds_reap) in a loop while
+ * another sends it SIGUSR2 (a handler that does nothing, no SA_RESTART, as
+ * a VMM's kick signal) as fast as it can, and the vCPU dirties pages round
+ * after round; every round's changed pages must have been reported. Guest
+ * stores fault at stage 2 here as on hardware, so a cut reset shows as
+ * lost pages. Built against the test-only library without the blocking
+ * (/init-unblocked), the same run shows what the blocking prevents.
+ */
+struct irq_ctx {
+    struct avm *a;
+    volatile int stop;
+    volatile pid_t reaper;
+    volatile uint64_t reaps, entries, signals;
+    volatile int64_t err;
+};
+
+static void on_signal(int sig)
+{
+    (void)sig;
+}
+
+static void *reap_loop(void *p)
+{
+    struct irq_ctx *x = p;
+    x->reaper = (pid_t)syscall(SYS_gettid);
+    while (!x->stop) {
+        /* A pause between reaps, so that each reset walks hundreds of
+         * entries (a signal cut one short only while it walks). */
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        t.tv_nsec += 2000000;
+        if (t.tv_nsec >= 1000000000) {
+            t.tv_sec++;
+            t.tv_nsec -= 1000000000;
+        }
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR && !x->stop) {
+        }
+        int64_t n = kds_reap(x->a->vm);
+        if (n < 0) {
+            x->err = n;
+            break;
+        }
+        x->reaps++;
+        x->entries += (uint64_t)n;
+    }
+    return NULL;
+}
+
+static void *signal_loop(void *p)
+{
+    struct irq_ctx *x = p;
+    while (!x->reaper && !x->stop) {
+        sched_yield();
+    }
+    while (!x->stop) {
+        syscall(SYS_tgkill, getpid(), x->reaper, SIGUSR2);
+        x->signals++;
+    }
+    return NULL;
+}
+
+/* Returns the pages lost; with `assert_zero`, a PASS/FAIL line too. */
+static uint64_t interrupted_reset(const char *name, int rounds, int assert_zero)
+{
+    int before = kds_test_failures;
+    const uint64_t pages = 4096;
+    const uint32_t stores = 3000;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGUSR2, &sa, NULL) != 0) {
+        die("sigaction");
+    }
+    struct avm a;
+    struct avcpu v;
+    struct checker c;
+    avm_init(&a, 1, 0);
+    checker_init(&c, 1, pages, page);
+    set_slot(&a, 1, TEST_GPA, c.mem, pages * page);
+    avcpu_init(&a, &v);
+    struct irq_ctx x = { .a = &a };
+    pthread_t reaper, sender;
+    if (pthread_create(&reaper, NULL, reap_loop, &x) != 0 ||
+        pthread_create(&sender, NULL, signal_loop, &x) != 0) {
+        die("pthread_create");
+    }
+    uint64_t lost = 0;
+    long full = 0, r = 0;
+    int it;
+    for (it = 1; it <= rounds && r >= 0; it++) {
+        mailbox(&a, pages, stores, (uint32_t)it);
+        r = round_run(&a, &v);
+        full += r > 0 ? r : 0;
+        lost += checker_check(&c, a.vm, 0);
+    }
+    x.stop = 1;
+    pthread_join(sender, NULL);
+    pthread_join(reaper, NULL);
+    KdsStats s;
+    kds_stats_get(a.vm, &s, sizeof(KdsStats));
+    printf("  %s: %d rounds, %llu pages changed, %llu lost; %llu reaps of %llu entries, "
+           "%llu signals, %ld ring-full exits, %llu short resets\n", name, it - 1,
+           (unsigned long long)c.changed, (unsigned long long)lost,
+           (unsigned long long)x.reaps, (unsigned long long)x.entries,
+           (unsigned long long)x.signals, full, (unsigned long long)s.reset_shortfall);
+    if (assert_zero) {
+        CHECK(x.err == 0, "kds_reap: %lld", (long long)x.err);
+        CHECK(r >= 0, "a ring reported wedged");
+        CHECK(x.signals > 0 && x.reaps > 0, "signals reached a reaping thread");
+        CHECK(lost == 0, "%llu pages lost", (unsigned long long)lost);
+    }
+    checker_free(&c);
+    avm_free(&a);
+    if (assert_zero) {
+        result(name, before);
+    }
+    return lost;
+}
+
+/*
+ * The same run with the test-only library (signals not blocked around the
+ * reset), in a child process: what the library's blocking prevents. Not a
+ * pass or fail: a cut reset is a race the run may or may not hit.
+ */
+static void interrupted_reset_unblocked(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        execl("/init-unblocked", "/init-unblocked", "interrupted-reset", (char *)NULL);
+        _exit(127);
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) < 0) {
+        printf("  (no unblocked run: %s)\n", strerror(errno));
+        return;
+    }
+    if (!WIFEXITED(st) || WEXITSTATUS(st) > 1) {
+        printf("  (the unblocked run ended with status %d)\n", st);
+    }
+}
+
 static int dev_attr(int fd, int get, uint32_t group, uint64_t attr, void *addr)
 {
     struct kvm_device_attr d = { .group = group, .attr = attr, .addr = (uint64_t)(uintptr_t)addr };
@@ -384,6 +536,8 @@ static void ring_kernel(void)
     track("vcpu-ring-thp", 1, 16384, 8000, 3, 0, 1);
     track("vcpu-bitmap", 0, 1024, 500, 4, 0, 0);
     track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, 1);
+    interrupted_reset("interrupted-reset", 12, 1);
+    interrupted_reset_unblocked();
 }
 
 static void bitmap_kernel(void)
@@ -405,8 +559,20 @@ static void bitmap_kernel(void)
     track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, 1);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "interrupted-reset") == 0) {
+        /* /init-unblocked, run by /init: /dev and /dev/kvm are there. */
+        page = (uint64_t)sysconf(_SC_PAGESIZE);
+        kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        if (kvm_fd < 0) {
+            die("open /dev/kvm");
+        }
+        uint64_t lost = interrupted_reset("interrupted-reset, signals not blocked (test-only "
+                                          "library)", 12, 0);
+        fflush(stdout);
+        return lost ? 1 : 0;
+    }
     mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
     mkdir("/sys", 0755);
     mount("sysfs", "/sys", "sysfs", 0, NULL);
