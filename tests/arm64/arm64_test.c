@@ -367,7 +367,7 @@ static uint64_t interrupted_reset(const char *name, int rounds, int assert_zero)
     KdsStats s;
     kds_stats_get(a.vm, &s, sizeof(KdsStats));
     printf("  %s: %d rounds, %llu pages changed, %llu lost; %llu reaps of %llu entries, "
-           "%llu signals, %ld ring-full exits, %llu short resets\n", name, it - 1,
+           "%llu signals, %ld ring-full exits, %llu entries a reset did not reach\n", name, it - 1,
            (unsigned long long)c.changed, (unsigned long long)lost,
            (unsigned long long)x.reaps, (unsigned long long)x.entries,
            (unsigned long long)x.signals, full, (unsigned long long)s.reset_shortfall);
