@@ -40,30 +40,19 @@ fetch_kernel '^linux-image-6\.1\.0-[0-9]*-arm64$' vmlinuz-6.1
 # own (sid's arm64 and riscv64 binary packages; the system's sources are
 # left alone). Its image is in linux-binary-* (linux-image-* only depends
 # on it), at usr/lib/modules/<version>/vmlinuz.
+. "$(dirname "$0")/../private-apt.sh"
 sid_apt() {
     apt="$cache/sid-apt"
-    if [ ! -f "$apt/apt.conf" ]; then
-        mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
-        echo "deb [arch=arm64,riscv64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]" \
-            "http://deb.debian.org/debian sid main" > "$apt/sources.list"
-        cat > "$apt/apt.conf" <<CONF
-Dir::Etc::SourceList "$apt/sources.list";
-Dir::Etc::SourceParts "/nonexistent";
-Dir::State::Lists "$apt/lists";
-Dir::Cache "$apt/cache";
-APT::Architectures { "amd64"; "arm64"; "riscv64"; };
-CONF
-        APT_CONFIG="$apt/apt.conf" apt-get update -qq
-    fi
+    private_apt "$apt" arm64,riscv64 "deb [arch=arm64,riscv64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main"
 }
 fetch_sid_kernel() { # $1: name pattern, $2: architecture, $3: cache name
     [ -s "$cache/$3" ] && return 0
     sid_apt
-    pkg=$(APT_CONFIG="$apt/apt.conf" apt-cache search --names-only "$1" | awk '{print $1}' |
+    pkg=$(apt-cache search --names-only "$1" | awk '{print $1}' |
         grep -v -e '-rt-' -e 'cloud' | sort -V | tail -n 1)
     [ -n "$pkg" ] || { echo "no package matches $1 in sid" >&2; exit 1; }
     tmp=$(mktemp -d)
-    (cd "$tmp" && APT_CONFIG="$apt/apt.conf" apt-get download -qq "$pkg:$2" 2>/dev/null &&
+    (cd "$tmp" && apt-get download -qq "$pkg:$2" 2>/dev/null &&
         dpkg-deb -x ./*.deb x)
     cp "$tmp"/x/usr/lib/modules/*/vmlinuz "$cache/$3"
     echo "$pkg" > "$cache/$3.pkg"
