@@ -38,7 +38,9 @@ void checker_init(struct checker *c, uint32_t slot, uint64_t pages, uint64_t pag
 
 void checker_free(struct checker *c)
 {
-    munmap(c->mem, c->pages * c->page_size);
+    if (c->mem) { /* NULL: the caller unmapped memory of its own */
+        munmap(c->mem, c->pages * c->page_size);
+    }
     free(c->shadow);
     free(c->bitmap);
 }

@@ -48,6 +48,66 @@ pub mod cap {
 /// without that capability stays in bitmap mode.
 pub(crate) const RING_NEEDS_SLOT_BITMAP: bool = cfg!(target_arch = "aarch64");
 
+/// Does the kernel log every write to a dirty-logged memslot that has no
+/// dirty bitmap (a ring-only memslot), whatever backs it? `release` is the
+/// kernel's release string (`uname -r`).
+///
+/// Not on riscv64 before Linux 7.1: from 6.17 (its dirty ring) to 7.0 the
+/// stage-2 fault handler (`kvm_riscv_mmu_map()` in arch/riscv/kvm/mmu.c)
+/// decides that a memslot logs by `memslot->dirty_bitmap`, which a ring-only
+/// memslot lacks, so it maps hugetlbfs memory (and transparent huge pages
+/// from 6.19) in 2 MiB blocks and only the first write to each block
+/// reaches the ring: the loss arm64 shows without its backup bitmap, and
+/// riscv64 has no backup bitmap. Linux 7.1 ("RISC-V: KVM: Fix lost write
+/// protection on huge pages during dirty logging") tests the memslot's
+/// `KVM_MEM_LOG_DIRTY_PAGES` instead, as x86 does. Every other
+/// architecture: true (arm64 never has a ring-only memslot, see
+/// [`RING_NEEDS_SLOT_BITMAP`]). A release that does not parse counts as
+/// old.
+pub(crate) fn ring_only_memslots_log_every_write(release: &str) -> bool {
+    if !cfg!(target_arch = "riscv64") {
+        return true;
+    }
+    release_at_least(release, (7, 1))
+}
+
+/// Is the kernel release `release` ("7.2.13+deb14-riscv64") at least
+/// `major.minor`? False when it does not start with two numbers.
+fn release_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (next(), next()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
+/// The running kernel's release (`uname -r`), "" if uname fails.
+pub(crate) fn kernel_release() -> String {
+    // SAFETY: utsname is plain old data: all-zero bytes are a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname for the call's duration;
+    // uname writes NUL-terminated strings into it.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return String::new();
+    }
+    let bytes: Vec<u8> = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// `KVM_DIRTY_LOG_PAGE_OFFSET`: where a vCPU's ring starts in the vCPU fd,
+/// in pages. 64 on every architecture with a dirty ring: x86, arm64, and
+/// riscv64, whose uapi `asm/kvm.h` defines it in the change that enabled
+/// its ring (Linux 6.17). kvm-bindings' riscv64 bindings were generated
+/// from older headers and carry the generic fallback, 0, where the kernel
+/// has no ring page to map.
+pub(crate) const DIRTY_LOG_PAGE_OFFSET: u64 = 64;
+
 const KVMIO: u64 = 0xAE;
 
 const fn io(nr: u64) -> u64 {
@@ -427,7 +487,7 @@ impl KvmVm {
     /// cannot be blocked: a call they may have stopped is reported in
     /// [`Reset::switched_out`].
     pub fn reset_dirty_rings(&self) -> Result<Reset> {
-        // The test-only feature leaves signals unblocked (tests/arm64).
+        // The test-only feature leaves signals unblocked (tests/kvm-host).
         let block = !cfg!(feature = "test-unblocked-reset");
         let mut old = SigSet::empty();
         // SAFETY: sigfillset / pthread_sigmask on sigset_t values we own;
@@ -527,5 +587,25 @@ mod tests {
         // _IOW(KVMIO, 0x46, 32 bytes) and _IOW(KVMIO, 0x42, 16 bytes).
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
+    }
+
+    #[test]
+    fn release_versions_compare_by_major_and_minor() {
+        assert!(release_at_least("7.2.13+deb14-riscv64", (7, 1)));
+        assert!(release_at_least("7.1", (7, 1)));
+        assert!(release_at_least("10.0.0", (7, 1)));
+        assert!(!release_at_least("7.0.9-rc1", (7, 1)));
+        assert!(!release_at_least("6.18.2", (7, 1)));
+        assert!(!release_at_least("6.19.0-1-riscv64", (7, 1)));
+        assert!(!release_at_least("", (7, 1)));
+        assert!(!release_at_least("linux", (7, 1)));
+        assert!(!release_at_least("7", (7, 1)));
+        assert!(!kernel_release().is_empty());
+        // The rule is riscv64's only.
+        assert_eq!(
+            ring_only_memslots_log_every_write("6.18.2"),
+            !cfg!(target_arch = "riscv64")
+        );
+        assert!(ring_only_memslots_log_every_write("7.2.13+deb14-riscv64"));
     }
 }

@@ -277,10 +277,11 @@ pub struct Harvest {
 
 impl Ring {
     /// Maps the ring of `entries` entries of the vCPU `vcpu_fd`, at
-    /// `KVM_DIRTY_LOG_PAGE_OFFSET` pages into the fd.
+    /// `KVM_DIRTY_LOG_PAGE_OFFSET` pages into the fd
+    /// ([`crate::kvm::DIRTY_LOG_PAGE_OFFSET`]).
     pub fn map(vcpu_fd: RawFd, entries: u32, page_size: u64) -> Result<Self> {
         let len = entries as usize * ENTRY_SIZE as usize;
-        let offset = kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET as u64 * page_size;
+        let offset = crate::kvm::DIRTY_LOG_PAGE_OFFSET * page_size;
         let p = crate::kvm::map_vcpu_ring(vcpu_fd, offset, len, page_size)?;
         Ok(Ring {
             base: p.cast::<kvm_dirty_gfn>(),

@@ -25,7 +25,7 @@ echo "== cargo test (real /dev/kvm; the checked-in header must match the code)"
 # stale include/kvm_dirty_shim.h (refresh it with KDS_BLESS_HEADER=1).
 # Most tests drive the C ABI (feature capi); tests/rust_api.rs and the
 # doc examples the Rust API (vm-memory's parts with that feature). Every
-# feature but test-unblocked-reset, which only tests/arm64 builds.
+# feature but test-unblocked-reset, which only tests/kvm-host builds.
 timeout 1200 cargo test --release --features capi,header,vm-memory
 
 echo "== C tests (meson): the header from C11 and C++, the ABI, an ABI 1 caller, tracking"

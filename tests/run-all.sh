@@ -115,8 +115,11 @@ if ! (cd fuzz && timeout 900 cargo +nightly fuzz run calls ../target/fuzz-corpus
 fi
 grep -E "^stat::(number_of_executed_units|new_units_added)|^Done" target/fuzz.log
 
-step "arm64: the ITS path, the ring and the reset under signals on an emulated arm64 KVM host (7.2, 6.12 and 6.1)"
-tests/arm64/run
+step "arm64: the ITS path, the ring, huge pages and the reset under signals on an emulated arm64 KVM host (7.2, 6.12 and 6.1)"
+tests/kvm-host/run arm64
+
+step "riscv64: the ring (ACQ_REL, no backup bitmap), huge pages and the reset under signals on an emulated riscv64 KVM host (7.2)"
+tests/kvm-host/run riscv64
 
 step "QEMU 10.2.2 for x86_64, patched to use the shim and stock: the builds"
 KDS_QEMU_PHASE=build meson-snippet/qemu/build-and-test

@@ -260,6 +260,20 @@ impl Vm {
                  nor KVM_CAP_DIRTY_LOG_RING: stay in bitmap mode",
             ));
         };
+        let release = crate::kvm::kernel_release();
+        if !crate::kvm::ring_only_memslots_log_every_write(&release) {
+            return Err(Error::new(
+                libc::ENOTSUP,
+                format!(
+                    "the dirty ring is not safe on riscv64 Linux {release}: before Linux 7.1 \
+                     its stage-2 fault handler maps a memslot without a dirty bitmap (which \
+                     every memslot is with the ring; riscv64 has no \
+                     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) in 2 MiB blocks where huge pages \
+                     back it, and logs only the first write to each block: stay in bitmap \
+                     mode, or run Linux 7.1 or later"
+                ),
+            ));
+        }
         let max_bytes = match self.kvm.check_cap(capnr) {
             v if v > 1 => v as u64,
             _ => RING_MAX_ENTRIES_DEFAULT * ENTRY_SIZE,

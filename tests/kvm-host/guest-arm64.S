@@ -7,13 +7,13 @@
  * Each round stores the iteration number to the first word of `stores`
  * pseudo-random pages, then exits with an MMIO write to an unmapped address
  * (0x10000000); the host checks and resumes it for the next round.
- * Linked into the test program; the host copies guest_arm64_start ..
- * guest_arm64_end into guest memory.
+ * Linked into the test program; the host copies guest_start ..
+ * guest_end into guest memory.
  */
     .section .rodata
     .balign 4
-    .global guest_arm64_start, guest_arm64_end
-guest_arm64_start:
+    .global guest_start, guest_end
+guest_start:
 round:
     ldr  w1, [x0]
     ldr  w2, [x0, #4]
@@ -36,4 +36,4 @@ round:
     movz x10, #0x1000, lsl #16     /* 0x10000000: no memslot there */
     str  w1, [x10]
     b    round
-guest_arm64_end:
+guest_end:

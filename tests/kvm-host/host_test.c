@@ -1,17 +1,23 @@
 /*
- * kvm-dirty-shim on a real arm64 KVM host (emulated by tests/arm64/run),
- * through the public C header only. Runs as /init: mounts devtmpfs, runs the
- * checks the kernel allows, prints "PASS name" / "FAIL name" lines and a
- * last line "N passed, M failed", then powers off.
+ * kvm-dirty-shim on a real KVM host of another architecture, arm64 or
+ * riscv64 (emulated by tests/kvm-host/run), through the public C header
+ * only. Runs as /init: mounts devtmpfs, loads kvm.ko where the kernel has
+ * KVM as a module (/kvm.ko in the initramfs), runs the checks the kernel
+ * allows, prints "PASS name" / "FAIL name" lines and a last line
+ * "N passed, M failed", then powers off.
  *
- * On a kernel with the dirty ring (6.12, 7.2): ACQ_REL picked, the ITS hook
- * before and after memslots, the ring after a memslot, the vGIC ITS saving its
- * tables into a dirty-logged slot with no vCPU running (only the backup
- * bitmap, at KDS_SYNC_FINAL, may report those pages, and exactly those), a
- * real arm64 vCPU dirtying pages with zero loss, ring-full exits included,
- * and the reset under signals (interrupted_reset()). On a kernel without it
- * (6.1): the ring is -ENOTSUP and bitmap mode tracks the same guest with zero
- * loss.
+ * arm64, on a kernel with the dirty ring (6.12, 7.2): ACQ_REL picked, the
+ * ITS hook before and after memslots, the ring after a memslot, the vGIC ITS
+ * saving its tables into a dirty-logged slot with no vCPU running (only the
+ * backup bitmap, at KDS_SYNC_FINAL, may report those pages, and exactly
+ * those), a real arm64 vCPU dirtying pages with zero loss, ring-full exits
+ * and transparent huge pages included, and the reset under signals
+ * (interrupted_reset()). On a kernel without it (6.1): the ring is -ENOTSUP
+ * and bitmap mode tracks the same guest with zero loss.
+ *
+ * riscv64 (7.2: the ring since 6.17, ACQ_REL only, no backup bitmap): the
+ * same vCPU checks in bitmap mode and where the ring is allowed, guest
+ * memory in hugetlbfs and transparent huge pages among them (riscv_rule()).
  */
 #include "kds_check.h"
 
@@ -43,10 +49,20 @@
 #define TEST_GPA (RAM_BASE + 0x100000ull)
 #define CODE_PAGES 4
 #define RING 4096u
+#if defined(__aarch64__)
+/* On arm64 the ring always comes with the backup bitmap. */
+#define RING_MODE KDS_MODE_RING_WITH_BITMAP
+#define ARCH "arm64"
+#elif defined(__riscv)
+#define RING_MODE KDS_MODE_RING
+#define ARCH "riscv64"
+#else
+#error "tests/kvm-host runs on arm64 and riscv64"
+#endif
 #define GITS_BASER0 0x100
 #define GITS_BASER1 0x108
 
-extern const uint8_t guest_arm64_start[], guest_arm64_end[];
+extern const uint8_t guest_start[], guest_end[];
 
 static int kvm_fd, passed, failed;
 static uint64_t page;
@@ -95,7 +111,7 @@ static void avm_init(struct avm *a, int ring, uint32_t board)
         die("kds_board_init");
     }
     a->code = map_anon(CODE_PAGES * page);
-    memcpy(a->code, guest_arm64_start, (size_t)(guest_arm64_end - guest_arm64_start));
+    memcpy(a->code, guest_start, (size_t)(guest_end - guest_start));
     KdsMemslot m = { 0, 0, RAM_BASE, CODE_PAGES * page, (uint64_t)(uintptr_t)a->code };
     if (kds_memslot_update(a->vm, &m, sizeof(KdsMemslot)) != 0) {
         die("kds_memslot_set code");
@@ -109,6 +125,15 @@ static void avm_free(struct avm *a)
     close(a->fd);
 }
 
+static void set_slot_flags(struct avm *a, uint32_t slot, uint64_t gpa, void *mem, uint64_t size,
+                           uint32_t flags)
+{
+    KdsMemslot m = { slot, flags, gpa, size, (uint64_t)(uintptr_t)mem };
+    if (kds_memslot_update(a->vm, &m, sizeof(KdsMemslot)) != 0) {
+        die("kds_memslot_update");
+    }
+}
+
 static void set_slot(struct avm *a, uint32_t slot, uint64_t gpa, void *mem, uint64_t size)
 {
     KdsMemslot m = { slot, KDS_MEM_LOG_DIRTY_PAGES, gpa, size, (uint64_t)(uintptr_t)mem };
@@ -117,6 +142,12 @@ static void set_slot(struct avm *a, uint32_t slot, uint64_t gpa, void *mem, uint
     }
 }
 
+struct avcpu {
+    int fd;
+    struct kvm_run *run;
+};
+
+#if defined(__aarch64__)
 static int set_core_reg(int vcpu, uint64_t off, uint64_t v)
 {
     struct kvm_one_reg r = {
@@ -126,19 +157,46 @@ static int set_core_reg(int vcpu, uint64_t off, uint64_t v)
     return ioctl(vcpu, KVM_SET_ONE_REG, &r);
 }
 
-struct avcpu {
-    int fd;
-    struct kvm_run *run;
-};
+/* PC at the guest code, X0 at the mailbox. */
+static void vcpu_arch_init(struct avm *a, int fd)
+{
+    struct kvm_vcpu_init init;
+    if (ioctl(a->fd, KVM_ARM_PREFERRED_TARGET, &init) < 0 || ioctl(fd, KVM_ARM_VCPU_INIT, &init) < 0) {
+        die("KVM_ARM_VCPU_INIT");
+    }
+    if (set_core_reg(fd, offsetof(struct kvm_regs, regs.pc), RAM_BASE) < 0 ||
+        set_core_reg(fd, offsetof(struct kvm_regs, regs.regs[0]), RAM_BASE + page) < 0) {
+        die("KVM_SET_ONE_REG");
+    }
+}
+#elif defined(__riscv)
+static int set_core_reg(int vcpu, uint64_t index, uint64_t v)
+{
+    struct kvm_one_reg r = {
+        .id = KVM_REG_RISCV | KVM_REG_SIZE_U64 | KVM_REG_RISCV_CORE | index,
+        .addr = (uint64_t)(uintptr_t)&v,
+    };
+    return ioctl(vcpu, KVM_SET_ONE_REG, &r);
+}
+
+/* PC at the guest code, A0 at the mailbox (the vCPU starts in S-mode). */
+static void vcpu_arch_init(struct avm *a, int fd)
+{
+    (void)a;
+    if (set_core_reg(fd, KVM_REG_RISCV_CORE_REG(regs.pc), RAM_BASE) < 0 ||
+        set_core_reg(fd, KVM_REG_RISCV_CORE_REG(regs.a0), RAM_BASE + page) < 0) {
+        die("KVM_SET_ONE_REG");
+    }
+}
+#endif
 
 static void avcpu_init(struct avm *a, struct avcpu *v)
 {
     v->fd = ioctl(a->fd, KVM_CREATE_VCPU, 0);
-    struct kvm_vcpu_init init;
-    if (v->fd < 0 || ioctl(a->fd, KVM_ARM_PREFERRED_TARGET, &init) < 0 ||
-        ioctl(v->fd, KVM_ARM_VCPU_INIT, &init) < 0) {
-        die("vCPU create/init");
+    if (v->fd < 0) {
+        die("KVM_CREATE_VCPU");
     }
+    vcpu_arch_init(a, v->fd);
     if (kds_vcpu_add(a->vm, v->fd, 0) != 0) {
         die("kds_vcpu_add");
     }
@@ -146,10 +204,6 @@ static void avcpu_init(struct avm *a, struct avcpu *v)
     v->run = mmap(NULL, (size_t)sz, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
     if (v->run == MAP_FAILED) {
         die("mmap kvm_run");
-    }
-    if (set_core_reg(v->fd, offsetof(struct kvm_regs, regs.pc), RAM_BASE) < 0 ||
-        set_core_reg(v->fd, offsetof(struct kvm_regs, regs.regs[0]), RAM_BASE + page) < 0) {
-        die("KVM_SET_ONE_REG");
     }
 }
 
@@ -195,32 +249,103 @@ static long round_run(struct avm *a, struct avcpu *v)
     return -1;
 }
 
-/* The guest dirties `pages` pages `rounds` times; loss must be 0. */
 /*
- * Guest memory backed by transparent huge pages, as QEMU's guest RAM is
- * (MADV_HUGEPAGE, 2 MiB aligned). arm64 logs a memslot's writes page by page
- * only when the memslot has a dirty bitmap (memslot_is_logging() in
- * arch/arm64/kvm/mmu.c); a ring-only slot here is mapped in 2 MiB blocks and
- * loses almost every write, which is why the shim always adds the backup
- * bitmap to the ring on arm64.
+ * Guest memory backed by huge pages, as QEMU's guest RAM is: transparent
+ * huge pages (MADV_HUGEPAGE, as QEMU's anonymous RAM) or 2 MiB hugetlbfs
+ * pages (-mem-path /dev/hugepages). arm64 logs a memslot's writes page by
+ * page only when the memslot has a dirty bitmap (memslot_is_logging() in
+ * arch/arm64/kvm/mmu.c); a ring-only slot there is mapped in 2 MiB blocks
+ * and loses almost every write, which is why the shim always adds the
+ * backup bitmap to the ring on arm64. riscv64 decides the same way
+ * (kvm_riscv_mmu_map() in arch/riscv/kvm/mmu.c) and has no backup bitmap:
+ * riscv_rule().
  */
-static void *map_thp(size_t len)
+enum backing { SMALL, THP, HUGETLB };
+static const char *const backing_name[] = { "4 KiB pages", "THP", "hugetlbfs" };
+
+struct huge_map {
+    uint8_t *raw, *at; /* the mapping, and where the slot starts in it */
+    size_t len;
+};
+
+static struct huge_map map_huge(size_t len, enum backing b)
 {
     /* A block mapping needs the host address and the guest address
      * congruent modulo 2 MiB: start at TEST_GPA's offset in a 2 MiB block. */
     const size_t huge = 2 << 20;
-    uint8_t *p = map_anon(len + 2 * huge);
-    uint8_t *a = (uint8_t *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
-    a += TEST_GPA & (huge - 1);
-    if (madvise(a, len, MADV_HUGEPAGE) != 0) {
-        printf("  (madvise(MADV_HUGEPAGE): %s)\n", strerror(errno));
+    struct huge_map m = { .len = len + 2 * huge };
+    if (b == HUGETLB) {
+        m.raw = mmap(NULL, m.len, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | (21 << MAP_HUGE_SHIFT), -1, 0);
+        if (m.raw == MAP_FAILED) {
+            die("mmap(MAP_HUGETLB) (too few /proc/sys/vm/nr_hugepages?)");
+        }
+    } else {
+        m.raw = map_anon(m.len);
     }
-    /* The head and tail slack stay mapped until the process exits. */
-    return a;
+    m.at = (uint8_t *)(((uintptr_t)m.raw + huge - 1) & ~(uintptr_t)(huge - 1));
+    m.at += TEST_GPA & (huge - 1);
+    /* THP may be "always": 4 KiB pages must refuse it. */
+    if (b != HUGETLB && madvise(m.at, len, b == THP ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0) {
+        printf("  (madvise: %s)\n", strerror(errno));
+    }
+    return m;
 }
 
+/* KVM's count of guest exits, all VMs (debugfs); -1 if unreadable. */
+static long long kvm_exits(void)
+{
+    long long n = -1;
+    FILE *f = fopen("/sys/kernel/debug/kvm/exits", "r");
+    if (f) {
+        if (fscanf(f, "%lld", &n) != 1) {
+            n = -1;
+        }
+        fclose(f);
+    }
+    return n;
+}
+
+/*
+ * Are huge pages mapped as blocks at stage 2 on this host at all? One round
+ * of the guest on an unlogged slot: 4 KiB pages take a fault per page
+ * touched, a block-mapped slot one per 2 MiB block. Without this, a ring on
+ * huge pages losing nothing could mean only that the host never maps them
+ * as blocks.
+ */
+static void huge_pages_mapped_as_blocks(void)
+{
+    int before = kds_test_failures;
+    const uint64_t pages = 16384;
+    long long exits[3] = { 0 };
+    for (int b = SMALL; b <= HUGETLB; b++) {
+        struct avm a;
+        struct avcpu v;
+        avm_init(&a, 0, 0);
+        struct huge_map m = map_huge(pages * page, (enum backing)b);
+        set_slot_flags(&a, 1, TEST_GPA, m.at, pages * page, 0);
+        avcpu_init(&a, &v);
+        mailbox(&a, pages, 8000, 1);
+        long long e0 = kvm_exits();
+        CHECK(round_run(&a, &v) >= 0, "a round");
+        exits[b] = kvm_exits() - e0;
+        avm_free(&a);
+        munmap(m.raw, m.len);
+    }
+    printf("  guest exits for 8000 stores over 64 MiB, not logged: 4 KiB pages %lld, THP %lld, "
+           "hugetlbfs %lld\n", exits[SMALL], exits[THP], exits[HUGETLB]);
+    CHECK(exits[SMALL] > 1000, "4 KiB pages fault page by page");
+    CHECK(exits[HUGETLB] * 10 < exits[SMALL], "hugetlbfs mapped in blocks");
+    CHECK(exits[THP] * 10 < exits[SMALL], "THP mapped in blocks");
+    result("huge-pages-mapped-as-blocks", before);
+}
+
+/* The guest dirties `pages` pages `rounds` times; loss must be 0. */
+#define WANT_FULL 1 /* a ring-full exit must come */
+#define REAPER 2    /* with the library's reaper thread */
+#define LATE_LOG 4  /* logging starts after a round on the mapped memory */
 static void track(const char *name, int ring, uint64_t pages, uint32_t stores, int rounds,
-                  int want_full, int thp)
+                  int flags, enum backing backing)
 {
     int before = kds_test_failures;
     struct avm a;
@@ -228,14 +353,36 @@ static void track(const char *name, int ring, uint64_t pages, uint32_t stores, i
     struct checker c;
     avm_init(&a, ring, 0);
     checker_init(&c, 1, pages, page);
-    if (thp) {
+    struct huge_map huge = { 0 };
+    if (backing != SMALL) {
         munmap(c.mem, pages * page);
-        c.mem = map_thp(pages * page);
+        huge = map_huge(pages * page, backing);
+        c.mem = huge.at;
     }
-    set_slot(&a, 1, TEST_GPA, c.mem, pages * page);
+    set_slot_flags(&a, 1, TEST_GPA, c.mem, pages * page,
+                   flags & LATE_LOG ? 0 : KDS_MEM_LOG_DIRTY_PAGES);
     avcpu_init(&a, &v);
+    int first = 1;
+    if (flags & LATE_LOG) {
+        /* A round before logging starts, as a guest runs before its
+         * migration: its writes map the memory (in 2 MiB blocks where huge
+         * pages back it). Then logging starts on those mappings. */
+        mailbox(&a, pages, stores, 1);
+        CHECK(round_run(&a, &v) >= 0, "the round before logging");
+        set_slot(&a, 1, TEST_GPA, c.mem, pages * page);
+        for (uint64_t p = 0; p < pages; p++) {
+            c.shadow[p] = *(uint32_t *)(c.mem + p * page);
+        }
+        first = 2;
+        rounds++;
+    }
+    if (flags & REAPER) {
+        KdsReaperConfig cfg = { 0 };
+        CHECK(kds_reaper_enable(a.vm, &cfg, sizeof(cfg)) == 0, "kds_reaper_enable: %s",
+              kds_last_error());
+    }
     long full = 0, r = 0;
-    for (int it = 1; it <= rounds && r >= 0; it++) {
+    for (int it = first; it <= rounds && r >= 0; it++) {
         mailbox(&a, pages, stores, (uint32_t)it);
         r = round_run(&a, &v);
         full += r > 0 ? r : 0;
@@ -245,16 +392,22 @@ static void track(const char *name, int ring, uint64_t pages, uint32_t stores, i
     KdsStats s;
     kds_stats_get(a.vm, &s, sizeof(KdsStats));
     CHECK(c.changed >= stores, "the guest dirtied pages (%llu)", (unsigned long long)c.changed);
-    /* On arm64 the ring always comes with the backup bitmap. */
-    CHECK(kds_vm_mode(a.vm) == (ring ? KDS_MODE_RING_WITH_BITMAP : KDS_MODE_BITMAP), "mode %d",
+    CHECK(kds_vm_mode(a.vm) == (ring ? RING_MODE : KDS_MODE_BITMAP), "mode %d",
           kds_vm_mode(a.vm));
-    if (want_full) {
+    if (flags & WANT_FULL) {
         CHECK(full > 0 && s.ring_full_reaps > 0, "a ring-full exit reaped by kds_vcpu_reap");
     }
-    printf("  %s: %llu pages changed, %llu reported, %llu lost, %ld ring-full exits, "
-           "%llu overflows, %llu wedges\n", name, (unsigned long long)c.changed,
+    if (flags & REAPER) {
+        CHECK(s.reaper_reaps > 0, "the reaper thread reaped");
+    }
+    printf("  %s (%s): %llu pages changed, %llu reported, %llu lost, %ld ring-full exits, "
+           "%llu overflows, %llu wedges\n", name, backing_name[backing], (unsigned long long)c.changed,
            (unsigned long long)c.reported, (unsigned long long)c.lost, full,
            (unsigned long long)s.ring_overflows, (unsigned long long)s.ring_wedges);
+    if (huge.raw) {
+        munmap(huge.raw, huge.len);
+        c.mem = NULL;
+    }
     checker_free(&c);
     avm_free(&a);
     result(name, before);
@@ -407,6 +560,7 @@ static void interrupted_reset_unblocked(void)
     }
 }
 
+#if defined(__aarch64__)
 static int dev_attr(int fd, int get, uint32_t group, uint64_t attr, void *addr)
 {
     struct kvm_device_attr d = { .group = group, .attr = attr, .addr = (uint64_t)(uintptr_t)addr };
@@ -531,14 +685,65 @@ static void ring_kernel(void)
     result("refusals-after-memslot", before);
 
     its_save_tables();
-    track("vcpu-ring", 1, 1024, 500, 4, 0, 0);
-    track("vcpu-ring-full", 1, 16384, 8000, 3, 1, 0);
-    track("vcpu-ring-thp", 1, 16384, 8000, 3, 0, 1);
-    track("vcpu-bitmap", 0, 1024, 500, 4, 0, 0);
-    track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, 1);
+    track("vcpu-ring", 1, 1024, 500, 4, 0, SMALL);
+    track("vcpu-ring-full", 1, 16384, 8000, 3, WANT_FULL, SMALL);
+    huge_pages_mapped_as_blocks();
+    track("vcpu-ring-thp", 1, 16384, 8000, 3, 0, THP);
+    track("vcpu-ring-thp-late-log", 1, 16384, 8000, 3, LATE_LOG, THP);
+    track("vcpu-ring-hugetlb-late-log", 1, 16384, 8000, 3, LATE_LOG, HUGETLB);
+    track("vcpu-bitmap", 0, 1024, 500, 4, 0, SMALL);
+    track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, THP);
     interrupted_reset("interrupted-reset", 12, 1);
     interrupted_reset_unblocked();
 }
+
+#elif defined(__riscv)
+/*
+ * riscv64 has the ring since 6.17, ACQ_REL only and without the backup
+ * bitmap, and no device that writes guest memory with no vCPU running.
+ */
+static void ring_kernel(void)
+{
+    int before = kds_test_failures;
+    struct avm a;
+    kds_logger_set(logger, NULL, 3);
+    ring_info[0] = 0;
+    a.fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+    CHECK(kds_vm_adopt(a.fd, &a.vm) == 0, "adopt");
+    int r = kds_dirty_ring_enable(a.vm, RING);
+    printf("  kds_dirty_ring_enable: %d (%s), mode %d, %s\n", r, r ? kds_last_error() : "",
+           kds_vm_mode(a.vm), ring_info);
+    CHECK(r == 0, "ring: %s", kds_last_error());
+    CHECK(strstr(ring_info, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL") != NULL, "picked: %s", ring_info);
+    CHECK(kds_vm_mode(a.vm) == RING_MODE, "mode %d", kds_vm_mode(a.vm));
+    kds_logger_set(NULL, NULL, 0);
+    r = kds_board_init(a.vm, KDS_BOARD_VGIC_ITS);
+    printf("  kds_board_init(ITS) with the ring: %d (%s)\n", r, r ? kds_last_error() : "");
+    kds_vm_free(a.vm);
+    close(a.fd);
+    result("ring-acq-rel", before);
+
+    before = kds_test_failures;
+    avm_init(&a, 0, UINT32_MAX);
+    CHECK(kds_dirty_ring_enable(a.vm, RING) == -EBUSY, "ring after memslot: %s", kds_last_error());
+    avm_free(&a);
+    result("refusals-after-memslot", before);
+
+    track("vcpu-ring", 1, 1024, 500, 4, 0, SMALL);
+    track("vcpu-ring-full", 1, 16384, 8000, 3, WANT_FULL, SMALL);
+    track("vcpu-ring-reaper", 1, 16384, 8000, 3, REAPER, SMALL);
+    huge_pages_mapped_as_blocks();
+    track("vcpu-ring-thp", 1, 16384, 8000, 3, 0, THP);
+    track("vcpu-ring-hugetlb", 1, 16384, 8000, 3, 0, HUGETLB);
+    track("vcpu-ring-thp-late-log", 1, 16384, 8000, 3, LATE_LOG, THP);
+    track("vcpu-ring-hugetlb-late-log", 1, 16384, 8000, 3, LATE_LOG, HUGETLB);
+    track("vcpu-bitmap", 0, 1024, 500, 4, 0, SMALL);
+    track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, THP);
+    track("vcpu-bitmap-hugetlb", 0, 16384, 8000, 3, 0, HUGETLB);
+    interrupted_reset("interrupted-reset", 12, 1);
+    interrupted_reset_unblocked();
+}
+#endif
 
 static void bitmap_kernel(void)
 {
@@ -546,17 +751,41 @@ static void bitmap_kernel(void)
     int fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
     KdsVm *vm;
     CHECK(kds_vm_adopt(fd, &vm) == 0, "adopt");
-    /* No ring here, or a ring without cap 225, which arm64 cannot use
-     * (see map_thp): bitmap mode either way. */
+    /* No ring here, or a ring the shim refuses (map_huge): on arm64 one
+     * without cap 225, on riscv64 one before Linux 7.1. Bitmap mode. */
     int r = kds_dirty_ring_enable(vm, RING);
     CHECK(r == -ENOTSUP, "no ring here: %d (%s)", r, kds_last_error());
+    printf("  kds_dirty_ring_enable: %d (%s)\n", r, kds_last_error());
     CHECK(kds_board_init(vm, KDS_BOARD_VGIC_ITS) == 0, "ITS recorded in bitmap mode");
     CHECK(kds_vm_mode(vm) == KDS_MODE_BITMAP, "bitmap mode");
     kds_vm_free(vm);
     close(fd);
     result("no-ring-kernel-path", before);
-    track("vcpu-bitmap", 0, 1024, 500, 4, 0, 0);
-    track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, 1);
+    track("vcpu-bitmap", 0, 1024, 500, 4, 0, SMALL);
+    track("vcpu-bitmap-thp", 0, 16384, 8000, 3, 0, THP);
+    track("vcpu-bitmap-hugetlb", 0, 16384, 8000, 3, 0, HUGETLB);
+}
+
+/* Debian's riscv64 kernel builds KVM as a module: /kvm.ko, if packed. */
+static void load_kvm_module(void)
+{
+    int fd = open("/kvm.ko", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return;
+    }
+    if (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST) {
+        printf("  (finit_module(/kvm.ko): %s)\n", strerror(errno));
+    }
+    close(fd);
+}
+
+static void reserve_huge_pages(int n)
+{
+    FILE *f = fopen("/proc/sys/vm/nr_hugepages", "w");
+    if (f) {
+        fprintf(f, "%d\n", n);
+        fclose(f);
+    }
 }
 
 int main(int argc, char **argv)
@@ -576,6 +805,11 @@ int main(int argc, char **argv)
     mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
     mkdir("/sys", 0755);
     mount("sysfs", "/sys", "sysfs", 0, NULL);
+    mkdir("/proc", 0755);
+    mount("proc", "/proc", "proc", 0, NULL);
+    mount("debugfs", "/sys/kernel/debug", "debugfs", 0, NULL);
+    load_kvm_module();
+    reserve_huge_pages(40); /* 80 MiB: the 64 MiB hugetlbfs slot and its slack */
     struct utsname u;
     uname(&u);
     page = (uint64_t)sysconf(_SC_PAGESIZE);
@@ -597,9 +831,14 @@ int main(int argc, char **argv)
         thp[strcspn(thp, "\n")] = 0;
         fclose(f);
     }
-    printf("arm64 host: Linux %s, page size %llu, caps 192=%d 223=%d 225=%d, THP %s\n",
+    printf(ARCH " host: Linux %s, page size %llu, caps 192=%d 223=%d 225=%d, THP %s\n",
            u.release, (unsigned long long)page, c192, c223, c225, thp);
-    if (c223 > 0 && c225 > 0) {
+    /* arm64 uses the ring only with the backup bitmap, riscv64 only from
+     * Linux 7.1 (map_huge). */
+    int major = 0, minor = 0;
+    sscanf(u.release, "%d.%d", &major, &minor);
+    int ring_ok = strcmp(ARCH, "arm64") == 0 ? c225 > 0 : major * 100 + minor >= 701;
+    if (c223 > 0 && ring_ok) {
         ring_kernel();
     } else {
         bitmap_kernel();
