@@ -3,9 +3,10 @@
 # "Test"; .ci/run installs what it needs first, then runs this).
 #
 # Needs, beyond the quick tier's (tests/quick.sh): the toolchain of
-# Cargo.toml's rust-version; a nightly toolchain with Miri and cargo-fuzz; valgrind; pkg-config; root for apt (Debian's arm64
-# kernels, QEMU's build dependencies, its source package and the :arm64
-# libraries the arm64 QEMU cross build links); about 5 GB of disk (measured:
+# Cargo.toml's rust-version; a nightly toolchain with Miri and cargo-fuzz;
+# rustup's riscv64gc target; valgrind; pkg-config; root for apt (Debian's
+# arm64 and riscv64 kernels and emulators, QEMU's build dependencies, its
+# source package and the :arm64 libraries the arm64 QEMU cross build links); about 5 GB of disk (measured:
 # ~/.cache/kds-qemu 2.1 GB, cargo's target/ 2.5 GB, the rest 0.4 GB).
 #
 # Time on this project's 2-core CI machine: about 50 minutes on a machine
@@ -118,7 +119,7 @@ grep -E "^stat::(number_of_executed_units|new_units_added)|^Done" target/fuzz.lo
 step "arm64: the ITS path, the ring, huge pages and the reset under signals on an emulated arm64 KVM host (7.2, 6.12 and 6.1)"
 tests/kvm-host/run arm64
 
-step "riscv64: the ring (ACQ_REL, no backup bitmap), huge pages and the reset under signals on an emulated riscv64 KVM host (7.2)"
+step "riscv64: the ring (ACQ_REL, no backup bitmap), huge pages and the reset under signals on an emulated riscv64 KVM host (7.2 and 6.12)"
 tests/kvm-host/run riscv64
 
 step "QEMU 10.2.2 for x86_64, patched to use the shim and stock: the builds"

@@ -6,7 +6,8 @@
 #   arm64:   the emulator and cross compilers; Debian's 6.12 and 6.1, and
 #            unstable's 7.2 (vmlinuz-<version>)
 #   riscv64: the emulator and cross compilers, rustup's riscv64 target;
-#            unstable's 7.2 and its kvm.ko (riscv64-vmlinuz-7.2, .kvm.ko)
+#            unstable's 7.2 and Debian 13's 6.12 (no ring), each with its
+#            kvm.ko (riscv64-vmlinuz-<version>, .kvm.ko)
 set -eu
 arch=${1:-arm64}
 cache=${KDS_ARM64_CACHE:-$HOME/.cache/kvm-dirty-shim-arm64}
@@ -56,27 +57,40 @@ fetch_kernel() { # $1: name pattern, $2: cache name
     rm -rf "$tmp"
 }
 
-# The newest: Debian unstable's 7.2, through an APT configuration of its
-# own (sid's arm64 and riscv64 binary packages; the system's sources are
-# left alone). Its image is in linux-binary-* (linux-image-* only depends
-# on it), at usr/lib/modules/<version>/vmlinuz; riscv64 builds KVM as a
-# module, in linux-modules-*.
+# Newer kernels through an APT configuration of our own (the system's
+# sources are left alone): unstable's 7.2 for arm64 and riscv64, and
+# Debian 13's 6.12 for riscv64 (Debian 12 has no riscv64 port). 7.2's image
+# is in linux-binary-* (linux-image-* only depends on it), at
+# usr/lib/modules/<version>/vmlinuz, its modules in linux-modules-*; 6.12's
+# linux-image-* holds both, the image in boot/. riscv64 builds KVM as a
+# module: its kvm.ko is kept beside the image.
 . "$(dirname "$0")/../private-apt.sh"
-fetch_sid_kernel() { # $1: version, $2: architecture, $3: cache name
+signed="signed-by=/usr/share/keyrings/debian-archive-keyring.gpg"
+fetch_debian_kernel() { # $1: package name pattern, $2: architecture, $3: cache name
     [ -s "$cache/$3" ] && return 0
-    private_apt "$cache/sid-apt" arm64,riscv64 "deb [arch=arm64,riscv64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main"
-    pkg=$(apt-cache search --names-only "^linux-binary-$1\..*-$2\$" | awk '{print $1}' |
-        grep -v -e '-rt-' -e 'cloud' | sort -V | tail -n 1)
-    [ -n "$pkg" ] || { echo "no linux-binary-$1 for $2 in sid" >&2; exit 1; }
+    private_apt "$cache/sid-apt" arm64,riscv64 \
+        "deb [arch=arm64,riscv64 $signed] http://deb.debian.org/debian sid main" \
+        "deb [arch=riscv64 $signed] http://deb.debian.org/debian trixie main"
+    pkg=$(apt-cache search --names-only "$1" | awk '{print $1}' |
+        grep -v -e '-rt-' -e 'cloud' -e 'dbg' -e 'unsigned' | sort -V | tail -n 1)
+    [ -n "$pkg" ] || { echo "no package matches $1 for $2" >&2; exit 1; }
     tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download -qq "$pkg:$2" 2>/dev/null && dpkg-deb -x ./*.deb x)
-    if [ "$2" = riscv64 ]; then
+    mkdir "$tmp/x"
+    (cd "$tmp" && apt-get download -qq "$pkg:$2" 2>/dev/null)
+    case $pkg in
+    linux-binary-*)
         mods=$(echo "$pkg" | sed 's/^linux-binary-/linux-modules-/')
-        (cd "$tmp" && apt-get download -qq "$mods:$2" 2>/dev/null &&
-            dpkg-deb --fsys-tarfile ./linux-modules-*.deb | tar -x -C x --wildcards '*/kvm/kvm.ko.xz')
-        xz -dc "$tmp"/x/usr/lib/modules/*/kernel/arch/riscv/kvm/kvm.ko.xz > "$cache/$3.kvm.ko"
+        [ "$2" = riscv64 ] && (cd "$tmp" && apt-get download -qq "$mods:$2" 2>/dev/null)
+        ;;
+    esac
+    for d in "$tmp"/*.deb; do
+        dpkg-deb --fsys-tarfile "$d" | tar -x -C "$tmp/x" --wildcards \
+            '*/vmlinu[xz]*' '*/kvm/kvm.ko*' 2>/dev/null || true
+    done
+    cp "$(find "$tmp/x" -name 'vmlinu[xz]*' -type f | head -n 1)" "$cache/$3"
+    if [ "$2" = riscv64 ]; then
+        xz -dc "$(find "$tmp/x" -name kvm.ko.xz | head -n 1)" > "$cache/$3.kvm.ko"
     fi
-    cp "$tmp"/x/usr/lib/modules/*/vmlinuz "$cache/$3"
     echo "$pkg" > "$cache/$3.pkg"
     rm -rf "$tmp"
 }
@@ -85,11 +99,12 @@ case $arch in
 arm64)
     fetch_kernel '^linux-image-6\.12\..*-arm64$' vmlinuz-6.12
     fetch_kernel '^linux-image-6\.1\.0-[0-9]*-arm64$' vmlinuz-6.1
-    fetch_sid_kernel 7.2 arm64 vmlinuz-7.2
+    fetch_debian_kernel '^linux-binary-7\.2\..*-arm64$' arm64 vmlinuz-7.2
     echo "arm64 setup: kernels $(cat "$cache/vmlinuz-7.2.pkg"), $(cat "$cache/vmlinuz-6.12.pkg") and $(cat "$cache/vmlinuz-6.1.pkg") in $cache"
     ;;
 riscv64)
-    fetch_sid_kernel 7.2 riscv64 riscv64-vmlinuz-7.2
-    echo "riscv64 setup: kernel $(cat "$cache/riscv64-vmlinuz-7.2.pkg") with kvm.ko in $cache"
+    fetch_debian_kernel '^linux-binary-7\.2\..*-riscv64$' riscv64 riscv64-vmlinuz-7.2
+    fetch_debian_kernel '^linux-image-6\.12\..*-riscv64$' riscv64 riscv64-vmlinuz-6.12
+    echo "riscv64 setup: kernels $(cat "$cache/riscv64-vmlinuz-7.2.pkg") and $(cat "$cache/riscv64-vmlinuz-6.12.pkg"), with their kvm.ko, in $cache"
     ;;
 esac
