@@ -52,13 +52,13 @@ pub(crate) const RING_NEEDS_SLOT_BITMAP: bool = cfg!(target_arch = "aarch64");
 /// dirty bitmap (a ring-only memslot), whatever backs it? `release` is the
 /// kernel's release string (`uname -r`).
 ///
-/// Not on riscv64 before Linux 7.1: from 6.17 (its dirty ring) to 7.0 the
+/// Not on riscv64 before Linux 7.2: from 6.17 (its dirty ring) to 7.1 the
 /// stage-2 fault handler (`kvm_riscv_mmu_map()` in arch/riscv/kvm/mmu.c)
 /// decides that a memslot logs by `memslot->dirty_bitmap`, which a ring-only
 /// memslot lacks, so it maps hugetlbfs memory (and transparent huge pages
-/// from 6.19) in 2 MiB blocks and only the first write to each block
+/// from 7.0) in 2 MiB blocks and only the first write to each block
 /// reaches the ring: the loss arm64 shows without its backup bitmap, and
-/// riscv64 has no backup bitmap. Linux 7.1 ("RISC-V: KVM: Fix lost write
+/// riscv64 has no backup bitmap. Linux 7.2 ("RISC-V: KVM: Fix lost write
 /// protection on huge pages during dirty logging") tests the memslot's
 /// `KVM_MEM_LOG_DIRTY_PAGES` instead, as x86 does. Every other
 /// architecture: true (arm64 never has a ring-only memslot, see
@@ -68,7 +68,7 @@ pub(crate) fn ring_only_memslots_log_every_write(release: &str) -> bool {
     if !cfg!(target_arch = "riscv64") {
         return true;
     }
-    release_at_least(release, (7, 1))
+    release_at_least(release, (7, 2))
 }
 
 /// Is the kernel release `release` ("7.2.13+deb14-riscv64") at least
@@ -591,19 +591,20 @@ mod tests {
 
     #[test]
     fn release_versions_compare_by_major_and_minor() {
-        assert!(release_at_least("7.2.13+deb14-riscv64", (7, 1)));
-        assert!(release_at_least("7.1", (7, 1)));
-        assert!(release_at_least("10.0.0", (7, 1)));
-        assert!(!release_at_least("7.0.9-rc1", (7, 1)));
-        assert!(!release_at_least("6.18.2", (7, 1)));
-        assert!(!release_at_least("6.19.0-1-riscv64", (7, 1)));
-        assert!(!release_at_least("", (7, 1)));
-        assert!(!release_at_least("linux", (7, 1)));
-        assert!(!release_at_least("7", (7, 1)));
+        assert!(release_at_least("7.2.13+deb14-riscv64", (7, 2)));
+        assert!(release_at_least("7.2", (7, 2)));
+        assert!(release_at_least("7.10.1", (7, 2)));
+        assert!(release_at_least("10.0.0", (7, 2)));
+        assert!(!release_at_least("7.1.8", (7, 2)));
+        assert!(!release_at_least("7.0.9-rc1", (7, 2)));
+        assert!(!release_at_least("6.18.2", (7, 2)));
+        assert!(!release_at_least("", (7, 2)));
+        assert!(!release_at_least("linux", (7, 2)));
+        assert!(!release_at_least("7", (7, 2)));
         assert!(!kernel_release().is_empty());
         // The rule is riscv64's only.
         assert_eq!(
-            ring_only_memslots_log_every_write("6.18.2"),
+            ring_only_memslots_log_every_write("7.1.8"),
             !cfg!(target_arch = "riscv64")
         );
         assert!(ring_only_memslots_log_every_write("7.2.13+deb14-riscv64"));

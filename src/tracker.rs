@@ -228,7 +228,8 @@ impl DirtyTracker {
     /// any vCPU is created and any memslot exists
     /// (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`, else `KVM_CAP_DIRTY_LOG_RING`).
     ///
-    /// Errors: [`ErrorKind::Unsupported`] where the kernel has no ring
+    /// Errors: [`ErrorKind::Unsupported`] where the kernel has no ring, or
+    /// is riscv64 before Linux 7.2, whose ring misses writes to huge pages
     /// (stay in bitmap mode); [`ErrorKind::Ordering`] after a memslot or a
     /// vCPU; [`ErrorKind::InvalidArgument`] for a size the kernel does not
     /// take.

@@ -20,9 +20,10 @@ use crate::types::BoardFlags;
 ///
 /// @param entries  ring size in entries, a power of two within the
 ///                 kernel's limits
-/// @return 0; -ENOTSUP where the kernel has no ring, or lacks the backup
-///         bitmap that this call needs (the ring stays off: stay in bitmap
-///         mode); -EINVAL for NULL or a size outside the kernel's limits
+/// @return 0; -ENOTSUP where the kernel has no ring, lacks the backup
+///         bitmap that this call needs, or is riscv64 before Linux 7.2
+///         (whose ring misses writes to huge pages) (the ring stays off:
+///         stay in bitmap mode); -EINVAL for NULL or a size outside the kernel's limits
 ///         (the message gives them); -EBUSY after a memslot or a vCPU
 ///         exists, or when the ring is already on; the errno of
 ///         KVM_ENABLE_CAP otherwise.

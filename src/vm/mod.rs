@@ -265,12 +265,12 @@ impl Vm {
             return Err(Error::new(
                 libc::ENOTSUP,
                 format!(
-                    "the dirty ring is not safe on riscv64 Linux {release}: before Linux 7.1 \
+                    "the dirty ring is not safe on riscv64 Linux {release}: before Linux 7.2 \
                      its stage-2 fault handler maps a memslot without a dirty bitmap (which \
                      every memslot is with the ring; riscv64 has no \
                      KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) in 2 MiB blocks where huge pages \
                      back it, and logs only the first write to each block: stay in bitmap \
-                     mode, or run Linux 7.1 or later"
+                     mode, or run Linux 7.2 or later"
                 ),
             ));
         }

@@ -655,7 +655,7 @@ static void its_save_tables(void)
 #endif
 
 /* A kernel whose ring the shim uses: arm64 with the backup bitmap, riscv64
- * from Linux 7.1 (map_huge). */
+ * from Linux 7.2 (map_huge). */
 static void ring_kernel(void)
 {
     int before = kds_test_failures;
@@ -721,7 +721,7 @@ static void bitmap_kernel(void)
     KdsVm *vm;
     CHECK(kds_vm_adopt(fd, &vm) == 0, "adopt");
     /* No ring here, or a ring the shim refuses (map_huge): on arm64 one
-     * without cap 225, on riscv64 one before Linux 7.1. Bitmap mode. */
+     * without cap 225, on riscv64 one before Linux 7.2. Bitmap mode. */
     int r = kds_dirty_ring_enable(vm, RING);
     CHECK(r == -ENOTSUP, "no ring here: %d (%s)", r, kds_last_error());
     printf("  kds_dirty_ring_enable: %d (%s)\n", r, kds_last_error());
@@ -803,10 +803,10 @@ int main(int argc, char **argv)
     printf(ARCH " host: Linux %s, page size %llu, caps 192=%d 223=%d 225=%d, THP %s\n",
            u.release, (unsigned long long)page, c192, c223, c225, thp);
     /* arm64 uses the ring only with the backup bitmap, riscv64 only from
-     * Linux 7.1 (map_huge). */
+     * Linux 7.2 (map_huge). */
     int major = 0, minor = 0;
     sscanf(u.release, "%d.%d", &major, &minor);
-    int ring_ok = strcmp(ARCH, "arm64") == 0 ? c225 > 0 : major * 100 + minor >= 701;
+    int ring_ok = strcmp(ARCH, "arm64") == 0 ? c225 > 0 : major * 100 + minor >= 702;
     if (c223 > 0 && ring_ok) {
         ring_kernel();
     } else {
