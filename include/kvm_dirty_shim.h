@@ -171,8 +171,8 @@ typedef void (*KdsDirtyRunFn)(void *opaque,
 typedef struct KdsReaperConfig {
   /**
    * Reap as soon as some vCPU's ring holds at least this percentage of
-   * its entries (1..=90; default 25). The check reads one entry's flags
-   * per ring, no syscall.
+   * its entries (1..=90; default 25). The check reads entry flags
+   * (a binary search over each ring's published entries), no syscall.
    */
   uint32_t high_water_pct;
   /**

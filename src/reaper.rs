@@ -14,10 +14,9 @@
 //! at most one and a half marks when it is reaped. A busy vCPU is reaped
 //! long before `KVM_EXIT_DIRTY_RING_FULL`, a VM that logs but dirties
 //! nothing costs one check per `max_interval_us`, and one that logs no
-//! memslot costs nothing: the thread sleeps until a slot starts logging. (Until 0.3 every pause
-//! was half the mark: two checks per reap. Without the floor, a ring
-//! filling below the peak rate was checked ever more often as it neared
-//! the mark: measured in doc/heavy.md.)
+//! memslot costs nothing: the thread sleeps until a slot starts logging.
+//! The floor is why a ring filling below the peak rate is not checked ever
+//! more often as it nears the mark.
 //!
 //! When a memslot starts dirty logging (what turns a vCPU from pushing
 //! nothing to pushing at full speed) the VM wakes the thread, which checks
@@ -25,8 +24,8 @@
 //! enough to trust (an eighth of the mark in one ring) gives it a rate to
 //! pace itself by; without that wake a VMM had to keep `max_interval_us`
 //! short all the time (QEMU's 5 ms cost about 600 wakeups per migration,
-//! doc/migration.md). Until 0.3 any sample set the pace, and a few entries
-//! just after the wake planned a pause in which a ring filled.
+//! doc/migration.md). A smaller sample is not trusted: a few entries just
+//! after the wake would plan a pause in which a ring fills.
 //!
 //! The peak, not the last interval's rate: a vCPU that sleeps and then
 //! dirties at full speed (dirty-limit's throttle does exactly that)

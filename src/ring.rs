@@ -1130,7 +1130,7 @@ mod tests {
         );
     }
 
-    /// The storm of 2026-12-04: the thread that reset the rings is switched
+    /// A ring-full storm: the thread that reset the rings is switched
     /// out between the ioctl and reading the rings, and the vCPU refills
     /// every entry the reset freed. The flags then look like an overrun
     /// onto our first mark (nothing reached); only the ioctl's count tells.

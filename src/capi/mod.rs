@@ -328,7 +328,8 @@ unsafe fn read_sized<T: SizedStruct>(p: *const T, size: usize) -> Result<T> {
         return Err(Error::new(
             libc::E2BIG,
             format!(
-                "{} byte {} is set, past the {ours} bytes this library knows (ABI {}): the                  caller uses a newer field; link a newer kvm-dirty-shim or leave it 0",
+                "{} byte {} is set, past the {ours} bytes this library knows (ABI {}): the \
+                 caller uses a newer field; link a newer kvm-dirty-shim or leave it 0",
                 T::NAME,
                 ours + i,
                 KDS_ABI_VERSION

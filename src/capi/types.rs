@@ -98,8 +98,8 @@ pub struct KdsMemslot {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KdsReaperConfig {
     /// Reap as soon as some vCPU's ring holds at least this percentage of
-    /// its entries (1..=90; default 25). The check reads one entry's flags
-    /// per ring, no syscall.
+    /// its entries (1..=90; default 25). The check reads entry flags
+    /// (a binary search over each ring's published entries), no syscall.
     pub high_water_pct: u32,
     /// Shortest pause between two checks, in microseconds (default 200).
     pub min_interval_us: u32,
