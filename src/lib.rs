@@ -12,12 +12,24 @@
 //!   contract is `doc/abi.md`): the `capi` module, built with the `capi`
 //!   feature into a static library, a thin skin over the same API.
 //!
-//! Inside, one job per module (all private): `kvm` (the kernel
-//! interface: the VM fd, the ioctls kvm-ioctls lacks), `order` (the
-//! board-init ordering state machine), `ring` (one vCPU's mapped ring and
-//! its harvest), `bitmap` (the per-slot atomic bitmaps), `reaper` (the
-//! adaptive reaper thread), `vm` (the core tying them together),
-//! `tracker` (the public API), `types` (its value types), `error`.
+//! Inside, one job per module; each is listed once here, and ownership
+//! flows one way (no module uses one that uses it back):
+//! - `capi` (feature `capi`): the C ABI, argument checks and errno over the
+//!   tracker.
+//! - `tracker`: the public Rust API ([`DirtyTracker`], [`VcpuTracker`]).
+//! - `vmm` (feature `vm-memory`): memslots from vm-memory regions.
+//! - `reaper`: the adaptive reaper thread; `pacer`: when it checks next
+//!   (its knobs, the rings' levels, the rate it paces by).
+//! - `vm`: the core tying the rest together (ordering, memslots, vCPU
+//!   rings, reaping, syncing; the reaper's wake flags).
+//! - `ring`: one vCPU's mapped ring, its harvest, reset and overrun.
+//! - `bitmap`: the per-slot atomic bitmaps; `counters`: the statistics.
+//! - `order`: the board-init ordering state machine.
+//! - `kvm`: the kernel interface (the VM fd, the ioctls kvm-ioctls lacks,
+//!   what each architecture's kernel needs); `seccomp`: the syscalls the
+//!   library makes, for a VMM's filter.
+//! - `reentry`: the guard against calls from inside a callback.
+//! - `types`: the public value types; `error`: [`Error`] and [`ErrorKind`].
 
 mod bitmap;
 mod counters;

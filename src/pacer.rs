@@ -40,7 +40,49 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::reaper::Config;
+use crate::error::{Error, Result};
+use crate::types::ReaperConfig;
+
+/// The reaper's knobs, defaults applied and checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Config {
+    high_water_pct: u32,
+    min: Duration,
+    max: Duration,
+}
+
+impl Config {
+    /// `cfg`, checked; `EINVAL` when out of range.
+    pub(crate) fn new(c: &ReaperConfig) -> Result<Config> {
+        let (pct, min, max) = (c.high_water_pct(), c.min_interval(), c.max_interval());
+        if !(1..=90).contains(&pct) || min.is_zero() || min > max || max > Duration::from_secs(10) {
+            return Err(Error::inval(format!(
+                "reaper config: high water {pct}% (1..=90), min interval {min:?} and \
+                 max interval {max:?} (0 < min <= max <= 10 s) are out of range"
+            )));
+        }
+        Ok(Config {
+            high_water_pct: pct,
+            min,
+            max,
+        })
+    }
+
+    /// Reap when a ring holds this percentage of its entries.
+    pub(crate) fn high_water_pct(&self) -> u32 {
+        self.high_water_pct
+    }
+
+    /// The shortest pause between two checks.
+    pub(crate) fn min(&self) -> Duration {
+        self.min
+    }
+
+    /// The longest pause between two checks.
+    pub(crate) fn max(&self) -> Duration {
+        self.max
+    }
+}
 
 /// One ring's level at a check (`Vm::ring_levels` reads it).
 #[derive(Debug, Clone, Copy)]

@@ -41,86 +41,11 @@
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-use parking_lot::{Condvar, Mutex};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::pacer::Pacer;
-use crate::types::ReaperConfig;
-use crate::vm::Vm;
-
-/// The knobs, defaults applied and checked.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Config {
-    high_water_pct: u32,
-    min: Duration,
-    max: Duration,
-}
-
-impl Config {
-    /// `cfg`, checked; `EINVAL` when out of range.
-    pub(crate) fn new(c: &ReaperConfig) -> Result<Config> {
-        let (pct, min, max) = (c.high_water_pct(), c.min_interval(), c.max_interval());
-        if !(1..=90).contains(&pct) || min.is_zero() || min > max || max > Duration::from_secs(10) {
-            return Err(Error::inval(format!(
-                "reaper config: high water {pct}% (1..=90), min interval {min:?} and \
-                 max interval {max:?} (0 < min <= max <= 10 s) are out of range"
-            )));
-        }
-        Ok(Config {
-            high_water_pct: pct,
-            min,
-            max,
-        })
-    }
-
-    /// Reap when a ring holds this percentage of its entries.
-    pub(crate) fn high_water_pct(&self) -> u32 {
-        self.high_water_pct
-    }
-
-    /// The shortest pause between two checks.
-    pub(crate) fn min(&self) -> Duration {
-        self.min
-    }
-
-    /// The longest pause between two checks.
-    pub(crate) fn max(&self) -> Duration {
-        self.max
-    }
-}
-
-/// What the VM and the tracker ask of the thread.
-#[derive(Default)]
-struct Signal {
-    stop: bool,
-    /// Dirty logging started on a memslot: check now, then soon.
-    wake: bool,
-}
-
-/// The thread's stop and wake flags, shared with the VM (which wakes the
-/// thread when dirty logging starts).
-#[derive(Default)]
-pub(crate) struct Wake {
-    signal: Mutex<Signal>,
-    cv: Condvar,
-}
-
-impl Wake {
-    /// Dirty logging started somewhere: the thread checks the rings now
-    /// and paces itself from the shortest pause again.
-    pub(crate) fn wake(&self) {
-        self.signal.lock().wake = true;
-        self.cv.notify_all();
-    }
-
-    /// The thread ends at its next check, or now if it sleeps.
-    pub(crate) fn stop(&self) {
-        self.signal.lock().stop = true;
-        self.cv.notify_all();
-    }
-}
+use crate::pacer::{Config, Pacer};
+use crate::vm::{Vm, Wake, Woken};
 
 /// What the caller runs first on the new thread (`enable_reaper_with`):
 /// its seccomp filter, say.
@@ -194,9 +119,9 @@ impl Reaper {
         }
         log::info!(
             "adaptive reaper started: high water {}%, checks every {:?} to {:?}",
-            cfg.high_water_pct,
-            cfg.min,
-            cfg.max
+            cfg.high_water_pct(),
+            cfg.min(),
+            cfg.max()
         );
         Ok(Reaper { wake, thread })
     }
@@ -228,21 +153,10 @@ fn run(vm: &Weak<Vm>, cfg: Config, w: &Wake) {
             Some(vm) => vm.logs_dirty(),
             None => return,
         };
-        {
-            let mut s = w.signal.lock();
-            if !s.stop && !s.wake {
-                if logging {
-                    w.cv.wait_for(&mut s, pacer.pause());
-                } else {
-                    w.cv.wait(&mut s);
-                }
-            }
-            if s.stop {
-                return;
-            }
-            if std::mem::take(&mut s.wake) {
-                pacer.wake();
-            }
+        match w.wait(logging.then(|| pacer.pause())) {
+            Woken::Stop => return,
+            Woken::Wake => pacer.wake(),
+            Woken::Pause => {}
         }
         // The VM for this check only; gone when the tracker was dropped.
         let Some(vm) = vm.upgrade() else {

@@ -34,7 +34,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::reaper::{Config as CheckedReaperConfig, OnStart, Reaper};
+use crate::pacer::Config as CheckedReaperConfig;
+use crate::reaper::{OnStart, Reaper};
 use crate::reentry::enter;
 use crate::types::{
     BoardFlags, Memslot, Mode, ReaperConfig, SlotId, Stats, SyncReport, SyncStage, VcpuStats,

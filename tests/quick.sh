@@ -19,6 +19,8 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 cargo clippy --all-targets --all-features -- -D warnings
 # A Rust user's build (no feature): the Rust API alone, its tests and docs.
 cargo clippy --all-targets -- -D warnings
+# No module uses one that uses it back.
+python3 tools/module-graph.py > /dev/null || { tools/module-graph.py; exit 1; }
 
 echo "== cargo test (real /dev/kvm; the checked-in header must match the code)"
 # build.rs writes the header into OUT_DIR only; tests/header.rs fails on a

@@ -1,5 +1,5 @@
 //! The safe Rust core: one VM's dirty tracking (ordering, memslots, vCPU
-//! rings, reaping, syncing). The C ABI layer (`ffi`) is a thin wrapper.
+//! rings, reaping, syncing). The C ABI layer (`capi`) is a thin wrapper.
 //!
 //! Locks, always taken in this order, never the other way round:
 //! `life` -> `reap` -> (`vcpus` | `slots`).
@@ -31,7 +31,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kvm::{KvmVm, RING_NEEDS_SLOT_BITMAP, cap, page_size};
 use crate::order::{BoardAction, Lifecycle};
 use crate::pacer::Level;
-use crate::reaper::Wake;
 use crate::ring::{ENTRY_SIZE, Harvest, MAX_UNWEDGES, Reach, Ring, Wedge, split_reset};
 use crate::types::{BoardFlags, MemslotFlags, Mode, Stats, SyncReport, VcpuStats};
 
@@ -47,6 +46,9 @@ mod slots;
 mod sync;
 mod teardown;
 mod vcpus;
+mod wake;
+
+pub(crate) use wake::{Wake, Woken};
 
 /// The kernel's limit on ring sizes when it does not say (`KVM_DIRTY_RING_MAX_ENTRIES`).
 pub(crate) const RING_MAX_ENTRIES_DEFAULT: u64 = 65536;
