@@ -3,8 +3,8 @@
 # system's sources are left alone) and runs apt-get update when the lists
 # it needs are missing or the sources changed. ARCHES is a comma-separated
 # list of extra binary architectures ("" for none). The decision rests on
-# the lists, not on the configuration file: an update that failed once is
-# retried on the next run.
+# the lists and the sources, not on the configuration file: an update that
+# failed once is retried on the next run.
 private_apt() {
     _dir=$1 _arches=$2
     shift 2
@@ -28,7 +28,9 @@ private_apt() {
     done
     if [ $_lists = no ] || ! cmp -s "$_dir/sources.list.new" "$_dir/sources.list"; then
         mv "$_dir/sources.list.new" "$_dir/sources.list"
-        apt-get update -qq
+        # On failure the sources are dropped, so that the next run updates
+        # again rather than trust lists of other sources.
+        apt-get update -qq || { rm -f "$_dir/sources.list"; return 1; }
     else
         rm -f "$_dir/sources.list.new"
     fi

@@ -76,11 +76,15 @@ fetch_debian_kernel() { # $1: package name pattern, $2: architecture, $3: cache 
     [ -n "$pkg" ] || { echo "no package matches $1 for $2" >&2; exit 1; }
     tmp=$(mktemp -d)
     mkdir "$tmp/x"
-    (cd "$tmp" && apt-get download -qq "$pkg:$2" 2>/dev/null)
+    (cd "$tmp" && apt-get download -qq "$pkg:$2" 2>/dev/null) ||
+        { echo "could not download $pkg:$2" >&2; exit 1; }
     case $pkg in
     linux-binary-*)
         mods=$(echo "$pkg" | sed 's/^linux-binary-/linux-modules-/')
-        [ "$2" = riscv64 ] && (cd "$tmp" && apt-get download -qq "$mods:$2" 2>/dev/null)
+        if [ "$2" = riscv64 ]; then
+            (cd "$tmp" && apt-get download -qq "$mods:$2" 2>/dev/null) ||
+                { echo "could not download $mods:$2" >&2; exit 1; }
+        fi
         ;;
     esac
     for d in "$tmp"/*.deb; do
